@@ -1,0 +1,53 @@
+"""optim_zoo: published deep-learning optimizers for JAX, exact to their authors' code.
+
+Each optimizer is an `optax.chain` of a primitive transform (exported here, composable on its
+own) and optax building blocks.
+"""
+
+from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
+from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo
+from optim_zoo.diag_hessian import (
+    ScaleByRectifiedDiagHessianState,
+    linear_warmup,
+    scale_by_rectified_diag_hessian,
+)
+from optim_zoo.factored import (
+    ScaleByFactoredRmsState,
+    factored_dims,
+    relative_step_size,
+    scale_by_factored_rms,
+)
+from optim_zoo.nesterov import (
+    ScaleByNesterovMomentState,
+    ScaleByProximalLearningRateState,
+    clip_by_global_norm,
+    scale_by_nesterov_moment,
+    scale_by_proximal_learning_rate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Optimizers.
+    "adafactor",
+    "adai",
+    "adaiw",
+    "adan",
+    "apollo",
+    # Primitives and their states.
+    "scale_by_adaptive_inertia",
+    "scale_by_factored_rms",
+    "scale_by_nesterov_moment",
+    "scale_by_rectified_diag_hessian",
+    "ScaleByAdaptiveInertiaState",
+    "ScaleByFactoredRmsState",
+    "ScaleByNesterovMomentState",
+    "ScaleByRectifiedDiagHessianState",
+    # Building blocks the optimizers chain.
+    "clip_by_global_norm",
+    "factored_dims",
+    "linear_warmup",
+    "relative_step_size",
+    "scale_by_proximal_learning_rate",
+    "ScaleByProximalLearningRateState",
+]

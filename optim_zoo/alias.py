@@ -1,0 +1,386 @@
+"""The five optimizers: each is an `optax.chain` of optim_zoo primitives and optax blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim_zoo import _checks
+from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
+from optim_zoo.diag_hessian import linear_warmup, scale_by_rectified_diag_hessian
+from optim_zoo.factored import relative_step_size, scale_by_factored_rms
+from optim_zoo.nesterov import (
+    clip_by_global_norm,
+    scale_by_nesterov_moment,
+    scale_by_proximal_learning_rate,
+)
+
+
+def adan(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.98,
+    b2: jax.typing.ArrayLike = 0.92,
+    b3: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    no_prox: bool = False,
+    weight_decay_mask: Any = None,
+    max_grad_norm: jax.typing.ArrayLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adan, the adaptive Nesterov momentum algorithm, exactly as its official code.
+
+    With :math:`u_t` from :func:`optim_zoo.scale_by_nesterov_moment`, the default (proximal)
+    weight decay and the ``no_prox=True`` variant are
+
+    .. math::
+
+      p_{t+1} = \frac{p_t - \eta_t u_t}{1 + \eta_t \lambda}, \qquad
+      p_{t+1} = p_t (1 - \eta_t \lambda) - \eta_t u_t .
+
+    The first step is :math:`p_1 = p_0 - \eta\, g / (|g| + \epsilon)` (then the decay). With
+    ``max_grad_norm``, every gradient is first scaled by
+    :math:`\min(\text{max\_grad\_norm} / (\lVert g \rVert + \epsilon), 1)` over all leaves, and the
+    clipped gradient is the one remembered for the next difference, as in the official code.
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule.
+      b1: decay of the gradient EMA (official convention; paper's :math:`1 - \beta_1`).
+      b2: decay of the gradient-difference EMA (paper's :math:`1 - \beta_2`).
+      b3: decay of the squared Nesterov gradient EMA (paper's :math:`1 - \beta_3`).
+      eps: added to the denominator.
+      eps_root: added inside the square root.
+      weight_decay: decay rate :math:`\lambda`, >= 0.
+      no_prox: use decoupled decay instead of the proximal step.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one; True
+        where decay applies.
+      max_grad_norm: if given, the official global-norm clip (> 0).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.adan(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(300):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Xie et al., `Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models
+      <https://arxiv.org/abs/2208.06677>`_, 2022; official code: https://github.com/sail-sg/Adan
+
+    Differences:
+      ``optax.adan`` (0.2.8) is not the official algorithm: it multiplies the gradient
+      difference inside the squared term by :math:`1 - b_2` instead of :math:`b_2`, and offers
+      only decoupled decay, never the official default proximal step. From the paper: the betas
+      follow the code's complemented convention, and decay is proximal as in the code.
+    """
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    transforms = []
+    if max_grad_norm is not None:
+        transforms.append(clip_by_global_norm(max_grad_norm, eps))
+    transforms.append(scale_by_nesterov_moment(b1, b2, b3, eps, eps_root))
+    transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    if no_prox:
+        transforms.append(optax.scale_by_learning_rate(learning_rate))
+    else:
+        transforms.append(
+            scale_by_proximal_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+        )
+    return optax.chain(*transforms)
+
+
+def adafactor(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: jax.typing.ArrayLike = 0.8,
+    decay_offset: jax.typing.ArrayLike = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: jax.typing.ArrayLike | None = 1.0,
+    momentum: jax.typing.ArrayLike | None = None,
+    dtype_momentum: jax.typing.DTypeLike = jnp.float32,
+    weight_decay_rate: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adafactor, with tensor2tensor's semantics and optax's signature.
+
+    With :math:`x_t` from :func:`optim_zoo.scale_by_factored_rms`, and per-tensor RMS,
+
+    .. math::
+
+      x_t &\leftarrow x_t / \max(1, \mathrm{rms}(x_t) / \text{clipping\_threshold}) \\
+      s_t &= \eta_t\, x_t \cdot \max(10^{-3}, \mathrm{rms}(p_t))
+        \quad \text{(parameter scale, if enabled)} \\
+      s_t &\leftarrow \mu s_{t-1} + (1 - \mu) s_t \quad \text{(momentum, if given; no debias)} \\
+      p_{t+1} &= p_t - s_t - \lambda p_t \quad \text{(weight\_decay\_rate } \lambda
+        \text{, if given)}
+
+    ``learning_rate=None`` means the paper's relative step size
+    :math:`\eta_t = \min(10^{-2}, 1/\sqrt t)` (times 0.05 without parameter scale), not "no
+    learning rate" as in optax.
+
+    Args:
+      learning_rate: a float >= 0, an optax schedule, or None for the relative step size.
+      min_dim_size_to_factor: factor only leaves whose second-largest axis has at least this
+        size; 0 factors every leaf with two or more axes (tensor2tensor).
+      decay_rate: second-moment decay exponent, in (0, 1].
+      decay_offset: step at which the decay schedule restarts.
+      multiply_by_parameter_scale: scale the step by :math:`\max(10^{-3}, \mathrm{rms}(p))`.
+      clipping_threshold: None or >= 1: clip each update's RMS to this.
+      momentum: None or in [0, 1): EMA of the scaled step.
+      dtype_momentum: dtype of the momentum accumulator.
+      weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
+      eps: added to the squared gradient.
+      factored: whether to factor second moments at all.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.adafactor(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+      <https://arxiv.org/abs/1804.04235>`_, 2018; official code: tensorflow/tensor2tensor,
+      ``tensor2tensor/utils/adafactor.py``.
+
+    Differences:
+      From optax's ``adafactor``: ``learning_rate=None`` is the relative step size (optax
+      applies no learning rate), float64 statistics stay float64, unfactored leaves carry no
+      placeholder state, and zero-size leaves are never factored. From tensor2tensor: the two
+      largest axes are factored rather than the last two (the same for matrices).
+    """
+    _checks.check_interval("clipping_threshold", clipping_threshold, 1.0, allow_none=True)
+    _checks.check_interval("momentum", momentum, 0.0, 1.0, allow_none=True)
+    _checks.check_interval("weight_decay_rate", weight_decay_rate, 0.0, allow_none=True)
+    if learning_rate is None:
+        learning_rate = relative_step_size(multiply_by_parameter_scale)
+    else:
+        _checks.check_learning_rate(learning_rate)
+    transforms = [
+        scale_by_factored_rms(
+            min_dim_size_to_factor, decay_rate, decay_offset, eps, factored=factored
+        )
+    ]
+    if clipping_threshold is not None:
+        transforms.append(optax.clip_by_block_rms(clipping_threshold))
+    transforms.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+    if multiply_by_parameter_scale:
+        transforms.append(optax.scale_by_param_block_rms())
+    if momentum is not None:
+        transforms.append(optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+    if weight_decay_rate is not None:
+        transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
+    transforms.append(optax.scale(-1.0))
+    return optax.chain(*transforms)
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-4,
+    *,
+    rebound: str = "constant",
+    warmup: int = 500,
+    init_lr: jax.typing.ArrayLike | None = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay_type: str | None = None,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Apollo, the adaptive parameter-wise diagonal quasi-Newton method, as its official code.
+
+    With :math:`d_t` from :func:`optim_zoo.scale_by_rectified_diag_hessian` (decoupled or stable
+    decay included), :math:`p_{t+1} = p_t - \eta_c d_t`, where :math:`\eta_c` warms up linearly
+    from ``init_lr`` to ``learning_rate`` over ``warmup`` steps, evaluated at the step count
+    :math:`c` before the update (:func:`optim_zoo.linear_warmup`). L2 decay adds
+    :math:`\lambda p_t` to the gradient first. The first step (constant rebound) is
+    :math:`p_1 = p_0 - \eta_0 g / 0.01`, so a warmup of at least ~100 steps matters; the
+    official README's starting point is ``learning_rate=0.01, eps=1e-4, init_lr=1e-5,
+    warmup=500``.
+
+    Args:
+      learning_rate: the learning rate after warmup, a float >= 0 or an optax schedule.
+      beta: decay of the gradient EMA, in [0, 1).
+      eps: the official ``eps``, >= 0.
+      rebound: ``'constant'`` (default) or ``'belief'``.
+      warmup: number of linear warmup steps, >= 0.
+      init_lr: first learning rate, in [0, learning_rate]; None means ``learning_rate / 1000``.
+      weight_decay: decay rate :math:`\lambda`, >= 0.
+      weight_decay_type: ``'L2'``, ``'decoupled'`` or ``'stable'``; None means ``'L2'`` with
+        the constant rebound and ``'decoupled'`` with the belief rebound (official defaults).
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.apollo(learning_rate=0.01, warmup=10)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Ma, `Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for Nonconvex
+      Stochastic Optimization <https://arxiv.org/abs/2009.13586>`_, 2020; official code:
+      https://github.com/XuezheMax/apollo
+
+    Differences:
+      See :func:`optim_zoo.scale_by_rectified_diag_hessian`. optax has no Apollo.
+    """
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_choice("rebound", rebound, ("constant", "belief"))
+    _checks.check_choice(
+        "weight_decay_type", weight_decay_type, (None, "L2", "decoupled", "stable")
+    )
+    _checks.check_interval("warmup", warmup, 0)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    if init_lr is not None:
+        high = learning_rate if _checks._is_concrete_number(learning_rate) else None
+        _checks.check_interval("init_lr", init_lr, 0.0, high, high_open=False)
+    if weight_decay_type is None:
+        weight_decay_type = "L2" if rebound == "constant" else "decoupled"
+    l2 = weight_decay_type == "L2"
+    transforms = []
+    if l2:
+        transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    transforms.append(
+        scale_by_rectified_diag_hessian(
+            beta,
+            eps,
+            0.0 if l2 else weight_decay,
+            rebound=rebound,
+            weight_decay_type="decoupled" if l2 else weight_decay_type,
+            weight_decay_mask=weight_decay_mask,
+        )
+    )
+    transforms.append(optax.scale_by_learning_rate(linear_warmup(learning_rate, init_lr, warmup)))
+    return optax.chain(*transforms)
+
+
+def adai(
+    learning_rate: optax.ScalarOrSchedule,
+    beta0: jax.typing.ArrayLike = 0.1,
+    beta2: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-3,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    decoupled: bool = False,
+    weight_decay_mask: Any = None,
+    dampening: jax.typing.ArrayLike = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adai, SGD with adaptive per-element inertia, exactly as its official code.
+
+    With :math:`u_t` from :func:`optim_zoo.scale_by_adaptive_inertia`,
+
+    .. math::
+
+      p_{t+1} = p_t - \eta_t u_t \quad \text{(L2 decay: } g_t \leftarrow g_t + \lambda p_t
+        \text{ first)}, \qquad
+      p_{t+1} = p_t (1 - \eta_t \lambda) - \eta_t u_t \quad \text{(decoupled, AdaiW)} .
+
+    The first step is plain SGD, :math:`p_1 = p_0 - \eta g`. The learning rate is on SGD's
+    scale (the official README: SGD's learning rate, or 10x SGD-with-momentum's; e.g. 0.1 to 1
+    for CNNs). The inertia depends on a mean over every element of every leaf this optimizer
+    sees; under :func:`optax.masked` or :func:`optax.multi_transform` that is only the leaves
+    routed to it.
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule.
+      beta0: inertia scale, >= 0.
+      beta2: decay of the squared-gradient EMA, in [0, 1).
+      eps: keeps the per-element inertia at most :math:`1 - \epsilon`; >= 0.
+      weight_decay: decay rate :math:`\lambda`, >= 0.
+      decoupled: decoupled decay (AdaiW) instead of L2.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      dampening: the official AdaiV2 dampening, in [0, 1]; 1 is Adai.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.adai(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Xie et al., `Adaptive Inertia: Disentangling the Effects of Adaptive Learning Rate and
+      Momentum <https://arxiv.org/abs/2006.15815>`_, ICML 2022; official code:
+      https://github.com/zeke-xie/adaptive-inertia-adai
+
+    Differences:
+      See :func:`optim_zoo.scale_by_adaptive_inertia`. optax has no Adai.
+    """
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    inertia = scale_by_adaptive_inertia(beta0, beta2, eps, dampening=dampening)
+    transforms = [inertia, decay] if decoupled else [decay, inertia]
+    return optax.chain(*transforms, optax.scale_by_learning_rate(learning_rate))
+
+
+def adaiw(
+    learning_rate: optax.ScalarOrSchedule,
+    beta0: jax.typing.ArrayLike = 0.1,
+    beta2: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-3,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    weight_decay_mask: Any = None,
+    dampening: jax.typing.ArrayLike = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaiW: Adai with decoupled weight decay.
+
+    :math:`p_{t+1} = p_t (1 - \eta_t \lambda) - \eta_t u_t`.
+
+    Identical to ``adai(..., decoupled=True)``; see :func:`optim_zoo.adai`.
+
+    Example:
+      >>> import optim_zoo
+      >>> tx = optim_zoo.adaiw(learning_rate=0.1, weight_decay=5e-4)
+    """
+    return adai(
+        learning_rate,
+        beta0,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled=True,
+        weight_decay_mask=weight_decay_mask,
+        dampening=dampening,
+    )

@@ -1,0 +1,205 @@
+"""Apollo's rectified diagonal quasi-Newton direction (Ma 2020), as its official code computes."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim_zoo import _checks, _tree
+
+# The official code's constant rebound: the smallest curvature the direction divides by.
+CONSTANT_REBOUND = 0.01
+
+
+class ScaleByRectifiedDiagHessianState(NamedTuple):
+    """State of :func:`scale_by_rectified_diag_hessian`."""
+
+    count: jax.Array  # shape (), int32: updates taken so far.
+    m: optax.Updates  # bias-corrected EMA of gradients; parameter dtype.
+    hessian_diag: optax.Updates  # diagonal Hessian estimate B; at least float32.
+    direction: optax.Updates  # previous direction d (decoupled decay included); param dtype.
+
+
+def scale_by_rectified_diag_hessian(
+    beta: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-4,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    rebound: str = "constant",
+    weight_decay_type: str = "decoupled",
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by Apollo's rectified diagonal quasi-Newton Hessian estimate.
+
+    Per leaf, with :math:`\alpha_t = (1 - \beta) / (1 - \beta^t)`,
+    :math:`\delta g = g_t - m_{t-1}`, and every norm and sum taken over the leaf alone:
+
+    .. math::
+
+      m_t &= m_{t-1} + \alpha_t\, \delta g \\
+      \hat d &= d_{t-1} / (\lVert d_{t-1} \rVert_4 + e) \\
+      \delta &= -\alpha_t \textstyle\sum \frac{\delta g}{\lVert d_{t-1} \rVert_4 + e} \hat d
+               - \sum B_{t-1} \hat d^2 \\
+      B_t &= B_{t-1} + \delta\, \hat d^2 \\
+      D_t &= \max(|B_t|, \sigma)\ [+\, e / \alpha_t \text{ for belief}] \\
+      d_t &= m_t / D_t + w\, p_t
+
+    Constant rebound: :math:`\sigma = 0.01`, :math:`e = \epsilon / 0.01`. Belief rebound:
+    :math:`\sigma = \lVert \delta g \rVert_\infty`, :math:`e = \epsilon`. Decoupled decay uses
+    :math:`w = \lambda`, stable decay :math:`w = \lambda / \mathrm{mean}(D_t)`. The output is
+    :math:`d_t`; it is also stored, decay included, for the next secant update, which is why
+    decoupled decay lives here rather than in :func:`optax.add_decayed_weights`. No learning rate
+    and no sign flip are applied. L2 decay (the official default for constant rebound) is
+    :func:`optax.add_decayed_weights` chained before this transform.
+
+    Args:
+      beta: decay of the gradient EMA, in [0, 1).
+      eps: the official ``eps``, >= 0.
+      weight_decay: decoupled or stable decay rate :math:`\lambda`, >= 0.
+      rebound: ``'constant'`` or ``'belief'``.
+      weight_decay_type: ``'decoupled'`` or ``'stable'``.
+      weight_decay_mask: a tree of booleans like the params (or a callable returning one):
+        True where decay applies. None means everywhere.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim_zoo
+      >>> tx = optax.chain(optim_zoo.scale_by_rectified_diag_hessian(), optax.scale(-1e-3))
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(2 * params, state, params)
+      >>> new_params = optax.apply_updates(params, updates)  # first step: p - 1e-3 g / 0.01
+      >>> print([round(x, 4) for x in new_params.tolist()])
+      [0.8, -1.6]
+
+    References:
+      Ma, `Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for Nonconvex
+      Stochastic Optimization <https://arxiv.org/abs/2009.13586>`_, 2020; official code:
+      https://github.com/XuezheMax/apollo (``optim/apollo.py``).
+
+    Differences:
+      The paper's Algorithm 1 bias-corrects the gradient EMA separately and rectifies with
+      :math:`\max(|B|, \sigma)` for a fixed :math:`\sigma = 1`; this follows the official code
+      (running bias-corrected average, :math:`\sigma = 0.01`, ``eps`` folded into the 4-norm, the
+      belief variant, and decay stored in the direction). Not the 2024 low-rank "APOLLO" of Zhu
+      et al., a different algorithm. optax has no Apollo.
+    """
+    _checks.check_interval("beta", beta, 0.0, 1.0)
+    _checks.check_interval("eps", eps, 0.0)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    _checks.check_choice("rebound", rebound, ("constant", "belief"))
+    _checks.check_choice("weight_decay_type", weight_decay_type, ("decoupled", "stable"))
+    belief = rebound == "belief"
+    stable = weight_decay_type == "stable"
+
+    def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
+        return ScaleByRectifiedDiagHessianState(
+            count=jnp.zeros([], jnp.int32),
+            m=optax.tree.zeros_like(params),
+            hessian_diag=jax.tree.map(
+                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype)), params
+            ),
+            direction=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByRectifiedDiagHessianState, params: Any = None
+    ) -> tuple[optax.Updates, ScaleByRectifiedDiagHessianState]:
+        if params is None:
+            if not (_checks._is_concrete_number(weight_decay) and weight_decay == 0):
+                raise ValueError("scale_by_rectified_diag_hessian needs params for weight decay.")
+            params = updates
+        count = optax.safe_increment(state.count)
+        mask = _tree.resolve_mask(weight_decay_mask, params)
+        # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
+        decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
+
+        def leaf_update(g, m, hessian, direction, p, decayed):
+            dtype = hessian.dtype  # Compute in the statistics dtype, at least float32.
+            t = count.astype(dtype)
+            alpha = (1 - beta) / (1 - beta**t)
+            grad_diff = g.astype(dtype) - m.astype(dtype)
+            if belief:
+                sigma = jnp.max(jnp.abs(grad_diff), initial=0)
+                e = eps
+            else:
+                sigma = CONSTANT_REBOUND
+                e = eps / CONSTANT_REBOUND
+            m = m.astype(dtype) + alpha * grad_diff
+            direction = direction.astype(dtype)
+            norm4 = jnp.sum(jnp.square(jnp.square(direction))) ** 0.25 + e
+            unit = direction / norm4
+            unit_sq = jnp.square(unit)
+            delta = -alpha * jnp.sum(grad_diff / norm4 * unit) - jnp.sum(hessian * unit_sq)
+            hessian = hessian + delta * unit_sq
+            curvature = jnp.maximum(jnp.abs(hessian), sigma)
+            if belief:
+                curvature = curvature + e / alpha
+            direction = m / curvature
+            decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
+            direction = direction + (decay if decayed else 0.0) * p.astype(dtype)
+            return direction.astype(g.dtype), m, hessian, direction
+
+        out, m, hessian, direction = _tree.map_leaves(
+            leaf_update,
+            4,
+            updates,
+            state.m,
+            state.hessian_diag,
+            state.direction,
+            params,
+            decayed,
+        )
+        new_state = ScaleByRectifiedDiagHessianState(
+            count=count,
+            m=optax.tree.cast_like(m, state.m),
+            hessian_diag=optax.tree.cast_like(hessian, state.hessian_diag),
+            direction=optax.tree.cast_like(direction, state.direction),
+        )
+        return out, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def linear_warmup(
+    learning_rate: optax.ScalarOrSchedule,
+    init_lr: jax.typing.ArrayLike | None = None,
+    warmup: int = 500,
+) -> optax.Schedule:
+    r"""Apollo's learning-rate warmup: linear from ``init_lr`` to ``learning_rate``.
+
+    .. math::
+
+      \eta_c = (\eta - \eta_0)\, c / \text{warmup} + \eta_0 \text{ for } c < \text{warmup},
+      \quad \eta \text{ afterwards},
+
+    evaluated at the step count :math:`c` before the update (so the first step uses exactly
+    :math:`\eta_0`), as the official code does. With a schedule, :math:`\eta` is the schedule's
+    value at :math:`c`. ``warmup=0`` means no warmup.
+
+    Args:
+      learning_rate: the target learning rate, a float or a schedule.
+      init_lr: the first step's learning rate; None means ``learning_rate / 1000`` (for a
+        schedule, its value at step 0 divided by 1000).
+      warmup: number of warmup steps, >= 0.
+
+    Returns:
+      A schedule of the step count.
+    """
+
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+        target = learning_rate(count) if callable(learning_rate) else learning_rate
+        if init_lr is not None:
+            start = init_lr
+        else:
+            start = (learning_rate(0) if callable(learning_rate) else learning_rate) / 1000
+        count = jnp.asarray(count)
+        ramp = (target - start) * count / jnp.maximum(warmup, 1) + start
+        return jnp.where(count < warmup, ramp, target)
+
+    return schedule
