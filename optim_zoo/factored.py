@@ -19,7 +19,8 @@ class ScaleByFactoredRmsState(NamedTuple):
     and ``None`` where a leaf does not use that statistic. A factored n x m matrix holds n + m
     floats; nothing is allocated for the statistics a leaf does not need. Keeping them out of the
     params' tree structure also keeps wrappers that carry a parameter's sharding metadata (as
-    Flax NNX variables do) off the reduced statistics, which have one axis fewer.
+    Flax NNX variables do) off the reduced statistics, which have one axis fewer. On a device
+    mesh each statistic is sharded like its parameter without the reduced axis.
     """
 
     count: jax.Array  # shape (), int32: updates taken so far.
@@ -47,9 +48,32 @@ def factored_dims(
 
 
 def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
-    # Shape (and, under a mesh, sharding) of a reduction over `axis`, without computing it.
+    """Zeros shaped like `param` reduced over `axis`, sharded like `param` minus that axis.
+
+    With explicit mesh axes the sharding is part of the type, so `jax.eval_shape` of the
+    reduction already carries it (also under `jax.jit` and `jax.eval_shape`). With auto axes it
+    is not: a concrete `param` with a `NamedSharding` then gives its spec with `axis` dropped, so
+    that a factored row or column is sharded as the matrix it summarises, never replicated. A
+    tracer with auto axes has no sharding to read; the compiler, or the caller's
+    `out_shardings`, decides there, as for every other state leaf.
+
+    Example (8 devices, a (2, 4) mesh with auto axes)::
+
+      w = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data", "model")))
+      _zeros_without_axis(w, 1, jnp.float32).sharding.spec  # P('data',)
+    """
     target = jax.eval_shape(lambda p: jnp.mean(p, axis=axis).astype(dtype), param)
-    return jnp.zeros_like(target)
+    if target.sharding is not None or isinstance(param, jax.core.Tracer):
+        return jnp.zeros_like(target)
+    sharding = getattr(param, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return jnp.zeros_like(target)  # One device, or no per-axis spec to drop an axis from.
+    spec = list(sharding.spec) + [None] * (len(param.shape) - len(sharding.spec))
+    del spec[axis]
+    reduced = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sharding.memory_kind
+    )
+    return jnp.zeros(target.shape, target.dtype, device=reduced)
 
 
 def scale_by_factored_rms(

@@ -1,0 +1,252 @@
+"""Every optimizer on a (2, 4) mesh of 8 host CPU devices, with JAX's own sharding.
+
+Run by `tests/test_mesh.py` in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `mesh_common.py` for why); run it
+directly with that variable set. For both auto and explicit mesh axes and every optimizer:
+
+* the sharded jitted run equals the single-device run;
+* every full-size state leaf has its parameter's sharding, factored statistics have it minus the
+  reduced axis, and no state leaf larger than a shard is replicated (after `init` and after
+  jitted updates);
+* the compiled update gathers no whole parameter; Adai's global mean and Apollo's per-tensor
+  reductions are scalar all-reduces, Adan's update has no collective at all, and Adafactor's only
+  non-scalar all-reduces are its factored statistics;
+* `tx.init` under `jax.jit` with `out_shardings` taken from `jax.eval_shape` gives that state.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests.mesh_common import NUM_HOST_DEVICES, OPTIMIZER_IDS, make_optimizer
+
+if jax.device_count() != NUM_HOST_DEVICES:
+    pytest.skip(
+        f"needs {NUM_HOST_DEVICES} devices: run through tests/test_mesh.py, or set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={NUM_HOST_DEVICES}",
+        allow_module_level=True,
+    )
+
+MESH_SHAPE = (2, 4)
+MESH_AXES = ("data", "model")
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+# A small model's parameters, every one sharded; `w3` is a stack of three matrices (a batch axis
+# for Adafactor). Dimensions divide the mesh axes they are sharded over.
+SHAPES = {"b1": (16,), "b2": (8,), "w1": (8, 16), "w2": (16, 8), "w3": (3, 8, 16)}
+SPECS = {
+    "b1": P("model"),
+    "b2": P("data"),
+    "w1": P("data", "model"),
+    "w2": P("model", "data"),
+    "w3": P(None, "data", "model"),
+}
+PARAM_NAMES = sorted(SHAPES)  # jax.tree.leaves order of a dict.
+# Adafactor's (small_axis, large_axis) for each factored leaf: `v_row` drops the large axis,
+# `v_col` the small one. Written out rather than computed, so the test checks the package.
+FACTORED_AXES = {"w1": (0, 1), "w2": (1, 0), "w3": (1, 2)}
+NUM_STEPS = 4
+
+
+def _make_mesh(axis_type: str) -> jax.sharding.Mesh:
+    return jax.make_mesh(MESH_SHAPE, MESH_AXES, axis_types=(AXIS_TYPES[axis_type],) * 2)
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _initial_values() -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(0)
+    params = {k: (0.5 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    noise = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+        for _ in range(NUM_STEPS)
+    ]
+    return params, noise
+
+
+def _step_fn(tx):
+    def step(params, state, noise):
+        # A gradient that depends on the parameters; elementwise, so any collective in the
+        # compiled step comes from the optimizer.
+        grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, noise)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _expected_spec(path, leaf) -> tuple:
+    """The sharding a state leaf must have, from its path in the state tree."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if keys and keys[-1] in SPECS:  # A full-size leaf in a params-like subtree.
+        return _padded(SPECS[keys[-1]], leaf.ndim)
+    attrs = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+    if attrs and attrs[-1] in ("v_row", "v_col", "v"):  # Adafactor's per-leaf tuples.
+        name = PARAM_NAMES[path[-1].idx]
+        spec = list(_padded(SPECS[name], len(SHAPES[name])))
+        if attrs[-1] != "v":
+            small_axis, large_axis = FACTORED_AXES[name]
+            del spec[large_axis if attrs[-1] == "v_row" else small_axis]
+        return tuple(spec)
+    assert leaf.ndim == 0, f"unexpected state leaf {jax.tree_util.keystr(path)} {leaf.shape}"
+    return ()
+
+
+def _shard_shape(name: str) -> tuple[int, ...]:
+    """The per-device shape of parameter `name`."""
+    sizes = dict(zip(MESH_AXES, MESH_SHAPE, strict=True))
+    spec = _padded(SPECS[name], len(SHAPES[name]))
+    return tuple(d // sizes[a] if a else d for d, a in zip(SHAPES[name], spec, strict=True))
+
+
+def _smallest_shard_size() -> int:
+    return min(math.prod(_shard_shape(k)) for k in SHAPES)
+
+
+def _assert_state_sharded_like_params(state, mesh) -> None:
+    smallest_shard = _smallest_shard_size()
+    for path, leaf in jax.tree.leaves_with_path(state):
+        where = jax.tree_util.keystr(path)
+        assert isinstance(leaf.sharding, NamedSharding), (where, leaf.sharding)
+        assert leaf.sharding.mesh.axis_names == mesh.axis_names, where
+        actual = _padded(leaf.sharding.spec, leaf.ndim)
+        assert actual == _expected_spec(path, leaf), (where, actual)
+        if leaf.sharding.is_fully_replicated:
+            assert leaf.size <= smallest_shard, f"{where} {leaf.shape} is replicated"
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(op name, result shapes) of every cross-device collective in optimized HLO text."""
+    found = []
+    pattern = re.compile(
+        r"= (.+?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+        r"(?:-start)?\("
+    )
+    for line in hlo.splitlines():
+        match = pattern.search(line)
+        if match:
+            dims = re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", match.group(1))
+            shapes = [tuple(int(d) for d in s.split(",") if d) for s in dims]
+            found.append((match.group(2), shapes))
+    return found
+
+
+def _assert_collectives(name: str, hlo: str, mesh) -> None:
+    collectives = _collectives(hlo)
+    smallest_param = min(math.prod(s) for s in SHAPES.values())
+    for op, shapes in collectives:
+        if op in ("all-gather", "all-to-all", "collective-permute"):
+            for shape in shapes:  # Anything this large would be (most of) a whole parameter.
+                assert math.prod(shape) < smallest_param, (op, shape, hlo)
+    reduced = [shape for op, shapes in collectives if op == "all-reduce" for shape in shapes]
+    if name == "adan":
+        assert not collectives, collectives  # Every step of Adan is elementwise.
+    elif name in ("adai", "adaiw", "apollo"):
+        # Adai's global mean, Apollo's per-tensor sums, max and mean: scalars only.
+        assert reduced, "expected the cross-device reductions to be all-reduces"
+        assert all(shape == () for shape in reduced), reduced
+        assert [op for op, _ in collectives if op != "all-reduce"] == [], collectives
+    elif name == "adafactor":
+        # Factored means of a sharded axis all-reduce one statistic's shard; the rest (clip,
+        # parameter scale) are per-tensor scalars.
+        largest_statistic_shard = max(
+            math.prod(d for i, d in enumerate(_shard_shape(k)) if i != axis)
+            for k, axes in FACTORED_AXES.items()
+            for axis in axes
+        )
+        assert all(math.prod(shape) <= largest_statistic_shard for shape in reduced), reduced
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_IDS)
+@pytest.mark.parametrize("axis_type", sorted(AXIS_TYPES))
+def test_sharded_run_matches_single_device(axis_type, name):
+    tx = make_optimizer(name)
+    values, noise = _initial_values()
+    step = _step_fn(tx)
+
+    single_params = jax.tree.map(jnp.asarray, values)
+    single_state = tx.init(single_params)
+    single_step = jax.jit(step)
+    for n in noise:
+        single_params, single_state = single_step(single_params, single_state, n)
+
+    mesh = _make_mesh(axis_type)
+    with jax.set_mesh(mesh):
+        shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+        params = jax.device_put(values, shardings)
+        state = tx.init(params)
+        _assert_state_sharded_like_params(state, mesh)
+        noise = [jax.device_put(n, shardings) for n in noise]
+        compiled = jax.jit(step).lower(params, state, noise[0]).compile()
+        _assert_collectives(name, compiled.as_text(), mesh)
+        for n in noise:
+            params, state = compiled(params, state, n)
+        _assert_state_sharded_like_params(state, mesh)
+        for k, p in params.items():
+            assert _padded(p.sharding.spec, p.ndim) == _padded(SPECS[k], p.ndim), k
+
+    chex.assert_trees_all_equal_dtypes(params, single_params)
+    chex.assert_trees_all_equal_dtypes(state, single_state)
+    # Sharded reductions add in another order: equal up to float32 rounding.
+    chex.assert_trees_all_close(
+        jax.device_get(params), jax.device_get(single_params), rtol=1e-5, atol=1e-6
+    )
+    chex.assert_trees_all_close(
+        jax.device_get(state), jax.device_get(single_state), rtol=1e-5, atol=1e-6
+    )
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params) -> optax.OptState:
+    """Shardings of `tx.init(params)`, for auto or explicit mesh axes (the recipe in the docs).
+
+    With auto axes, shardings are not part of array types, so `jax.eval_shape` alone returns
+    `sharding=None`; tracing `init` over the same mesh with explicit axes recovers them.
+    """
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    explicit_mesh = jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names)
+    )
+    abstract_params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(
+            p.shape, p.dtype, sharding=NamedSharding(explicit_mesh, p.sharding.spec)
+        ),
+        params,
+    )
+    with jax.set_mesh(explicit_mesh):
+        abstract_state = jax.eval_shape(tx.init, abstract_params)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s.sharding.spec if s.sharding is not None else P()),
+        abstract_state,
+    )
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_IDS)
+@pytest.mark.parametrize("axis_type", sorted(AXIS_TYPES))
+def test_jit_init_with_out_shardings_from_eval_shape(axis_type, name):
+    tx = make_optimizer(name)
+    values, _ = _initial_values()
+    mesh = _make_mesh(axis_type)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(values, {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+        eager_state = tx.init(params)
+        candidates = {"recipe": opt_state_shardings(tx, params)}
+        if axis_type == "explicit":
+            # Explicit axes are part of the types: `jax.eval_shape` gives the shardings directly.
+            abstract_state = jax.eval_shape(tx.init, params)
+            candidates["eval_shape"] = jax.tree.map(lambda s: s.sharding, abstract_state)
+        for how, shardings in candidates.items():
+            state = jax.jit(tx.init, out_shardings=shardings)(params)
+            _assert_state_sharded_like_params(state, mesh)
+            chex.assert_trees_all_equal(state, eager_state, custom_message=how)
