@@ -1,0 +1,402 @@
+"""Main job: every optim_zoo optimizer and two optax baselines on one small, fixed problem.
+
+A two-hidden-layer MLP is trained on scikit-learn's bundled 8x8 digits (no download) with the
+same initial parameters, the same minibatch order and the same number of steps for every
+optimizer. The script prints one table (final full-train-set loss, test accuracy, time per
+jitted step, optimizer state size) and writes it to `results/compare.json`, with the loss and
+accuracy curves plotted in `results/compare.png`.
+
+    python benchmarks/compare.py            # the full run, well under a minute on 2 CPU cores
+    python benchmarks/compare.py --quick    # a smoke run of a few seconds (used by the tests)
+
+Learning rates were picked once on this problem from each method's documented starting point;
+`CONTENDERS` says where each comes from. They are sensible, not exhaustively tuned: the
+table shows that every method trains this model, not which one is best in general.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+import optim_zoo
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+HIDDEN_SIZES = (128, 128)
+NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One optimizer of the comparison: a factory and the keyword arguments it is called with."""
+
+    name: str
+    factory: Callable[..., optax.GradientTransformation]
+    kwargs: dict[str, Any]
+
+    def build(self) -> optax.GradientTransformation:
+        return self.factory(**self.kwargs)
+
+    @property
+    def hyperparameters(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.kwargs.items())
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    # Adan's authors use learning rates 5-10x Adam's; 5e-3 is 5x the AdamW baseline below.
+    Contender("optim_zoo.adan", optim_zoo.adan, {"learning_rate": 5e-3}),
+    # learning_rate=None is the paper's relative step size min(1e-2, 1/sqrt(t)) times rms(p).
+    # min_dim_size_to_factor=8 makes every weight matrix of this MLP (the smallest is 128x10)
+    # use the factored second moment; the default of 128 would leave the last one unfactored.
+    Contender(
+        "optim_zoo.adafactor",
+        optim_zoo.adafactor,
+        {"learning_rate": None, "min_dim_size_to_factor": 8},
+    ),
+    # The Apollo README's starting point (lr 0.01, eps 1e-4, init_lr 1e-5) with a warmup
+    # shortened from 500 to 100 steps to suit a run of about a thousand steps.
+    Contender(
+        "optim_zoo.apollo",
+        optim_zoo.apollo,
+        {"learning_rate": 1e-2, "init_lr": 1e-5, "warmup": 100},
+    ),
+    # Adai's learning rate lives on SGD's scale: the Adai README suggests plain SGD's
+    # learning rate, i.e. about 10x that of SGD with momentum 0.9 (0.05 below).
+    Contender("optim_zoo.adai", optim_zoo.adai, {"learning_rate": 0.5}),
+    # AdaiW is Adai with decoupled weight decay; the value is the Adai README's 5e-4.
+    Contender("optim_zoo.adaiw", optim_zoo.adaiw, {"learning_rate": 0.5, "weight_decay": 5e-4}),
+    # Baselines: AdamW with its usual learning rate and optax's default decay, and SGD with
+    # heavy-ball momentum.
+    Contender("optax.adamw", optax.adamw, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
+    Contender("optax.sgd", optax.sgd, {"learning_rate": 0.05, "momentum": 0.9}),
+)
+
+
+# A pytree, so that the jitted functions take the arrays as arguments rather than baking them
+# into each compiled program as constants.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    x_train: jax.Array
+    y_train: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's digits, split 75/25 (stratified, fixed seed), standardised on train."""
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data, digits.target, test_size=0.25, random_state=0, stratify=digits.target
+    )
+    scaler = StandardScaler().fit(x_train)
+    return Dataset(
+        x_train=jnp.asarray(scaler.transform(x_train), jnp.float32),
+        y_train=jnp.asarray(y_train, jnp.int32),
+        x_test=jnp.asarray(scaler.transform(x_test), jnp.float32),
+        y_test=jnp.asarray(y_test, jnp.int32),
+    )
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
+    """He-normal weights and zero biases for a ReLU MLP with layer widths `sizes`."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {
+            "w": jax.random.normal(k, (fan_in, fan_out), jnp.float32) * math.sqrt(2.0 / fan_in),
+            "b": jnp.zeros((fan_out,), jnp.float32),
+        }
+        for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def mlp_logits(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cross_entropy(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(mlp_logits(params, x), y).mean()
+
+
+@jax.jit
+def evaluate(params: list[dict[str, jax.Array]], data: Dataset) -> tuple[jax.Array, jax.Array]:
+    """Loss over the whole training set and accuracy on the test set."""
+    train_loss = cross_entropy(params, data.x_train, data.y_train)
+    predictions = jnp.argmax(mlp_logits(params, data.x_test), axis=-1)
+    return train_loss, jnp.mean(predictions == data.y_test)
+
+
+def minibatch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """Row indices of every minibatch, shape (steps, batch_size): shuffled epochs, concatenated.
+
+    Computed once and shared, so every optimizer sees exactly the same sequence of batches.
+    """
+    rng = np.random.default_rng(seed)
+    epochs = math.ceil(steps * batch_size / num_examples)
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
+    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def tree_nbytes(tree: Any) -> int:
+    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
+
+
+def make_train_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
+    @jax.jit
+    def train_step(params, opt_state, data: Dataset, batch_indices: jax.Array):
+        x, y = data.x_train[batch_indices], data.y_train[batch_indices]
+        loss, grads = jax.value_and_grad(cross_entropy)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+def time_train_step(
+    train_step, params, opt_state, data: Dataset, batch_indices, *, repeats: int, number: int
+) -> float:
+    """Median over `repeats` of the mean wall time of `number` chained steps, in milliseconds.
+
+    `train_step` is already compiled when this runs; chaining the steps and blocking once at the
+    end measures throughput the way a training loop sees it.
+    """
+    batch_indices = jnp.asarray(batch_indices)
+    seconds_per_step = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            params, opt_state, _ = train_step(params, opt_state, data, batch_indices)
+        jax.block_until_ready((params, opt_state))
+        seconds_per_step.append((time.perf_counter() - start) / number)
+    return 1e3 * statistics.median(seconds_per_step)
+
+
+def run_contender(
+    contender: Contender,
+    data: Dataset,
+    init_params: list[dict[str, jax.Array]],
+    batches: np.ndarray,
+    *,
+    eval_every: int,
+    timing: tuple[int, int],
+    progress: bool,
+) -> dict[str, Any]:
+    tx = contender.build()
+    train_step = make_train_step(tx)
+    params, opt_state = init_params, tx.init(init_params)
+
+    curves: dict[str, list[float]] = {"step": [], "train_loss": [], "test_accuracy": []}
+
+    def record(step: int, params: list[dict[str, jax.Array]]) -> None:
+        train_loss, test_accuracy = evaluate(params, data)
+        curves["step"].append(step)
+        curves["train_loss"].append(float(train_loss))
+        curves["test_accuracy"].append(float(test_accuracy))
+
+    record(0, params)
+    steps = len(batches)
+    for step, batch_indices in enumerate(
+        tqdm(batches, desc=contender.name, disable=not progress, leave=False, file=sys.stderr),
+        start=1,
+    ):
+        params, opt_state, _ = train_step(params, opt_state, data, batch_indices)
+        if step % eval_every == 0 or step == steps:
+            record(step, params)
+
+    repeats, number = timing
+    ms_per_step = time_train_step(
+        train_step, params, opt_state, data, batches[0], repeats=repeats, number=number
+    )
+    return {
+        "optimizer": contender.name,
+        "hyperparameters": contender.hyperparameters,
+        "final_train_loss": curves["train_loss"][-1],
+        "test_accuracy": curves["test_accuracy"][-1],
+        "ms_per_step": ms_per_step,
+        "state_bytes": tree_nbytes(opt_state),
+        "curves": curves,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], param_bytes: int) -> str:
+    """A Markdown table: readable in a terminal and pasteable into the README as it is."""
+    header = (
+        "| optimizer | hyperparameters | final train loss | test accuracy | ms / step "
+        "| state bytes | state / params |"
+    )
+    lines = [header, "|---|---|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['optimizer']} | {row['hyperparameters']} | {row['final_train_loss']:.2e} "
+            f"| {row['test_accuracy']:.2%} | {row['ms_per_step']:.3f} | {row['state_bytes']:,} "
+            f"| {row['state_bytes'] / param_bytes:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for row in rows:
+        curves = row["curves"]
+        # optim_zoo solid, optax baselines dashed.
+        style = "-" if row["optimizer"].startswith("optim_zoo.") else "--"
+        loss_ax.plot(curves["step"], curves["train_loss"], style, label=row["optimizer"])
+        acc_ax.plot(curves["step"], curves["test_accuracy"], style, label=row["optimizer"])
+    loss_ax.set(yscale="log", xlabel="step", ylabel="cross-entropy on the full training set")
+    loss_ax.set_title("Training loss")
+    final_accuracies = [row["test_accuracy"] for row in rows if math.isfinite(row["test_accuracy"])]
+    lowest = min(final_accuracies, default=0.0)
+    acc_ax.set(xlabel="step", ylabel="test accuracy", ylim=(max(0.0, min(0.8, lowest - 0.05)), 1.0))
+    acc_ax.set_title("Test accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(True, which="both", alpha=0.3)
+    acc_ax.legend(loc="lower right", fontsize="small")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("optim_zoo", "jax", "jaxlib", "optax"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        **versions,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=None, help="default: steps // 60")
+    parser.add_argument("--seed", type=int, default=0, help="initial parameters and batch order")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few seconds: 60 steps, shorter timing (for tests)"
+    )
+    parser.add_argument(
+        "--optimizers",
+        default=None,
+        help="comma-separated substrings; run only the optimizers whose name contains one",
+    )
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 60 if args.quick else 1500
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 60)
+    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1:
+        parser.error("--steps, --batch-size and --eval-every must be positive")
+    return args
+
+
+def select_contenders(patterns: str | None) -> tuple[Contender, ...]:
+    if patterns is None:
+        return CONTENDERS
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = tuple(c for c in CONTENDERS if any(p in c.name for p in wanted))
+    if not chosen:
+        names = ", ".join(c.name for c in CONTENDERS)
+        raise SystemExit(f"--optimizers {patterns!r} matches none of: {names}")
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the comparison; returns what it writes to `compare.json`."""
+    args = parse_args(argv)
+    timing = (2, 10) if args.quick else (5, 100)
+    contenders = select_contenders(args.optimizers)
+    started = time.perf_counter()
+
+    data = load_digits_dataset()
+    sizes = (data.x_train.shape[1], *HIDDEN_SIZES, NUM_CLASSES)
+    init_params = init_mlp(jax.random.key(args.seed), sizes)
+    batches = minibatch_order(data.x_train.shape[0], args.batch_size, args.steps, args.seed)
+    param_count = sum(leaf.size for leaf in jax.tree.leaves(init_params))
+    param_bytes = tree_nbytes(init_params)
+    title = (
+        f"digits ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test), "
+        f"MLP {'-'.join(map(str, sizes))} ({param_count:,} parameters), "
+        f"{args.steps} steps of batch {args.batch_size}"
+    )
+    print(title, flush=True)
+
+    rows = [
+        run_contender(
+            contender,
+            data,
+            init_params,
+            batches,
+            eval_every=args.eval_every,
+            timing=timing,
+            progress=not args.no_progress,
+        )
+        for contender in contenders
+    ]
+    total_seconds = time.perf_counter() - started
+
+    table = format_table(rows, param_bytes)
+    print(table)
+    print(f"total time {total_seconds:.1f} s; parameters take {param_bytes:,} bytes")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, title, args.out_dir / "compare.png")
+    result = {
+        "title": title,
+        "config": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "eval_every": args.eval_every,
+            "seed": args.seed,
+            "layer_sizes": list(sizes),
+            "param_bytes": param_bytes,
+            "timing": {"repeats": timing[0], "steps_per_repeat": timing[1]},
+        },
+        "environment": environment(),
+        "total_seconds": total_seconds,
+        "table": table,
+        "results": rows,
+    }
+    (args.out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out_dir / 'compare.json'} and {args.out_dir / 'compare.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
