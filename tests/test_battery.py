@@ -1,0 +1,509 @@
+"""One behavioural battery run over every optim_zoo optimizer and its main options.
+
+Modelled on optax's `alias_test.py`: a module-level list of configurations, and every test is
+parametrised over it. The tests check what any optax optimizer must do (converge on small
+problems, compile once, accept extra `update` arguments, work inside `inject_hyperparams`,
+`MultiSteps`, `apply_if_finite`, `lax.cond`, abstract `init`, schedules and weight-decay masks);
+the step-by-step numerics against the official code are tested elsewhere.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optim_zoo
+
+# Every configuration under test: (name, factory, kwargs). These kwargs, learning rates included,
+# are used by every test below. The learning rates were picked so that each configuration
+# converges on the three problems of `test_convergence` (parabola, Rosenbrock, a matrix
+# quadratic) in `_NUM_STEPS` steps to `_ATOL` of the minimiser (per coordinate), or to the looser
+# tolerance of `_ATOL_OVERRIDES`:
+# - Adan: 0.01, small enough for Rosenbrock's valley (0.03 ends 7e-4 away, 0.1 3e-3 away).
+# - Adafactor: 0.003 (0.03 with momentum). Without momentum its clipped steps are about
+#   lr * rms(p) whatever the gradient's size, so in Rosenbrock's narrow valley (and on a
+#   coordinate that weight decay pulls off its optimum) it ends oscillating at that scale: 5e-3.
+#   The relative step size (learning_rate=None) stays at 1e-2 for the first 1e4 steps: 3e-2 (optax
+#   does not check that case at all).
+# - Apollo: 1e-3 with beta=0.99 and warmup=100, belief rebound with eps=1e-3. Its steps are
+#   Newton-like (the learning rate cancels out of m / |B|), and as in the official code it
+#   diverges on these problems with a warmup of 10 or the default beta=0.9 (checked against a
+#   float64 transcription of the update rule); the belief rebound stalls with eps=1e-4.
+# - Adai: 3e-3, on SGD's scale (no epsilon in a denominator); 1e-3 is too slow on Rosenbrock.
+# Weight decays are small (1e-4; 1e-6 for Adafactor, whose decay is not scaled by the learning
+# rate) so that the shifted minimum stays within the tolerance; `test_weight_decay_mask` uses a
+# large decay of its own.
+_ADAN = {"learning_rate": 0.01}
+_ADAFACTOR = {"learning_rate": 0.003}
+_APOLLO = {"learning_rate": 1e-3, "beta": 0.99, "warmup": 100}
+_ADAI = {"learning_rate": 3e-3}
+OPTIMIZERS = [
+    ("adan", optim_zoo.adan, _ADAN),
+    ("adan_proximal_decay", optim_zoo.adan, {**_ADAN, "weight_decay": 1e-4}),
+    ("adan_no_prox", optim_zoo.adan, {**_ADAN, "weight_decay": 1e-4, "no_prox": True}),
+    ("adan_clip", optim_zoo.adan, {**_ADAN, "max_grad_norm": 1.0}),
+    ("adafactor_relative_step", optim_zoo.adafactor, {"learning_rate": None}),
+    ("adafactor", optim_zoo.adafactor, _ADAFACTOR),
+    ("adafactor_momentum", optim_zoo.adafactor, {"learning_rate": 0.03, "momentum": 0.9}),
+    ("adafactor_weight_decay", optim_zoo.adafactor, {**_ADAFACTOR, "weight_decay_rate": 1e-6}),
+    ("adafactor_factored", optim_zoo.adafactor, {**_ADAFACTOR, "min_dim_size_to_factor": 2}),
+    ("adafactor_unfactored", optim_zoo.adafactor, {**_ADAFACTOR, "factored": False}),
+    ("apollo", optim_zoo.apollo, _APOLLO),
+    ("apollo_belief", optim_zoo.apollo, {**_APOLLO, "rebound": "belief", "eps": 1e-3}),
+    ("apollo_l2", optim_zoo.apollo, {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "L2"}),
+    (
+        "apollo_decoupled",
+        optim_zoo.apollo,
+        {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "decoupled"},
+    ),
+    (
+        "apollo_stable",
+        optim_zoo.apollo,
+        {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "stable"},
+    ),
+    ("adai", optim_zoo.adai, _ADAI),
+    ("adai_l2", optim_zoo.adai, {**_ADAI, "weight_decay": 1e-4}),
+    ("adaiw", optim_zoo.adaiw, {**_ADAI, "weight_decay": 1e-4}),
+    ("adai_dampening", optim_zoo.adai, {**_ADAI, "dampening": 0.5}),
+]
+
+_NUM_STEPS = 10_000
+_ATOL = 1e-3
+_ATOL_OVERRIDES = {
+    "adafactor_relative_step": 3e-2,
+    "adafactor": 5e-3,
+    "adafactor_weight_decay": 5e-3,
+    "adafactor_factored": 5e-3,
+    "adafactor_unfactored": 5e-3,
+}
+
+_IDS = [name for name, _, _ in OPTIMIZERS]
+_ALL = pytest.mark.parametrize(("name", "factory", "kwargs"), OPTIMIZERS, ids=_IDS)
+
+_WITH_LEARNING_RATE = [case for case in OPTIMIZERS if case[2].get("learning_rate") is not None]
+_WITH_DECAY = [
+    case
+    for case in OPTIMIZERS
+    if case[2].get("weight_decay", 0.0) > 0.0 or case[2].get("weight_decay_rate") is not None
+]
+
+
+def _parabola():
+    initial = jnp.array([-1.0, 10.0, 1.0])
+    solution = jnp.array([1.0, -1.0, 1.0])
+
+    def objective(params):
+        return jnp.sum((params - solution) ** 2)
+
+    return initial, solution, objective
+
+
+def _rosenbrock():
+    initial = jnp.array([0.0, 0.0])
+    solution = jnp.array([1.0, 1.0])
+
+    def objective(params):
+        return (1.0 - params[0]) ** 2 + 100.0 * (params[1] - params[0] ** 2) ** 2
+
+    return initial, solution, objective
+
+
+def _matrix_quadratic():
+    """A (3, 4) least-squares problem, so that factored second moments are exercised."""
+    initial = jnp.zeros((3, 4))
+    solution = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+    scales = jnp.linspace(0.5, 2.0, 12).reshape(3, 4)
+
+    def objective(params):
+        return jnp.sum(scales * (params - solution) ** 2)
+
+    return initial, solution, objective
+
+
+def _tree_problem(dtype=jnp.float32):
+    """Separable quadratic over a matrix and a vector leaf, with non-zero, varied gradients."""
+    params = {
+        "b": jnp.array([0.5, -1.0, 2.0, 0.25], dtype),
+        "w": jnp.linspace(-1.0, 1.5, 12, dtype=dtype).reshape(3, 4),
+    }
+    targets = {
+        "b": jnp.array([1.0, 1.0, -1.0, 0.0]),
+        "w": jnp.linspace(2.0, -1.0, 12).reshape(3, 4),
+    }
+
+    def objective(params):
+        total = 0.0
+        for key in ("b", "w"):
+            x = params[key].astype(jnp.promote_types(params[key].dtype, jnp.float32))
+            total = total + jnp.sum((x - targets[key]) ** 2)
+        return total
+
+    return params, objective
+
+
+def _run(tx, objective, params, num_steps):
+    """Runs `num_steps` steps of `tx` on `objective` in one jitted scan: (params, state)."""
+
+    def body(carry, _):
+        params, state = carry
+        grads = jax.grad(objective)(params)
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    @jax.jit
+    def run(params):
+        (params, state), _ = jax.lax.scan(body, (params, tx.init(params)), length=num_steps)
+        return params, state
+
+    return run(params)
+
+
+def _run_eager(tx, objective, params, num_steps, **extra_args):
+    """The same as `_run`, op by op: cheaper than compiling for a handful of steps."""
+    state = tx.init(params)
+    for _ in range(num_steps):
+        updates, state = tx.update(jax.grad(objective)(params), state, params, **extra_args)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _tree_all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def _avals(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+@_ALL
+@pytest.mark.parametrize("target", [_parabola, _rosenbrock, _matrix_quadratic])
+def test_convergence(name, factory, kwargs, target):
+    initial, solution, objective = target()
+    params, _ = _run(factory(**kwargs), objective, initial, _NUM_STEPS)
+    atol = _ATOL_OVERRIDES.get(name, _ATOL)
+    chex.assert_trees_all_close(params, solution, atol=atol, rtol=0.0)
+
+
+@_ALL
+def test_returns_extra_args_transformation(name, factory, kwargs):
+    assert isinstance(factory(**kwargs), optax.GradientTransformationExtraArgs)
+
+
+@_ALL
+def test_no_recompilation_on_second_step(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params, objective = _tree_problem()
+    num_traces = 0
+
+    @jax.jit
+    def step(params, state):
+        nonlocal num_traces
+        num_traces += 1
+        grads = jax.grad(objective)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    # A second trace means that the state returned by `update` differs from the one built by
+    # `init` in structure, shape, dtype or weak type, so every training loop would compile twice.
+    assert num_traces == 1
+
+
+@_ALL
+def test_update_accepts_unknown_extra_args(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params, objective = _tree_problem()
+    expected, _ = _run_eager(tx, objective, params, 2)
+    got, _ = _run_eager(tx, objective, params, 2, some_unexpected_argument=1.0, loss=jnp.ones(()))
+    chex.assert_trees_all_equal(got, expected)
+
+
+# Non-default float hyperparameters injected on top of each configuration, so that injected
+# values differ from the defaults baked into the code.
+_FLOAT_OVERRIDES = {
+    optim_zoo.adan: {"b1": 0.9, "b2": 0.95, "b3": 0.95, "eps": 1e-6},
+    optim_zoo.adafactor: {"decay_rate": 0.7, "clipping_threshold": 1.5, "eps": 1e-20},
+    optim_zoo.apollo: {"beta": 0.8, "eps": 1e-3},
+    optim_zoo.adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
+    optim_zoo.adaiw: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
+}
+# Only shape-deciding ints are static. `dtype_momentum` is a dtype, not a number, but
+# inject_hyperparams takes every callable (such as `jnp.float32`) for a schedule, so it must be
+# named too; optax.adafactor has the same requirement.
+_STATIC_ARGS = {optim_zoo.adafactor: ("min_dim_size_to_factor", "dtype_momentum")}
+
+
+def _injected_and_plain(factory, kwargs):
+    kwargs = {**kwargs, **_FLOAT_OVERRIDES[factory]}
+    static_args = _STATIC_ARGS.get(factory, ())
+    injected = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    # Every number the caller passes, and every float override, is injected: a traced value.
+    numbers = {
+        k
+        for k, v in kwargs.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in static_args
+    }
+    return injected, factory(**kwargs), numbers
+
+
+@_ALL
+def test_inject_hyperparams_matches_plain(name, factory, kwargs):
+    # float64, where the plain and the injected runs must agree to round-off: in float32 the
+    # round-off of the hyperparameters' own float32 conversion is amplified by Apollo's secant
+    # update to about 1e-5 after five steps.
+    with jax.enable_x64(True):
+        if factory is optim_zoo.adafactor and kwargs.get("momentum") is not None:
+            # The default float32 momentum would round the float64 run.
+            kwargs = {**kwargs, "dtype_momentum": jnp.float64}
+        injected, plain, numbers = _injected_and_plain(factory, kwargs)
+        params, objective = _tree_problem(jnp.float64)
+        injected_params, injected_state = _run(injected, objective, params, 5)
+        plain_params, plain_state = _run_eager(plain, objective, params, 5)
+        chex.assert_trees_all_close(injected_params, plain_params, rtol=1e-10, atol=1e-12)
+        chex.assert_trees_all_close(injected_state.inner_state, plain_state, rtol=1e-10, atol=1e-12)
+        assert numbers <= set(injected_state.hyperparams)
+
+
+@_ALL
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_inject_hyperparams_state_dtypes(name, factory, kwargs, dtype):
+    injected, plain, _ = _injected_and_plain(factory, kwargs)
+    params, objective = _tree_problem(jnp.dtype(dtype))
+    grads = jax.grad(objective)(params)
+
+    def step(tx):
+        return lambda: tx.update(grads, tx.init(params), params)
+
+    # Abstract evaluation traces the injected optimizer with array hyperparameters (no compile).
+    injected_updates, injected_state = jax.eval_shape(step(injected))
+    plain_updates, plain_state = jax.eval_shape(step(plain))
+    chex.assert_trees_all_equal_shapes_and_dtypes(injected_updates, plain_updates)
+    chex.assert_trees_all_equal_structs(injected_state.inner_state, plain_state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(injected_state.inner_state, plain_state)
+
+
+@_ALL
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_dtypes_stable_through_cond(name, factory, kwargs, dtype):
+    """Updates keep the gradient dtype; the state keeps its tree, shapes and dtypes."""
+    with jax.enable_x64(dtype == "float64"):
+        tx = factory(**kwargs)
+        params, objective = _tree_problem(jnp.dtype(dtype))
+
+        @jax.jit
+        def step(params, state, take_update):
+            grads = jax.grad(objective)(params)
+            updates, new_state = tx.update(grads, state, params)
+            # Both branches must agree on tree structure, shapes and dtypes (as in optax's tests,
+            # a traced predicate keeps the compiler from folding the cond away).
+            new_state = jax.lax.cond(take_update, lambda: new_state, lambda: state)
+            return optax.apply_updates(params, updates), new_state, updates, grads
+
+        state = tx.init(params)
+        for _ in range(2):
+            params, new_state, updates, grads = step(params, state, jnp.asarray(True))
+            chex.assert_trees_all_equal_dtypes(updates, grads)
+            chex.assert_trees_all_equal_structs(new_state, state)
+            chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+            state = new_state
+        assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(params))
+
+
+@_ALL
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_multi_steps(name, factory, kwargs, dtype):
+    every_k = 3
+    tx = factory(**kwargs)
+    multi = optax.MultiSteps(tx, every_k_schedule=every_k)
+    params, objective = _tree_problem(jnp.dtype(dtype))
+    grads = jax.grad(objective)(params)
+    grads_sequence = [jax.tree.map(lambda g, s=s: g * s, grads) for s in (1.0, -0.5, 2.0)]
+
+    @jax.jit
+    def run(params, stacked_grads):
+        def body(state, grads):
+            updates, state = multi.update(grads, state, params)
+            return state, updates
+
+        return jax.lax.scan(body, multi.init(params), stacked_grads)[1]
+
+    stacked_updates = run(params, jax.tree.map(lambda *gs: jnp.stack(gs), *grads_sequence))
+    chex.assert_trees_all_equal_dtypes(stacked_updates, grads)
+    # No update until the k-th gradient, then the inner update of the mean gradient.
+    for i in range(every_k - 1):
+        updates = jax.tree.map(lambda u, i=i: u[i], stacked_updates)
+        chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
+    updates = jax.tree.map(lambda u: u[every_k - 1], stacked_updates)
+    mean_grads = jax.tree.map(
+        lambda *gs: (sum(g.astype(jnp.float32) for g in gs) / every_k).astype(gs[0].dtype),
+        *grads_sequence,
+    )
+    expected, _ = tx.update(mean_grads, tx.init(params), params)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), updates),
+        jax.tree.map(lambda x: x.astype(jnp.float32), expected),
+        rtol=tol,
+        atol=tol,
+    )
+
+
+@_ALL
+def test_apply_if_finite_skips_nonfinite_step(name, factory, kwargs):
+    tx = factory(**kwargs)
+    guarded = optax.apply_if_finite(tx, max_consecutive_errors=3)
+    params, objective = _tree_problem()
+    grad_fn = jax.grad(objective)
+
+    guarded_update = jax.jit(guarded.update)
+    state = guarded.init(params)
+    updates, state = guarded_update(grad_fn(params), state, params)
+    params = optax.apply_updates(params, updates)
+    params_before, inner_before = params, state.inner_state
+
+    bad_grads = grad_fn(params)
+    bad_grads["b"] = bad_grads["b"].at[1].set(jnp.nan)
+    updates, state = guarded_update(bad_grads, state, params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(state.inner_state, inner_before)
+    params = optax.apply_updates(params, updates)
+    chex.assert_trees_all_equal(params, params_before)
+    assert int(state.notfinite_count) == 1
+
+    # The next finite steps continue as if the bad step never happened.
+    for _ in range(2):
+        updates, state = guarded_update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+    reference, _ = _run_eager(tx, objective, _tree_problem()[0], 3)
+    chex.assert_trees_all_close(params, reference, rtol=1e-5, atol=1e-6)
+    assert _tree_all_finite(state)
+
+
+@_ALL
+def test_init_from_shape_dtype_structs(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {
+        "b": jnp.ones((4,), jnp.bfloat16),
+        "w": jnp.ones((3, 4), jnp.float32),
+        "k": jnp.ones((2, 3, 5), jnp.float32),
+    }
+    expected = _avals(tx.init(params))
+
+    from_eval_shape = jax.eval_shape(tx.init, _avals(params))
+    chex.assert_trees_all_equal_structs(from_eval_shape, expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(from_eval_shape, expected)
+
+    # optax's own optimizers accept ShapeDtypeStructs in `init` directly.
+    direct = tx.init(_avals(params))
+    chex.assert_trees_all_equal_structs(direct, expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(_avals(direct), expected)
+
+
+def _schedule_kwargs(factory, kwargs):
+    # Apollo's default init_lr derives from learning_rate; make it explicit so that a constant
+    # learning rate per step reproduces the scheduled run exactly.
+    if factory is optim_zoo.apollo:
+        return {**kwargs, "init_lr": 1e-4}
+    return kwargs
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "kwargs"), _WITH_LEARNING_RATE, ids=[c[0] for c in _WITH_LEARNING_RATE]
+)
+@pytest.mark.parametrize("schedule_name", ["linear", "exponential"])
+def test_schedule_matches_manual_learning_rates(name, factory, kwargs, schedule_name):
+    kwargs = _schedule_kwargs(factory, kwargs)
+    lr = kwargs["learning_rate"]
+    if schedule_name == "linear":
+        optax_schedule = optax.linear_schedule(lr, 0.25 * lr, transition_steps=3)
+    else:
+        optax_schedule = optax.exponential_decay(lr, transition_steps=1, decay_rate=0.5)
+
+    # float64 so that the tolerance can be tight and the schedule's effect stands far above it.
+    # optax's schedules return float32 for the optimizer's int32 count even with x64 enabled; the
+    # cast keeps later products such as lr * weight_decay in float64, like a Python float's.
+    def schedule(count):
+        return optax_schedule(count).astype(jnp.float64)
+
+    num_steps = 4
+    with jax.enable_x64(True):
+        params, objective = _tree_problem(jnp.float64)
+        grad_fn = jax.grad(objective)
+        scheduled_params, _ = _run_eager(
+            factory(**{**kwargs, "learning_rate": schedule}), objective, params, num_steps
+        )
+
+        manual_params, state = params, factory(**kwargs).init(params)
+        for count in range(num_steps):
+            step_lr = float(schedule(jnp.asarray(count, jnp.int32)))
+            tx = factory(**{**kwargs, "learning_rate": step_lr})
+            updates, state = tx.update(grad_fn(manual_params), state, manual_params)
+            manual_params = optax.apply_updates(manual_params, updates)
+
+        chex.assert_trees_all_close(scheduled_params, manual_params, rtol=1e-12, atol=1e-14)
+        # The schedule has an effect: a constant learning rate gives another trajectory.
+        constant_params, _ = _run_eager(factory(**kwargs), objective, params, num_steps)
+        assert not np.allclose(constant_params["w"], scheduled_params["w"], rtol=1e-8, atol=0.0)
+
+
+def _masked_adai_reference(factory, kwargs, decay, mask, objective, params, num_steps):
+    """Adai with decay applied by hand to the leaves where `mask` is True.
+
+    Adai's v_bar is a mean over every leaf, so decaying one leaf changes the others' momentum:
+    the masked-out leaves cannot be compared with a decay-free run, only with this construction.
+    """
+    no_decay = factory(**{**kwargs, "weight_decay": 0.0})
+    decoupled = factory is optim_zoo.adaiw or kwargs.get("decoupled", False)
+    lr = kwargs["learning_rate"]
+    state = no_decay.init(params)
+    for _ in range(num_steps):
+        grads = jax.grad(objective)(params)
+        if not decoupled:
+            grads = jax.tree.map(lambda g, p, m: g + decay * p if m else g, grads, params, mask)
+        updates, state = no_decay.update(grads, state, params)
+        if decoupled:
+            updates = jax.tree.map(
+                lambda u, p, m: u - lr * decay * p if m else u, updates, params, mask
+            )
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "kwargs"), _WITH_DECAY, ids=[c[0] for c in _WITH_DECAY]
+)
+def test_weight_decay_mask(name, factory, kwargs):
+    decay_key = "weight_decay_rate" if "weight_decay_rate" in kwargs else "weight_decay"
+    kwargs = {**kwargs, decay_key: 0.1}
+    mask = {"b": False, "w": True}
+    num_steps = 8
+    # float64, so that even a decay damped by Apollo's warmup stands far above round-off.
+    with jax.enable_x64(True):
+        params, objective = _tree_problem(jnp.float64)
+
+        def run(**overrides):
+            return _run_eager(factory(**{**kwargs, **overrides}), objective, params, num_steps)[0]
+
+        masked_params = run(weight_decay_mask=mask)
+        callable_params = run(weight_decay_mask=lambda p: {"b": False, "w": True})
+        chex.assert_trees_all_close(callable_params, masked_params, rtol=1e-12)
+        decayed_params = run()
+        undecayed_params = run(**{decay_key: 0.0})
+        # Guard: the decay visibly moves both leaves, so the comparisons below can fail.
+        for key in ("b", "w"):
+            assert not np.allclose(decayed_params[key], undecayed_params[key], rtol=1e-8, atol=0)
+
+        if factory in (optim_zoo.adai, optim_zoo.adaiw):
+            reference = _masked_adai_reference(
+                factory, kwargs, kwargs[decay_key], mask, objective, params, num_steps
+            )
+            chex.assert_trees_all_close(masked_params, reference, rtol=1e-10, atol=1e-12)
+        else:
+            # The other optimizers treat leaves independently on this separable problem: the
+            # masked-out leaf follows the decay-free run, the masked-in leaf the decayed one.
+            chex.assert_trees_all_close(masked_params["b"], undecayed_params["b"], rtol=1e-10)
+            chex.assert_trees_all_close(masked_params["w"], decayed_params["w"], rtol=1e-10)

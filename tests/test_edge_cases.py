@@ -1,0 +1,306 @@
+"""Edge cases every optim_zoo optimizer must survive: odd trees, odd shapes, odd gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optim_zoo
+
+# Configurations chosen for the edges they exercise: global reductions (Adan's clipping, Adai's
+# v_bar), per-tensor reductions (Adafactor's rms and factored means, Apollo's 4-norm, belief
+# max and stable mean), weight decay of each kind, and Adafactor factoring every 2-D leaf.
+# Learning rates are such that a small quadratic makes progress in 100 bfloat16 steps.
+EDGE_OPTIMIZERS = [
+    ("adan", optim_zoo.adan, {"learning_rate": 0.01}),
+    (
+        "adan_clip_decay",
+        optim_zoo.adan,
+        {"learning_rate": 0.01, "weight_decay": 0.01, "max_grad_norm": 1.0},
+    ),
+    (
+        "adan_no_prox",
+        optim_zoo.adan,
+        {"learning_rate": 0.01, "weight_decay": 0.01, "no_prox": True},
+    ),
+    ("adafactor_relative_step", optim_zoo.adafactor, {}),
+    (
+        "adafactor_factor_all",
+        optim_zoo.adafactor,
+        {
+            "learning_rate": 0.01,
+            "min_dim_size_to_factor": 0,
+            "momentum": 0.9,
+            "weight_decay_rate": 1e-4,
+        },
+    ),
+    ("adafactor_unfactored", optim_zoo.adafactor, {"learning_rate": 0.01, "factored": False}),
+    (
+        "apollo_l2",
+        optim_zoo.apollo,
+        {"learning_rate": 1e-3, "beta": 0.99, "warmup": 20, "weight_decay": 1e-4},
+    ),
+    (
+        "apollo_belief",
+        optim_zoo.apollo,
+        {"learning_rate": 1e-3, "beta": 0.99, "warmup": 20, "rebound": "belief", "eps": 1e-3},
+    ),
+    (
+        "apollo_stable",
+        optim_zoo.apollo,
+        {
+            "learning_rate": 1e-3,
+            "beta": 0.99,
+            "warmup": 20,
+            "weight_decay": 1e-4,
+            "weight_decay_type": "stable",
+        },
+    ),
+    ("adai", optim_zoo.adai, {"learning_rate": 0.05}),
+    ("adaiw", optim_zoo.adaiw, {"learning_rate": 0.05, "weight_decay": 1e-4}),
+    ("adai_dampening", optim_zoo.adai, {"learning_rate": 0.05, "dampening": 0.5}),
+]
+
+_ALL = pytest.mark.parametrize(
+    ("name", "factory", "kwargs"), EDGE_OPTIMIZERS, ids=[c[0] for c in EDGE_OPTIMIZERS]
+)
+
+
+def _has_decay(kwargs):
+    return kwargs.get("weight_decay", 0.0) > 0.0 or kwargs.get("weight_decay_rate") is not None
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def _float_leaves(tree):
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def _quadratic(params):
+    total = 0.0
+    for i, leaf in enumerate(jax.tree.leaves(params)):
+        x = leaf.astype(jnp.float32)
+        target = jnp.linspace(-1.0, 1.0, x.size).reshape(x.shape) + i
+        total = total + jnp.sum((x - target) ** 2)
+    return total
+
+
+def _run_eager(tx, params, grad_fn, num_steps):
+    """(params, state, list of updates) after `num_steps` op-by-op steps."""
+    state = tx.init(params)
+    all_updates = []
+    for _ in range(num_steps):
+        updates, state = tx.update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+        all_updates.append(updates)
+    return params, state, all_updates
+
+
+@_ALL
+def test_empty_tree(name, factory, kwargs):
+    tx = factory(**kwargs)
+    state = tx.init({})
+    updates, new_state = tx.update({}, state, {})
+    assert updates == {}
+    chex.assert_trees_all_equal_structs(new_state, state)
+    updates, _ = jax.jit(tx.update)({}, new_state, {})
+    assert updates == {}
+    assert _all_finite(new_state)
+
+
+@_ALL
+def test_scalar_leaf(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = jnp.asarray(3.0)
+    grad_fn = jax.grad(lambda p: (p - 1.0) ** 2)
+    final, state, all_updates = _run_eager(tx, params, grad_fn, 5)
+    for updates in all_updates:
+        chex.assert_shape(updates, ())
+        chex.assert_type(updates, jnp.float32)
+    assert _all_finite((all_updates, state))
+    assert abs(float(final) - 1.0) < 2.0  # moved towards the minimum
+
+
+@_ALL
+def test_size_zero_leaves(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {
+        "empty": jnp.zeros((0,)),
+        "empty_matrix": jnp.zeros((0, 5)),
+        "x": jnp.array([0.5, -1.0, 2.0]),
+    }
+    grad_fn = jax.grad(_quadratic)
+    final, state, all_updates = _run_eager(tx, params, grad_fn, 3)
+    for updates in all_updates:
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    assert _all_finite(state)
+    assert _all_finite(final)
+
+    # Zero-size leaves contribute nothing, even to global reductions (norms, means).
+    alone = {"x": params["x"]}
+    final_alone, _, _ = _run_eager(tx, alone, lambda p: {"x": grad_fn(params)["x"]}, 1)
+    final_one, _, _ = _run_eager(tx, params, grad_fn, 1)
+    chex.assert_trees_all_close(final_one["x"], final_alone["x"], rtol=1e-6)
+
+
+@_ALL
+def test_none_leaves(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.0]]), "frozen": None, "b": jnp.array([1.0])}
+
+    def grad_fn(p):
+        grads = jax.grad(lambda q: _quadratic({"b": q["b"], "w": q["w"]}))(
+            {"b": p["b"], "w": p["w"]}
+        )
+        return {**grads, "frozen": None}
+
+    final, state, all_updates = _run_eager(tx, params, grad_fn, 3)
+    assert all(updates["frozen"] is None for updates in all_updates)
+    assert final["frozen"] is None
+    assert _all_finite(state)
+
+    without_none = {"b": params["b"], "w": params["w"]}
+    final_plain, _, _ = _run_eager(tx, without_none, lambda p: jax.grad(_quadratic)(p), 3)
+    chex.assert_trees_all_close({"b": final["b"], "w": final["w"]}, final_plain, rtol=1e-6)
+
+
+@_ALL
+def test_zero_gradients_for_many_steps(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.array([0.5, -0.5, 2.0])}
+    state = tx.init(params)
+    for _ in range(50):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        # No NaN or Inf anywhere (Adai's v_bar is 0 here, where the official code divides by it).
+        assert _all_finite(updates)
+        assert _all_finite(_float_leaves(state))
+        if not _has_decay(kwargs):
+            chex.assert_trees_all_equal(updates, grads)
+    # The real gradients that follow still move the parameters, and nothing blows up.
+    moved = False
+    for _ in range(10):
+        updates, state = tx.update(jax.grad(_quadratic)(params), state, params)
+        params = optax.apply_updates(params, updates)
+        assert _all_finite((updates, _float_leaves(state)))
+        moved = moved or any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+    assert moved
+
+
+@_ALL
+def test_bfloat16_hundred_steps(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {
+        "w": jnp.linspace(-2.0, 2.0, 12, dtype=jnp.bfloat16).reshape(4, 3),
+        "b": jnp.array([0.5, -1.0, 3.0], jnp.bfloat16),
+    }
+
+    @jax.jit
+    def run(params):
+        def body(carry, _):
+            params, state = carry
+            updates, state = tx.update(jax.grad(_quadratic)(params), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(body, (params, tx.init(params)), length=100)[0]
+
+    final, state = run(params)
+    chex.assert_trees_all_equal_dtypes(final, params)
+    assert _all_finite(final)
+    assert _all_finite(_float_leaves(state))
+    assert float(_quadratic(final)) < 0.5 * float(_quadratic(params))
+
+
+@_ALL
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_nonfinite_gradient_is_not_hidden(name, factory, kwargs, bad_value):
+    """Documents the behaviour: like optax's optimizers, optim_zoo does not filter non-finite
+    gradients; they reach the updates (so that they are seen), and `optax.apply_if_finite` is
+    the tool to skip such steps (next test)."""
+    tx = factory(**kwargs)
+    params = {"w": jnp.ones((2, 3)), "b": jnp.array([0.5, -1.0, 2.0])}
+    grads = jax.grad(_quadratic)(params)
+    grads["b"] = grads["b"].at[0].set(bad_value)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert not bool(jnp.all(jnp.isfinite(updates["b"])))
+
+
+@_ALL
+def test_apply_if_finite_keeps_state_clean(name, factory, kwargs):
+    tx = factory(**kwargs)
+    guarded = optax.apply_if_finite(tx, max_consecutive_errors=3)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.5, -1.0, 2.0])}
+    grad_fn = jax.grad(_quadratic)
+    update = jax.jit(guarded.update)
+
+    def corrupt(grads, value):
+        return {**grads, "w": grads["w"].at[1, 2].set(value)}
+
+    state = guarded.init(params)
+    guarded_params = params
+    # Two good steps, a NaN step, an Inf step, two good steps.
+    for bad in (None, None, np.nan, np.inf, None, None):
+        grads = grad_fn(guarded_params)
+        if bad is not None:
+            grads = corrupt(grads, bad)
+        previous = state.inner_state
+        updates, state = update(grads, state, guarded_params)
+        assert _all_finite(updates)
+        assert _all_finite(_float_leaves(state.inner_state))
+        if bad is not None:
+            chex.assert_trees_all_equal(state.inner_state, previous)
+        guarded_params = optax.apply_updates(guarded_params, updates)
+    assert int(state.total_notfinite) == 2
+
+    reference, _, _ = _run_eager(tx, params, grad_fn, 4)
+    chex.assert_trees_all_close(guarded_params, reference, rtol=1e-5, atol=1e-6)
+
+
+# Per primitive state: the fields that are second-moment-like, kept in at least float32, and the
+# first-moment-like ones, kept in the parameter's dtype.
+_STATE_FIELDS = {
+    optim_zoo.ScaleByNesterovMomentState: (("n",), ("m", "v")),
+    optim_zoo.ScaleByFactoredRmsState: (("v_row", "v_col", "v"), ()),
+    optim_zoo.ScaleByRectifiedDiagHessianState: (("hessian_diag",), ("m",)),
+    optim_zoo.ScaleByAdaptiveInertiaState: (("v", "beta1_prod"), ("m",)),
+}
+
+
+def _primitive_states(state):
+    state_types = tuple(_STATE_FIELDS)
+    return [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, state_types))
+        if isinstance(s, state_types)
+    ]
+
+
+@_ALL
+def test_mixed_float32_and_bfloat16_leaves(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = {
+        "a": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+        "b": jnp.array([0.5, -1.0, 2.0, 0.0], jnp.bfloat16),
+    }
+    grad_fn = jax.grad(_quadratic)
+    final, state, all_updates = _run_eager(tx, params, grad_fn, 10)
+    for updates in all_updates:
+        chex.assert_trees_all_equal_dtypes(updates, params)
+    chex.assert_trees_all_equal_dtypes(final, params)
+    assert _all_finite((final, _float_leaves(state)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, tx.init(params))
+
+    primitive_states = _primitive_states(state)
+    assert len(primitive_states) == 1
+    primitive = primitive_states[0]
+    wide_fields, param_dtype_fields = _STATE_FIELDS[type(primitive)]
+    for field in wide_fields:
+        for leaf in jax.tree.leaves(getattr(primitive, field)):
+            assert leaf.dtype == jnp.float32, (field, leaf.dtype)
+    for field in param_dtype_fields:
+        chex.assert_trees_all_equal_dtypes(getattr(primitive, field), params)

@@ -1,0 +1,227 @@
+"""Construction-time validation of hyperparameters (SPEC.md, "Validation and errors")."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optim_zoo
+
+# The smallest valid call of each alias; the cases below override one argument at a time.
+_BASE = {
+    "adan": {"learning_rate": 0.01},
+    "adafactor": {},
+    "apollo": {"learning_rate": 0.01},
+    "adai": {"learning_rate": 0.1},
+    "adaiw": {"learning_rate": 0.1},
+}
+_ALIASES = tuple(_BASE)
+
+
+def _make(alias, **overrides):
+    return getattr(optim_zoo, alias)(**{**_BASE[alias], **overrides})
+
+
+def _weight_decay_name(alias):
+    return "weight_decay_rate" if alias == "adafactor" else "weight_decay"
+
+
+# (alias, argument, bad value).
+_INVALID = [
+    # Every optimizer: learning_rate >= 0, eps >= 0, weight decay >= 0.
+    *[(alias, "learning_rate", -0.1) for alias in _ALIASES],
+    *[(alias, "eps", -0.5) for alias in _ALIASES],
+    *[(alias, _weight_decay_name(alias), -0.5) for alias in _ALIASES],
+    # Adan: b1, b2, b3 in [0, 1).
+    *[("adan", b, value) for b in ("b1", "b2", "b3") for value in (-0.1, 1.0, 1.5)],
+    # Apollo.
+    ("apollo", "beta", -0.1),
+    ("apollo", "beta", 1.0),
+    ("apollo", "rebound", "bogus"),
+    ("apollo", "warmup", -1),
+    ("apollo", "init_lr", -0.001),
+    ("apollo", "init_lr", 0.02),  # above learning_rate=0.01
+    ("apollo", "weight_decay_type", "bogus"),
+    ("apollo", "weight_decay_type", "l2"),  # case matters
+    # Adai / AdaiW: beta0 >= 0, beta2 in [0, 1).
+    *[(alias, "beta0", -0.1) for alias in ("adai", "adaiw")],
+    *[(alias, "beta2", value) for alias in ("adai", "adaiw") for value in (-0.1, 1.0)],
+    # Adafactor.
+    ("adafactor", "clipping_threshold", 0.5),
+    ("adafactor", "momentum", 1.0),
+    ("adafactor", "momentum", -0.1),
+    ("adafactor", "min_dim_size_to_factor", -1),
+    ("adafactor", "decay_rate", 0.0),
+    ("adafactor", "decay_rate", -0.5),
+    ("adafactor", "decay_rate", 1.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("alias", "argument", "value"), _INVALID, ids=[f"{a}-{g}={v}" for a, g, v in _INVALID]
+)
+def test_invalid_value_raises(alias, argument, value):
+    with pytest.raises(ValueError) as excinfo:
+        _make(alias, **{argument: value})
+    message = str(excinfo.value)
+    assert argument in message
+    assert str(value) in message
+
+
+# Values on the boundary of the allowed ranges: each constructs, and takes a finite step on
+# gradients that are non-zero everywhere.
+_VALID = [
+    ("adan", {"learning_rate": 0.0}),
+    ("adan", {"b1": 0.0, "b2": 0.0, "b3": 0.0}),
+    ("adan", {"eps": 0.0}),
+    ("adan", {"eps_root": 0.0, "weight_decay": 0.0}),
+    ("adan", {"b1": 0.999, "b2": 0.999, "b3": 0.999}),
+    ("adafactor", {"learning_rate": 0.0}),
+    ("adafactor", {"momentum": 0.0}),
+    ("adafactor", {"momentum": None}),
+    ("adafactor", {"clipping_threshold": 1.0}),
+    ("adafactor", {"clipping_threshold": None}),
+    ("adafactor", {"decay_rate": 1.0}),
+    ("adafactor", {"min_dim_size_to_factor": 0}),
+    ("adafactor", {"eps": 0.0, "weight_decay_rate": 0.0}),
+    ("apollo", {"init_lr": 0.01}),  # == learning_rate
+    ("apollo", {"init_lr": 0.0}),
+    ("apollo", {"warmup": 0}),
+    ("apollo", {"beta": 0.0}),
+    ("apollo", {"learning_rate": 0.0}),
+    ("apollo", {"weight_decay_type": None}),
+    ("apollo", {"weight_decay_type": "L2", "weight_decay": 1e-3}),
+    ("apollo", {"weight_decay_type": "decoupled", "weight_decay": 1e-3}),
+    ("apollo", {"weight_decay_type": "stable", "weight_decay": 1e-3}),
+    ("apollo", {"rebound": "belief", "weight_decay_type": "L2", "weight_decay": 1e-3}),
+    ("adai", {"beta0": 0.0}),
+    ("adai", {"beta0": 50.0}),  # no upper bound, as in the official code
+    ("adai", {"beta2": 0.0}),
+    ("adai", {"learning_rate": 0.0, "weight_decay": 0.0}),
+    ("adaiw", {"beta0": 50.0, "beta2": 0.0}),
+    ("adaiw", {"weight_decay": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("alias", "overrides"), _VALID, ids=[f"{a}-{o}" for a, o in _VALID])
+def test_boundary_values_are_allowed(alias, overrides):
+    tx = _make(alias, **overrides)
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([1.0, -3.0])}
+    grads = jax.tree.map(lambda p: p + 0.5, params)
+    updates, state = tx.update(grads, tx.init(params), params)
+    leaves = jax.tree.leaves((updates, state))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def test_apollo_eps_zero_is_allowed():
+    # Constructs; no step is taken, since with d = 0 on the first step the official update
+    # divides 0 by ||d||_4 + eps = 0.
+    assert isinstance(optim_zoo.apollo(0.01, eps=0.0), optax.GradientTransformationExtraArgs)
+
+
+# (alias, argument, an array that would be invalid as a Python number).
+_ARRAY_CASES = [
+    *[(alias, "learning_rate", -1.0) for alias in _ALIASES],
+    *[(alias, "eps", -1.0) for alias in _ALIASES],
+    *[(alias, _weight_decay_name(alias), -1.0) for alias in _ALIASES],
+    ("adan", "b1", 1.5),
+    ("adan", "b2", -1.0),
+    ("adan", "b3", 1.0),
+    ("apollo", "beta", 1.0),
+    ("apollo", "warmup", -1),
+    ("apollo", "init_lr", 1.0),
+    ("adai", "beta0", -1.0),
+    ("adai", "beta2", 1.0),
+    ("adaiw", "beta2", 1.5),
+    ("adafactor", "clipping_threshold", 0.5),
+    ("adafactor", "momentum", 1.0),
+    ("adafactor", "decay_rate", 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("alias", "argument", "value"), _ARRAY_CASES, ids=[f"{a}-{g}" for a, g, _ in _ARRAY_CASES]
+)
+def test_array_values_are_not_checked(alias, argument, value):
+    # Arrays (as optax.inject_hyperparams passes them) are left to the user: no ValueError, no
+    # host sync, no concretization error.
+    tx = _make(alias, **{argument: jnp.asarray(value)})
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+# (alias, argument, a valid value): built from a tracer inside jax.jit, the optimizer computes
+# the same update as when built from the Python number.
+_TRACED_CASES = [
+    ("adan", "learning_rate", 0.05),
+    ("adan", "b2", 0.9),
+    ("adan", "weight_decay", 0.01),
+    ("adafactor", "learning_rate", 0.05),
+    ("adafactor", "decay_rate", 0.7),
+    ("adafactor", "clipping_threshold", 2.0),
+    ("adafactor", "momentum", 0.8),
+    ("apollo", "learning_rate", 0.05),
+    ("apollo", "init_lr", 0.001),
+    ("apollo", "warmup", 3),
+    ("apollo", "beta", 0.8),
+    ("adai", "learning_rate", 0.05),
+    ("adai", "beta0", 0.2),
+    ("adaiw", "weight_decay", 0.01),
+]
+
+
+@pytest.mark.parametrize(
+    ("alias", "argument", "value"), _TRACED_CASES, ids=[f"{a}-{g}" for a, g, _ in _TRACED_CASES]
+)
+def test_traced_values_work_under_jit(alias, argument, value):
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([1.0, -3.0])}
+    grads = jax.tree.map(lambda p: p + 0.5, params)
+
+    def two_steps(tx):
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)
+        return tx.update(grads, state, params)[0]
+
+    traced = jax.jit(lambda v: two_steps(_make(alias, **{argument: v})))(jnp.asarray(value))
+    expected = two_steps(_make(alias, **{argument: value}))
+    for got, want in zip(jax.tree.leaves(traced), jax.tree.leaves(expected), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-7), (got, want)
+
+
+_SCHEDULES = {
+    "constant": optax.constant_schedule(0.01),
+    "linear": optax.linear_schedule(0.01, 0.001, transition_steps=5),
+    "cosine": optax.cosine_decay_schedule(0.01, decay_steps=5),
+    "python_function": lambda count: 0.01 / (1.0 + count),
+}
+
+
+@pytest.mark.parametrize("schedule_name", list(_SCHEDULES))
+@pytest.mark.parametrize("alias", _ALIASES)
+def test_learning_rate_schedule_accepted(alias, schedule_name):
+    schedule = _SCHEDULES[schedule_name]
+    tx = _make(alias, learning_rate=schedule)
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([1.0, -3.0])}
+    grads = jax.tree.map(lambda p: p + 0.5, params)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
+    # The schedule is used: the first step equals the one with its initial value as a number
+    # (with a schedule, Apollo's default init_lr is not specified, so it is given here).
+    extra = {"init_lr": 1e-5} if alias == "apollo" else {}
+    scheduled = _make(alias, learning_rate=schedule, **extra)
+    constant = _make(alias, learning_rate=float(schedule(0)), **extra)
+    first_scheduled, _ = scheduled.update(grads, scheduled.init(params), params)
+    first_constant, _ = constant.update(grads, constant.init(params), params)
+    for got, want in zip(
+        jax.tree.leaves(first_scheduled), jax.tree.leaves(first_constant), strict=True
+    ):
+        assert jnp.allclose(got, want, rtol=1e-6), (got, want)
+
+
+def test_apollo_schedule_with_init_lr_is_not_compared():
+    # init_lr <= learning_rate can only be checked against a number, not a schedule.
+    tx = optim_zoo.apollo(optax.linear_schedule(0.01, 0.0, 10), init_lr=0.005)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
