@@ -11,7 +11,8 @@ directly with that variable set. For both auto and explicit mesh axes and every 
 * the compiled update gathers no whole parameter; Adai's global mean and Apollo's per-tensor
   reductions are scalar all-reduces, Adan's update has no collective at all, and Adafactor's only
   non-scalar all-reduces are its factored statistics;
-* `tx.init` under `jax.jit` with `out_shardings` taken from `jax.eval_shape` gives that state.
+* `tx.init` under `jax.jit` with `out_shardings` taken from `jax.eval_shape` gives that state;
+* an Orbax checkpoint of the sharded state restores into a target with those shardings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -250,3 +252,37 @@ def test_jit_init_with_out_shardings_from_eval_shape(axis_type, name):
             state = jax.jit(tx.init, out_shardings=shardings)(params)
             _assert_state_sharded_like_params(state, mesh)
             chex.assert_trees_all_equal(state, eager_state, custom_message=how)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_IDS)
+@pytest.mark.parametrize("axis_type", sorted(AXIS_TYPES))
+def test_sharded_checkpoint_restores_with_its_shardings(tmp_path, axis_type, name):
+    tx = make_optimizer(name)
+    values, noise = _initial_values()
+    mesh = _make_mesh(axis_type)
+    with jax.set_mesh(mesh):
+        shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+        params = jax.device_put(values, shardings)
+        state = tx.init(params)
+        params, state = jax.jit(_step_fn(tx))(params, state, jax.device_put(noise[0], shardings))
+        saved = {"params": params, "opt_state": state}
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp_path / "ckpt", saved)
+
+        # Targets with every sharding spelled out, as on another mesh one would give them.
+        abstract_params = jax.tree.map(
+            lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
+        )
+        target = {
+            "params": abstract_params,
+            "opt_state": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(tx.init, params),
+                opt_state_shardings(tx, params),
+            ),
+        }
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(tmp_path / "ckpt", target)
+        _assert_state_sharded_like_params(restored["opt_state"], mesh)
+        assert jax.tree.structure(restored) == jax.tree.structure(saved)
+        jax.tree.map(np.testing.assert_array_equal, restored, saved)
