@@ -19,6 +19,22 @@ from optim_zoo.nesterov import (
 )
 
 
+def _keep_update_dtype(
+    transform: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """Wraps `transform` so its updates come out in the dtype they came in with.
+
+    `optax.ema` returns its accumulator, so a float32 momentum would turn bfloat16 updates into
+    float32 ones; optim_zoo's updates always keep the gradient's dtype.
+    """
+
+    def update_fn(updates, state, params=None):
+        new_updates, state = transform.update(updates, state, params)
+        return optax.tree.cast_like(new_updates, updates), state
+
+    return optax.GradientTransformation(transform.init, update_fn)
+
+
 def adan(
     learning_rate: optax.ScalarOrSchedule,
     b1: jax.typing.ArrayLike = 0.98,
@@ -141,7 +157,7 @@ def adafactor(
       multiply_by_parameter_scale: scale the step by :math:`\max(10^{-3}, \mathrm{rms}(p))`.
       clipping_threshold: None or >= 1: clip each update's RMS to this.
       momentum: None or in [0, 1): EMA of the scaled step.
-      dtype_momentum: dtype of the momentum accumulator.
+      dtype_momentum: dtype of the momentum accumulator; updates keep the gradient dtype.
       weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
       eps: added to the squared gradient.
       factored: whether to factor second moments at all.
@@ -191,7 +207,12 @@ def adafactor(
     if multiply_by_parameter_scale:
         transforms.append(optax.scale_by_param_block_rms())
     if momentum is not None:
-        transforms.append(optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+        if isinstance(dtype_momentum, jax.Array):
+            # optax.inject_hyperparams treats the callable jnp.float32 as a schedule and passes
+            # its value, jnp.float32(count); that value's dtype is the one asked for.
+            dtype_momentum = dtype_momentum.dtype
+        momentum_ema = optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum)
+        transforms.append(_keep_update_dtype(momentum_ema))
     if weight_decay_rate is not None:
         transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
     transforms.append(optax.scale(-1.0))
