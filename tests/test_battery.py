@@ -231,10 +231,10 @@ _FLOAT_OVERRIDES = {
     optim_zoo.adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
     optim_zoo.adaiw: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
 }
-# Only shape-deciding ints are static. `dtype_momentum` is a dtype, not a number, but
-# inject_hyperparams takes every callable (such as `jnp.float32`) for a schedule, so it must be
-# named too; optax.adafactor has the same requirement.
-_STATIC_ARGS = {optim_zoo.adafactor: ("min_dim_size_to_factor", "dtype_momentum")}
+# Only shape-deciding ints are static. `dtype_momentum` (a callable such as `jnp.float32`) is
+# taken for a schedule by inject_hyperparams; optim_zoo.adafactor reads the dtype of the value
+# that schedule yields, so it need not be named here (optax.adafactor needs it to be).
+_STATIC_ARGS = {optim_zoo.adafactor: ("min_dim_size_to_factor",)}
 
 
 def _injected_and_plain(factory, kwargs):
