@@ -1,0 +1,824 @@
+"""Time per optimizer step of every optim_zoo optimizer and its peers, next to the memory floor.
+
+An optimizer step reads every parameter, gradient and state leaf and writes back the parameters
+and the state. Its floor on any device is those bytes over the memory bandwidth. This script
+measures that bandwidth first (a jitted, donated in-place update of one large buffer), then times
+one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer (median of repeated
+runs after warm-up) and one ``optimizer.step()`` of each PyTorch peer, on three trees:
+
+* ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
+* ``5M``: a transformer-shaped tree of 5.3M parameters (d_model 256, 6 layers, vocab 4096);
+* ``1000x1k``: 1,000 leaves of 1,000 parameters each (per-leaf overhead).
+
+Per row it reports ms per step, the bytes a single pass moves, the single-pass floor, the floor
+of the fewest passes the algorithm's reductions force (``ALGORITHMS``; docs/performance.md
+derives them), time over floor, optimizer state bytes per parameter byte, compile time and, for
+JAX rows, what XLA made of the step (fused kernels per leaf, temporary buffer bytes).
+
+    python benchmarks/step_time.py              # full run, a few minutes on 2 CPU cores
+    python benchmarks/step_time.py --quick      # smoke run of a few seconds (used by the tests)
+    python benchmarks/step_time.py --no-torch   # JAX rows only
+    python benchmarks/step_time.py --only adan  # rows whose algorithm or library matches
+
+PyTorch peers (``pip install -e '.[torch]'``) are optional: a peer that cannot be imported is
+recorded with the reason and skipped. Results go to ``benchmarks/results/step_time.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optim_zoo
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+MB = 1e6
+
+# --- Trees -------------------------------------------------------------------------------------
+
+
+def transformer_shapes(d_model: int, layers: int, vocab: int, ff_mult: int = 4) -> dict:
+    """Leaf shapes of a pre-LayerNorm transformer: embedding, then per layer attention and MLP."""
+    ff = ff_mult * d_model
+
+    def dense(n_in, n_out):
+        return {"w": (n_in, n_out), "b": (n_out,)}
+
+    def norm():
+        return {"scale": (d_model,), "bias": (d_model,)}
+
+    tree: dict[str, Any] = {"embed": (vocab, d_model), "final_norm": norm()}
+    for i in range(layers):
+        tree[f"layer_{i}"] = {
+            "attn_norm": norm(),
+            "qkv": dense(d_model, 3 * d_model),
+            "attn_out": dense(d_model, d_model),
+            "mlp_norm": norm(),
+            "mlp_in": dense(d_model, ff),
+            "mlp_out": dense(ff, d_model),
+        }
+    return tree
+
+
+def many_leaves_shapes(num_leaves: int, leaf_size: int) -> dict:
+    return {f"leaf_{i:04d}": (leaf_size,) for i in range(num_leaves)}
+
+
+TREES: dict[str, Callable[[], dict]] = {
+    "30M": lambda: transformer_shapes(512, 8, 8192),
+    "5M": lambda: transformer_shapes(256, 6, 4096),
+    "1000x1k": lambda: many_leaves_shapes(1000, 1000),
+}
+QUICK_TREES: dict[str, Callable[[], dict]] = {
+    "tiny": lambda: transformer_shapes(32, 1, 64),
+    "10x100": lambda: many_leaves_shapes(10, 100),
+}
+HEADLINE_TREE = "30M"
+MANY_LEAVES_TREE = "1000x1k"
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple)
+
+
+def leaf_shapes(shapes: dict) -> list[tuple[int, ...]]:
+    return jax.tree.leaves(shapes, is_leaf=_is_shape)
+
+
+def make_arrays(shapes: dict, dtype: Any, seed: int = 0) -> tuple[Any, Any]:
+    """Parameters ~ N(0, 0.02^2) and gradients ~ N(0, 1e-3^2), as NumPy trees."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    params = [(0.02 * rng.standard_normal(s, np.float32)).astype(dtype) for s in leaves]
+    grads = [(1e-3 * rng.standard_normal(s, np.float32)).astype(dtype) for s in leaves]
+    return treedef.unflatten(params), treedef.unflatten(grads)
+
+
+# --- Algorithms: hyperparameters and the passes their reductions force -------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One algorithm; `extra_reads(shape, itemsize)` counts the bytes that passes forced by its
+    reductions re-read, for one parameter leaf, on top of a single pass."""
+
+    name: str
+    passes: str
+    extra_reads: Callable[[tuple[int, ...], int], int]
+
+
+def _stats_itemsize(itemsize: int) -> int:
+    return max(itemsize, 4)  # Second-moment statistics are at least float32.
+
+
+def _adafactor_extra(shape: tuple[int, ...], itemsize: int) -> int:
+    size = int(np.prod(shape))
+    if optim_zoo.factored_dims(shape, True, 128) is not None:
+        # Pass 1 reads g and p (row and column means, rms(p)); pass 2 reads g (rms of the
+        # update, which needs the new statistics); pass 3 reads g and p and writes p.
+        return size * (2 * itemsize + itemsize)
+    # Unfactored: pass 1 reads g, v, p (new v, rms of the update, rms(p)); pass 2 applies.
+    return size * (itemsize + _stats_itemsize(itemsize) + itemsize)
+
+
+def _apollo_extra(shape: tuple[int, ...], itemsize: int) -> int:
+    # Pass 1 reads g, m, d, B for the three per-tensor sums (sum d^4, sum (g - m) d,
+    # sum B d^2); pass 2 reads them again with p and writes m, B, d, p. (L2 decay with a
+    # nonzero rate would also read p in pass 1; the benchmark runs the default, no decay.)
+    size = int(np.prod(shape))
+    return size * (3 * itemsize + _stats_itemsize(itemsize))
+
+
+def _adai_extra(shape: tuple[int, ...], itemsize: int) -> int:
+    # The global mean of the new v must be complete before any direction: pass 1 reads g, v
+    # (and p, for L2 decay, which enters g); pass 2 reads them again and writes everything.
+    size = int(np.prod(shape))
+    return size * (2 * itemsize + _stats_itemsize(itemsize))
+
+
+def _adaiw_extra(shape: tuple[int, ...], itemsize: int) -> int:
+    size = int(np.prod(shape))
+    return size * (itemsize + _stats_itemsize(itemsize))  # Decoupled decay: g and v only.
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "AdamW": Algorithm("AdamW", "1 (elementwise)", lambda shape, itemsize: 0),
+    "Adan": Algorithm("Adan", "1 (elementwise)", lambda shape, itemsize: 0),
+    "Adafactor": Algorithm("Adafactor", "3 over g, 2 over p (factored leaves)", _adafactor_extra),
+    "Apollo": Algorithm("Apollo", "2 per tensor", _apollo_extra),
+    "Adai": Algorithm("Adai", "2 (global mean)", _adai_extra),
+    "AdaiW": Algorithm("AdaiW", "2 (global mean)", _adaiw_extra),
+}
+
+# Shared hyperparameters, one setting per algorithm for every implementation.
+ADAN_HP = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
+ADAMW_HP = {"lr": 1e-3, "weight_decay": 1e-4}
+APOLLO_HP = {"lr": 1e-2, "init_lr": 1e-5, "warmup": 500, "beta": 0.9, "eps": 1e-4}
+ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 5e-4}
+
+
+# --- Contenders --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One implementation of one algorithm.
+
+    `make` returns an optax transformation (JAX) or, given the list of torch parameters, a torch
+    optimizer. `module` is the import that a PyTorch peer needs; a failed import skips the row.
+    """
+
+    algorithm: str
+    library: str
+    make: Callable[..., Any]
+    framework: str = "jax"
+    module: str | None = None
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.library} {self.algorithm}"
+
+
+def _import_timm_optim(name: str) -> types.ModuleType:
+    """Imports `timm.optim.<name>` without running `timm/__init__.py`.
+
+    timm's package import pulls in torchvision, which has no CPU-only build on PyPI; its
+    optimizer modules need only torch. The modules are loaded from the installed timm package.
+    """
+    if "timm" not in sys.modules:
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.origin is None:
+            raise ImportError("timm is not installed")
+        root = Path(spec.origin).parent
+        for package, path in (("timm", root), ("timm.optim", root / "optim")):
+            module = types.ModuleType(package)
+            module.__path__ = [str(path)]
+            sys.modules[package] = module
+    return importlib.import_module(f"timm.optim.{name}")
+
+
+def _torch_contenders() -> list[Contender]:
+    def torch_adamw(params):
+        import torch
+
+        return torch.optim.AdamW(params, fused=True, **ADAMW_HP)
+
+    def po(name):
+        return lambda: getattr(importlib.import_module("pytorch_optimizer"), name)
+
+    def po_adan(params):
+        hp = dict(ADAN_HP)
+        return po("Adan")()(params, **hp)
+
+    def po_adafactor(params):
+        # No momentum (betas[0] None), relative step and parameter scale, as optim_zoo's default.
+        return po("AdaFactor")()(params, lr=None, betas=(None, 0.999), relative_step=True)
+
+    def po_apollo(params):
+        hp = APOLLO_HP
+        return po("ApolloDQN")()(
+            params,
+            lr=hp["lr"],
+            init_lr=hp["init_lr"],
+            warmup_steps=hp["warmup"],
+            beta=hp["beta"],
+            eps=hp["eps"],
+            rebound="constant",
+        )
+
+    def po_adai(decoupled):
+        def make(params):
+            hp = ADAI_HP
+            return po("Adai")()(
+                params,
+                lr=hp["lr"],
+                betas=(hp["beta0"], hp["beta2"]),
+                eps=hp["eps"],
+                weight_decay=hp["weight_decay"],
+                weight_decouple=decoupled,
+            )
+
+        return make
+
+    def timm_adan(params):
+        return _import_timm_optim("adan").Adan(params, **ADAN_HP)
+
+    def timm_adafactor(params):
+        return _import_timm_optim("adafactor").Adafactor(
+            params, lr=None, betas=None, min_dim_size_to_factor=128
+        )
+
+    torch_rows = [
+        ("AdamW", "torch", torch_adamw, "torch", "fused=True"),
+        ("Adan", "pytorch-optimizer", po_adan, "pytorch_optimizer", ""),
+        ("Adafactor", "pytorch-optimizer", po_adafactor, "pytorch_optimizer", "factors all 2D"),
+        ("Apollo", "pytorch-optimizer", po_apollo, "pytorch_optimizer", "ApolloDQN"),
+        ("Adai", "pytorch-optimizer", po_adai(False), "pytorch_optimizer", ""),
+        ("AdaiW", "pytorch-optimizer", po_adai(True), "pytorch_optimizer", ""),
+        ("Adan", "timm", timm_adan, "timm.optim.adan", ""),
+        ("Adafactor", "timm", timm_adafactor, "timm.optim.adafactor", ""),
+    ]
+    return [
+        Contender(alg, lib, make, framework="torch", module=module, note=note)
+        for alg, lib, make, module, note in torch_rows
+    ]
+
+
+def jax_contenders() -> list[Contender]:
+    hp = ADAN_HP
+    b1, b2, b3 = hp["betas"]
+    adan_kwargs = {"b1": b1, "b2": b2, "b3": b3, "eps": hp["eps"]}
+    ap = APOLLO_HP
+    ai = ADAI_HP
+    adai_kwargs = {"beta0": ai["beta0"], "beta2": ai["beta2"], "eps": ai["eps"]}
+    rows = [
+        Contender("AdamW", "optax", lambda: optax.adamw(ADAMW_HP["lr"], **_wd(ADAMW_HP))),
+        Contender(
+            "Adan",
+            "optim_zoo",
+            lambda: optim_zoo.adan(hp["lr"], weight_decay=hp["weight_decay"], **adan_kwargs),
+        ),
+        Contender(
+            "Adan",
+            "optax",
+            lambda: optax.adan(hp["lr"], weight_decay=hp["weight_decay"], **adan_kwargs),
+            note="not the official algorithm",
+        ),
+        Contender("Adafactor", "optim_zoo", lambda: optim_zoo.adafactor()),
+        Contender("Adafactor", "optax", lambda: optax.adafactor()),
+        Contender(
+            "Apollo",
+            "optim_zoo",
+            lambda: optim_zoo.apollo(
+                ap["lr"], ap["beta"], ap["eps"], init_lr=ap["init_lr"], warmup=ap["warmup"]
+            ),
+        ),
+        Contender(
+            "Adai",
+            "optim_zoo",
+            lambda: optim_zoo.adai(ai["lr"], weight_decay=ai["weight_decay"], **adai_kwargs),
+        ),
+        Contender(
+            "AdaiW",
+            "optim_zoo",
+            lambda: optim_zoo.adaiw(ai["lr"], weight_decay=ai["weight_decay"], **adai_kwargs),
+        ),
+    ]
+    return rows
+
+
+def _wd(hp: dict) -> dict:
+    return {"weight_decay": hp["weight_decay"]}
+
+
+def all_contenders(with_torch: bool) -> list[Contender]:
+    rows = jax_contenders()
+    if with_torch:
+        rows += _torch_contenders()
+    order = list(ALGORITHMS)
+    return sorted(rows, key=lambda c: order.index(c.algorithm))  # stable: optim_zoo first
+
+
+# --- Measurement -------------------------------------------------------------------------------
+
+
+def _median_time(fn: Callable[[], Any], warmup: int, min_reps: int, budget_s: float) -> dict:
+    """Runs `fn` `warmup` times, then at least `min_reps` times or until `budget_s` is spent."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "reps": len(times),
+    }
+
+
+def stream_bandwidth(num_elements: int, warmup: int, reps: int) -> float:
+    """Bytes per second of a jitted, donated in-place update x <- a*x + b of a large buffer."""
+    update = jax.jit(lambda x: x * 0.999 + 0.001, donate_argnums=0)
+    box = [jnp.ones((num_elements,), jnp.float32)]
+
+    def run():
+        box[0] = update(box[0])
+        box[0].block_until_ready()
+
+    timing = _median_time(run, warmup, reps, 0.0)
+    return 2 * box[0].nbytes / timing["median_s"]
+
+
+def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
+    """Kernels per leaf (fusions and copies in the entry computation) and temporary bytes."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    fusions = len(re.findall(r" fusion\(", entry))
+    copies = len(re.findall(r" copy\(", entry))
+    try:
+        temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # memory_analysis is best effort on some backends
+        temp_bytes = None
+    return {
+        "fusions_per_leaf": fusions / num_leaves,
+        "copies": copies,
+        "temp_bytes": temp_bytes,
+    }
+
+
+def time_jax(contender: Contender, params_np: Any, grads_np: Any, timing: dict) -> dict:
+    tx = contender.make()
+    params = jax.tree.map(jnp.asarray, params_np)
+    grads = jax.tree.map(jnp.asarray, grads_np)
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    num_leaves = len(jax.tree.leaves(params))
+    hlo = _hlo_stats(compiled, num_leaves)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    box = [params, state]
+
+    def run():
+        box[0], box[1] = compiled(box[0], box[1], grads)
+        jax.block_until_ready(box)
+
+    result = _median_time(run, **timing)
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(box[0]))
+    return {"compile_s": compile_s, "state_bytes": state_bytes, "finite": finite, **hlo, **result}
+
+
+def time_torch(contender: Contender, params_np: Any, grads_np: Any, timing: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    params = []
+    for p, g in zip(jax.tree.leaves(params_np), jax.tree.leaves(grads_np), strict=True):
+        tensor = torch.nn.Parameter(torch.from_numpy(np.array(p, np.float32)))
+        tensor.grad = torch.from_numpy(np.array(g, np.float32))
+        params.append(tensor)
+    optimizer = contender.make(params)
+
+    def run():
+        with torch.no_grad():
+            optimizer.step()
+
+    result = _median_time(run, **timing)
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    return {"compile_s": None, "state_bytes": state_bytes, "finite": finite, **result}
+
+
+def import_error(contender: Contender) -> str | None:
+    """None when the contender's framework and module import, else the reason they do not."""
+    if contender.framework != "torch":
+        return None
+    try:
+        importlib.import_module("torch")
+        if contender.module and contender.module.startswith("timm.optim."):
+            _import_timm_optim(contender.module.rsplit(".", 1)[1])
+        elif contender.module:
+            importlib.import_module(contender.module)
+    except Exception as e:  # ImportError, or anything a broken install raises on import
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def traffic(shapes: dict, itemsize: int, state_bytes: int, algorithm: Algorithm) -> dict:
+    """Bytes a single pass moves (read p, g, state; write p, state) and the forced extra reads."""
+    leaves = leaf_shapes(shapes)
+    param_bytes = sum(int(np.prod(s)) for s in leaves) * itemsize
+    single = 3 * param_bytes + 2 * state_bytes
+    extra = sum(algorithm.extra_reads(s, itemsize) for s in leaves)
+    return {"param_bytes": param_bytes, "bytes_single": single, "bytes_min": single + extra}
+
+
+# --- Report ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
+    header = (
+        "| tree | algorithm | implementation | ms/step | MB moved (1 pass / min) "
+        "| floor ms (1 pass / min) | time/floor (1 pass / min) | state B per param B "
+        "| kernels/leaf | temp MB | compile s |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for tree in trees:
+        for row in rows:
+            if row["tree"] != tree:
+                continue
+            name = f"{row['library']}" + (f" ({row['note']})" if row.get("note") else "")
+            if "skipped" in row:
+                lines.append(
+                    f"| {tree} | {row['algorithm']} | {name} | skipped: {row['skipped']} "
+                    "| | | | | | | |"
+                )
+                continue
+            temp = row.get("temp_bytes")
+            lines.append(
+                f"| {tree} | {row['algorithm']} | {name} | {row['ms_per_step']:.2f} "
+                f"| {row['bytes_single'] / MB:.0f} / {row['bytes_min'] / MB:.0f} "
+                f"| {row['floor_ms']:.2f} / {row['floor_min_ms']:.2f} "
+                f"| {row['time_over_floor']:.2f} / {row['time_over_min_floor']:.2f} "
+                f"| {row['state_per_param']:.2f} "
+                f"| {_fmt(row.get('fusions_per_leaf'), '.1f')} "
+                f"| {_fmt(None if temp is None else temp / MB, '.1f')} "
+                f"| {_fmt(row.get('compile_s'), '.1f')} |"
+            )
+    return header + "\n".join(lines) + "\n"
+
+
+def check_targets(rows: list[dict], headline: str, many_leaves: str) -> list[dict]:
+    """The issue's targets, evaluated on this run's rows."""
+    limits = {"Adan": 1.3, "Adafactor": 2.0, "Apollo": 2.0, "Adai": 2.0, "AdaiW": 2.0}
+    timed = [r for r in rows if "skipped" not in r]
+    checks = []
+    for algorithm, limit in limits.items():
+        ours = [
+            r
+            for r in timed
+            if r["tree"] == headline and r["library"] == "optim_zoo" and r["algorithm"] == algorithm
+        ]
+        for r in ours:
+            checks.append(
+                {
+                    "target": f"{algorithm} time/floor <= {limit} ({headline})",
+                    "value": round(r["time_over_floor"], 3),
+                    "met": r["time_over_floor"] <= limit,
+                }
+            )
+    for tree in sorted({r["tree"] for r in timed}):
+        for r in timed:
+            if r["tree"] != tree or r["library"] != "optim_zoo":
+                continue
+            peers = [
+                p
+                for p in timed
+                if p["tree"] == tree and p["algorithm"] == r["algorithm"] and p is not r
+            ]
+            if not peers:
+                continue
+            fastest = min(peers, key=lambda p: p["ms_per_step"])
+            checks.append(
+                {
+                    "target": f"{r['algorithm']} faster than every peer ({tree})",
+                    "value": f"{r['ms_per_step']:.2f} ms vs {fastest['library']} "
+                    f"{fastest['ms_per_step']:.2f} ms",
+                    "met": r["ms_per_step"] < fastest["ms_per_step"],
+                }
+            )
+    baseline = [
+        r
+        for r in timed
+        if r["tree"] == many_leaves and r["library"] == "optax" and r["algorithm"] == "AdamW"
+    ]
+    if baseline:
+        base = baseline[0]["overhead_us_per_leaf"]
+        for r in timed:
+            if r["tree"] == many_leaves and r["library"] == "optim_zoo":
+                checks.append(
+                    {
+                        "target": f"{r['algorithm']} per-leaf overhead <= 2x optax.adamw's",
+                        "value": f"{r['overhead_us_per_leaf']:.2f} us vs {base:.2f} us",
+                        "met": r["overhead_us_per_leaf"] <= 2 * base,
+                    }
+                )
+    return checks
+
+
+def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    libraries = ["optim_zoo", "optax", "torch", "pytorch-optimizer", "timm"]
+    colors = dict(zip(libraries, ["C0", "C1", "C2", "C3", "C4"], strict=True))
+    trees = [t for t in trees if t != MANY_LEAVES_TREE] or list(trees)
+    fig, axes = plt.subplots(1, len(trees), figsize=(6.5 * len(trees), 4.5), squeeze=False)
+    for ax, tree in zip(axes[0], trees, strict=True):
+        timed = [r for r in rows if r["tree"] == tree and "skipped" not in r]
+        algorithms = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in timed)]
+        width = 0.8 / len(libraries)
+        for i, algorithm in enumerate(algorithms):
+            group = [r for r in timed if r["algorithm"] == algorithm]
+            floor = max(r["floor_ms"] for r in group if r["library"] == group[0]["library"])
+            ax.hlines(floor, i - 0.4, i + 0.4, colors="k", linestyles="--", linewidth=1)
+            for j, library in enumerate(libraries):
+                for r in group:
+                    if r["library"] == library:
+                        ax.bar(
+                            i - 0.4 + (j + 0.5) * width,
+                            r["ms_per_step"],
+                            width,
+                            color=colors[library],
+                        )
+        ax.set_xticks(range(len(algorithms)), algorithms)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per step (log)")
+        ax.set_title(f"{tree} tree; dashed: single-pass floor of optim_zoo's state")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[lib]) for lib in libraries]
+    fig.legend(handles, libraries, loc="upper center", ncol=len(libraries))
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "optim_zoo": optim_zoo.__version__,
+        "gpu": "none: these measurements are CPU only; no GPU was available",
+    }
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    for module in ("torch", "pytorch_optimizer"):
+        try:
+            info[module] = importlib.import_module(module).__version__
+        except Exception:
+            pass
+    try:
+        info["timm"] = importlib.metadata.version("timm")
+    except Exception:
+        pass
+    return info
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- Main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny trees, few repeats")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="algorithm or library names")
+    parser.add_argument("--trees", nargs="*", default=None, help="subset of the trees")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    trees = QUICK_TREES if args.quick else TREES
+    if args.trees:
+        unknown = set(args.trees) - set(trees)
+        if unknown:
+            raise SystemExit(f"unknown trees {sorted(unknown)}; choose from {list(trees)}")
+        trees = {k: v for k, v in trees.items() if k in args.trees}
+    timing = (
+        {"warmup": 1, "min_reps": 3, "budget_s": 0.0}
+        if args.quick
+        else {"warmup": 3, "min_reps": 10, "budget_s": 2.0 if args.budget is None else args.budget}
+    )
+    contenders = all_contenders(with_torch=not args.no_torch)
+    if args.only:
+        wanted = {w.lower() for w in args.only}
+        contenders = [c for c in contenders if {c.algorithm.lower(), c.library.lower()} & wanted]
+        if not contenders:
+            raise SystemExit(f"no contender matches {args.only}")
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else np.float32
+    itemsize = np.dtype(dtype).itemsize
+    stream_elements = 2**20 if args.quick else 2**26
+
+    load_start = _load()
+    bandwidths = [stream_bandwidth(stream_elements, 3, 5 if args.quick else 20)]
+    print(f"stream bandwidth: {bandwidths[0] / 1e9:.1f} GB/s", flush=True)
+    rows: list[dict] = []
+    for tree_name, make_shapes in trees.items():
+        shapes = make_shapes()
+        params_np, grads_np = make_arrays(shapes, dtype)
+        num_leaves = len(leaf_shapes(shapes))
+        num_params = sum(int(np.prod(s)) for s in leaf_shapes(shapes))
+        print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters in {num_leaves} leaves")
+        for contender in contenders:
+            row: dict[str, Any] = {
+                "tree": tree_name,
+                "algorithm": contender.algorithm,
+                "library": contender.library,
+                "note": contender.note,
+                "num_params": num_params,
+                "num_leaves": num_leaves,
+            }
+            reason = import_error(contender)
+            if reason is None and contender.framework == "torch" and dtype != np.float32:
+                reason = "float32 only"
+            if reason is not None:
+                row["skipped"] = reason
+                rows.append(row)
+                print(f"  {contender.name:32s} skipped: {reason}", flush=True)
+                continue
+            timer = time_jax if contender.framework == "jax" else time_torch
+            try:
+                row.update(timer(contender, params_np, grads_np, timing))
+            except Exception as e:  # a peer that fails at run time is recorded, not fatal
+                if contender.framework == "jax":
+                    raise
+                row["skipped"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+                print(f"  {contender.name:32s} failed: {row['skipped']}", flush=True)
+                continue
+            finally:
+                gc.collect()
+            row.update(traffic(shapes, itemsize, row["state_bytes"], ALGORITHMS[row["algorithm"]]))
+            row["ms_per_step"] = 1e3 * row["median_s"]
+            rows.append(row)
+            print(
+                f"  {contender.name:32s} {row['ms_per_step']:9.2f} ms"
+                f"  (compile {_fmt(row['compile_s'], '.1f')} s)",
+                flush=True,
+            )
+    bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
+    bandwidth = max(bandwidths)
+    for row in rows:
+        if "skipped" in row:
+            continue
+        row["floor_ms"] = 1e3 * row["bytes_single"] / bandwidth
+        row["floor_min_ms"] = 1e3 * row["bytes_min"] / bandwidth
+        row["time_over_floor"] = row["ms_per_step"] / row["floor_ms"]
+        row["time_over_min_floor"] = row["ms_per_step"] / row["floor_min_ms"]
+        row["state_per_param"] = row["state_bytes"] / row["param_bytes"]
+        row["overhead_us_per_leaf"] = (
+            1e3 * max(row["ms_per_step"] - row["floor_ms"], 0.0) / row["num_leaves"]
+        )
+
+    tree_names = list(trees)
+    table = markdown_table(rows, tree_names)
+    headline = HEADLINE_TREE if HEADLINE_TREE in trees else tree_names[0]
+    many = MANY_LEAVES_TREE if MANY_LEAVES_TREE in trees else tree_names[-1]
+    checks = check_targets(rows, headline, many)
+    result = {
+        "config": {
+            "quick": args.quick,
+            "dtype": args.dtype,
+            "trees": tree_names,
+            "timing": timing,
+            "stream_elements": stream_elements,
+            "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
+        },
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": _load()},
+        "bandwidth_gbs": {"runs": [b / 1e9 for b in bandwidths], "used": bandwidth / 1e9},
+        "algorithms": {name: a.passes for name, a in ALGORITHMS.items()},
+        "rows": rows,
+        "targets": checks,
+        "table": table,
+        "wall_s": time.perf_counter() - started,
+    }
+    print(f"\nbandwidth {bandwidth / 1e9:.1f} GB/s; load average {result['load_average']}\n")
+    print(table)
+    for check in checks:
+        print(f"{'met   ' if check['met'] else 'MISSED'} {check['target']}: {check['value']}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "step_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "step_time.md").write_text(
+        markdown_report(result, rows, tree_names, checks), encoding="utf-8"
+    )
+    if not args.no_plot:
+        plot(rows, tree_names, args.out_dir / "step_time.png")
+    return result
+
+
+def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks: list) -> str:
+    machine = result["machine"]
+    lines = [
+        "# Optimizer step time against the memory-traffic floor",
+        "",
+        f"Command: `{result['config']['command'].strip()}`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine.get('memory_gib', '?')} GiB; JAX {machine['jax']} on "
+        f"{', '.join(machine['jax_devices'])}; optax {machine['optax']}"
+        + (f"; torch {machine['torch']}" if "torch" in machine else "")
+        + ". "
+        + machine["gpu"]
+        + ".",
+        "",
+        f"Stream bandwidth (in-place, donated): {result['bandwidth_gbs']['used']:.1f} GB/s "
+        f"(runs: {', '.join(f'{b:.1f}' for b in result['bandwidth_gbs']['runs'])}). "
+        f"Load average at start {result['load_average']['start']}, "
+        f"at end {result['load_average']['end']}. Parameters: {result['config']['dtype']}.",
+        "",
+        "time/floor: ms per step over (bytes moved / bandwidth); '1 pass' reads every parameter,"
+        " gradient and state byte once and writes parameters and state once; 'min' adds the"
+        " re-reads that the algorithm's reductions force (docs/performance.md).",
+        "",
+        markdown_table(rows, trees),
+        "## Targets",
+        "",
+    ]
+    for check in checks:
+        lines.append(
+            f"- {'met' if check['met'] else '**missed**'}: {check['target']}: {check['value']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
