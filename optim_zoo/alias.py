@@ -125,7 +125,9 @@ def adafactor(
     multiply_by_parameter_scale: bool = True,
     clipping_threshold: jax.typing.ArrayLike | None = 1.0,
     momentum: jax.typing.ArrayLike | None = None,
-    dtype_momentum: jax.typing.DTypeLike = jnp.float32,
+    # A dtype instance, not the callable jnp.float32: inject_hyperparams takes callables for
+    # schedules, but passes a dtype through untouched.
+    dtype_momentum: jax.typing.DTypeLike = jnp.dtype(jnp.float32),
     weight_decay_rate: jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,

@@ -87,22 +87,10 @@ def test_inject_hyperparams_equals_the_optimizer_with_array_hyperparameters(name
     _assert_same(state.inner_state, expected_state)
 
 
-def _injected_dtype_class_arrives_as_float32() -> bool:
-    # optax 0.2.5 casts every injected float to the parameters' dtype; 0.2.8 keeps float32.
-    tx = optax.inject_hyperparams(optax.scale)(step_size=jnp.float32)
-    state = tx.init({"p": jnp.zeros(2, jnp.bfloat16)})
-    return state.hyperparams["step_size"].dtype == jnp.float32
-
-
-@pytest.mark.xfail(
-    not _injected_dtype_class_arrives_as_float32(),
-    reason="this optax casts the injected jnp.float32(count) to bfloat16, so the momentum "
-    "accumulator follows it; a non-callable default (jnp.dtype('float32')) would stay static",
-    strict=True,
-)
 def test_inject_hyperparams_adafactor_momentum_with_the_default_dtype():
-    # inject_hyperparams takes any callable argument for a schedule, the dtype class jnp.float32
-    # (Adafactor's default dtype_momentum) included: it passes jnp.float32(count) instead.
+    # inject_hyperparams takes any callable argument for a schedule, so a default of the dtype
+    # class jnp.float32 would arrive as jnp.float32(count), which some optax versions cast to the
+    # parameters' bf16. The default is a dtype instance instead, which is passed through as is.
     tx = optax.inject_hyperparams(optim_zoo.adafactor, static_args=("min_dim_size_to_factor",))(
         learning_rate=1e-2, min_dim_size_to_factor=2, momentum=0.9
     )
