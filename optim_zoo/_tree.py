@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def map_leaves(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest: Any) -> tuple:
@@ -27,3 +28,32 @@ def resolve_mask(mask: Any, params: Any) -> Any:
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     return mask(params) if callable(mask) else mask
+
+
+def unshared(x: jax.Array, never: jax.Array) -> jax.Array:
+    """Returns `x` unchanged, as an instruction of its own.
+
+    When one elementwise value (such as ``g + wd * p`` from :func:`optax.add_decayed_weights`)
+    feeds a reduction and also an elementwise output, XLA writes it to a temporary buffer as
+    large as the leaf instead of recomputing it inside each loop that needs it. A select on
+    `never`, a traced boolean scalar that is always False (such as ``count < 0``), gives one
+    consumer its own copy, which XLA then recomputes in that consumer's loop. The selected value
+    is always `x`, non-finite values included.
+    """
+    return jnp.where(never, jnp.zeros_like(x), x)
+
+
+def ordered_after(x: jax.Array, never: jax.Array, *deps: jax.Array) -> jax.Array:
+    """Returns `x` unchanged, but computed only after the arrays `deps` (shaped like `x`) exist.
+
+    A donated state leaf is updated in place. When its new value is computed by an
+    instruction that XLA cannot prove runs after every reader of the old value, XLA first
+    copies the old value to a temporary buffer as large as the leaf (on CPU a fresh buffer
+    costs a page fault per page). Reading `deps` in the loop that writes `x` creates that
+    order; it is elementwise, so sharded arrays stay sharded. `never` is as in
+    :func:`unshared`.
+    """
+    late = never
+    for dep in deps:
+        late = late & (dep != 0)
+    return jnp.where(late, jnp.zeros_like(x), x)

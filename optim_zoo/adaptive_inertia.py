@@ -119,7 +119,10 @@ def scale_by_adaptive_inertia(
             ratio = jnp.where(v_bar > 0, v_hat / jnp.where(v_bar > 0, v_bar, 1), 0).astype(dtype)
             beta1 = jnp.clip(1 - beta0 * ratio ** (1 / (3 - 2 * dampening)), 0, 1 - eps)
             beta1_prod = beta1_prod * beta1
-            m = beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g.astype(dtype)
+            # g also feeds v and so the global mean: its own copy here keeps a computed g (as
+            # with L2 decay) out of a temporary buffer.
+            g_ = _tree.unshared(g.astype(dtype), state.count < 0)
+            m = beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - beta1_prod
             safe_correction = jnp.where(bias_correction == 0, 1, bias_correction)

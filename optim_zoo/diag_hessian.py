@@ -123,26 +123,36 @@ def scale_by_rectified_diag_hessian(
             dtype = hessian.dtype  # Compute in the statistics dtype, at least float32.
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
-            grad_diff = g.astype(dtype) - m.astype(dtype)
+            g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
+            grad_diff = g_ - m_
             if belief:
-                sigma = jnp.max(jnp.abs(grad_diff), initial=0)
+                sigma = jnp.max(jnp.abs(m_ - g_), initial=0)
                 e = eps
             else:
                 sigma = CONSTANT_REBOUND
                 e = eps / CONSTANT_REBOUND
-            m = m.astype(dtype) + alpha * grad_diff
-            direction = direction.astype(dtype)
             norm4 = jnp.sum(jnp.square(jnp.square(direction))) ** 0.25 + e
+            # The two sums of the secant update, sum(grad_diff / norm4 * unit) and
+            # sum(hessian * unit**2), with the scalar 1 / norm4**2 taken out (equal up to
+            # rounding). Each reads the state directly, with no intermediate shared with
+            # the elementwise updates, which XLA would keep in a buffer as large as the leaf.
+            grad_dot = jnp.sum(g_ * direction - m_ * direction)
+            hessian_dot = jnp.sum(hessian * direction * direction)
+            delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
+            m = m_ + alpha * grad_diff
             unit = direction / norm4
             unit_sq = jnp.square(unit)
-            delta = -alpha * jnp.sum(grad_diff / norm4 * unit) - jnp.sum(hessian * unit_sq)
             hessian = hessian + delta * unit_sq
             curvature = jnp.maximum(jnp.abs(hessian), sigma)
             if belief:
                 curvature = curvature + e / alpha
             direction = m / curvature
-            decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
-            direction = direction + (decay if decayed else 0.0) * p.astype(dtype)
+            if decayed and not (_checks._is_concrete_number(weight_decay) and weight_decay == 0):
+                decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
+                direction = direction + decay * p.astype(dtype)
+            # XLA recomputes m inside the loop that writes the direction, reading the old m;
+            # so m is overwritten (in place, when donated) only once the direction exists.
+            m = _tree.ordered_after(m, state.count < 0, direction)
             return direction.astype(g.dtype), m, hessian, direction
 
         out, m, hessian, direction = _tree.map_leaves(

@@ -111,12 +111,17 @@ def scale_by_nesterov_moment(
         direction, m, v, n = _tree.map_leaves(
             leaf_update, 4, updates, state.m, state.v, state.n, state.prev_grad
         )
+        v = optax.tree.cast_like(v, state.v)
+        n = optax.tree.cast_like(n, state.n)
+        # v and n read the old prev_grad: overwrite it (in place, when donated) only after them.
+        prev_grad = jax.tree.map(
+            lambda g, v, n: _tree.ordered_after(g, state.count < 0, v, n),
+            optax.tree.cast_like(updates, state.prev_grad),
+            v,
+            n,
+        )
         new_state = ScaleByNesterovMomentState(
-            count=count,
-            m=optax.tree.cast_like(m, state.m),
-            v=optax.tree.cast_like(v, state.v),
-            n=optax.tree.cast_like(n, state.n),
-            prev_grad=optax.tree.cast_like(updates, state.prev_grad),
+            count=count, m=optax.tree.cast_like(m, state.m), v=v, n=n, prev_grad=prev_grad
         )
         return direction, new_state
 
