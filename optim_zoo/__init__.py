@@ -13,9 +13,11 @@ from optim_zoo.diag_hessian import (
 )
 from optim_zoo.factored import (
     ScaleByFactoredRmsState,
+    clip_by_block_rms,
     factored_dims,
     relative_step_size,
     scale_by_factored_rms,
+    scale_by_param_rms,
 )
 from optim_zoo.nesterov import (
     ScaleByNesterovMomentState,
@@ -44,10 +46,12 @@ __all__ = [
     "ScaleByNesterovMomentState",
     "ScaleByRectifiedDiagHessianState",
     # Building blocks the optimizers chain.
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "factored_dims",
     "linear_warmup",
     "relative_step_size",
+    "scale_by_param_rms",
     "scale_by_proximal_learning_rate",
     "ScaleByProximalLearningRateState",
 ]

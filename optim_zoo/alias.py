@@ -11,7 +11,12 @@ import optax
 from optim_zoo import _checks
 from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
 from optim_zoo.diag_hessian import linear_warmup, scale_by_rectified_diag_hessian
-from optim_zoo.factored import relative_step_size, scale_by_factored_rms
+from optim_zoo.factored import (
+    clip_by_block_rms,
+    relative_step_size,
+    scale_by_factored_rms,
+    scale_by_param_rms,
+)
 from optim_zoo.nesterov import (
     clip_by_global_norm,
     scale_by_nesterov_moment,
@@ -204,10 +209,10 @@ def adafactor(
         )
     ]
     if clipping_threshold is not None:
-        transforms.append(optax.clip_by_block_rms(clipping_threshold))
+        transforms.append(clip_by_block_rms(clipping_threshold))
     transforms.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
     if multiply_by_parameter_scale:
-        transforms.append(optax.scale_by_param_block_rms())
+        transforms.append(scale_by_param_rms())
     if momentum is not None:
         if isinstance(dtype_momentum, jax.Array):
             # optax.inject_hyperparams treats the callable jnp.float32 as a schedule and passes
