@@ -7,7 +7,7 @@ one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer (m
 runs after warm-up) and one ``optimizer.step()`` of each PyTorch peer, on three trees:
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
-* ``5M``: a transformer-shaped tree of 5.3M parameters (d_model 256, 6 layers, vocab 4096);
+* ``5M``: a transformer-shaped tree of 5.8M parameters (d_model 256, 6 layers, vocab 4096);
 * ``1000x1k``: 1,000 leaves of 1,000 parameters each (per-leaf overhead).
 
 Per row it reports ms per step, the bytes a single pass moves, the single-pass floor, the floor
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timing = (
         {"warmup": 1, "min_reps": 3, "budget_s": 0.0}
         if args.quick
-        else {"warmup": 3, "min_reps": 10, "budget_s": 2.0 if args.budget is None else args.budget}
+        else {"warmup": 2, "min_reps": 5, "budget_s": 3.0 if args.budget is None else args.budget}
     )
     contenders = all_contenders(with_torch=not args.no_torch)
     if args.only:
