@@ -595,7 +595,7 @@ def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
         ax.set_xticks(range(len(algorithms)), algorithms)
         ax.set_yscale("log")
         ax.set_ylabel("ms per step (log)")
-        ax.set_title(f"{tree} tree; dashed: single-pass floor of optim_zoo's state")
+        ax.set_title(f"{tree} tree; dashed: single-pass floor")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[lib]) for lib in libraries]
     fig.legend(handles, libraries, loc="upper center", ncol=len(libraries))
     fig.tight_layout(rect=(0, 0, 1, 0.92))
