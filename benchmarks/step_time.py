@@ -200,20 +200,25 @@ class Contender:
 
 
 def _import_timm_optim(name: str) -> types.ModuleType:
-    """Imports `timm.optim.<name>` without running `timm/__init__.py`.
+    """Imports `timm.optim.<name>`, if need be without running `timm/__init__.py`.
 
-    timm's package import pulls in torchvision, which has no CPU-only build on PyPI; its
-    optimizer modules need only torch. The modules are loaded from the installed timm package.
+    timm's package import pulls in torchvision, which has no build on PyPI that works with the
+    CPU-only torch wheel; timm's optimizer modules need only torch. When the package import
+    fails, they are loaded from the installed timm package directly.
     """
-    if "timm" not in sys.modules:
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.origin is None:
-            raise ImportError("timm is not installed")
-        root = Path(spec.origin).parent
-        for package, path in (("timm", root), ("timm.optim", root / "optim")):
-            module = types.ModuleType(package)
-            module.__path__ = [str(path)]
-            sys.modules[package] = module
+    try:
+        return importlib.import_module(f"timm.optim.{name}")
+    except Exception:
+        for module_name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[module_name]
+    spec = importlib.util.find_spec("timm")
+    if spec is None or spec.origin is None:
+        raise ImportError("timm is not installed")
+    root = Path(spec.origin).parent
+    for package, path in (("timm", root), ("timm.optim", root / "optim")):
+        module = types.ModuleType(package)
+        module.__path__ = [str(path)]
+        sys.modules[package] = module
     return importlib.import_module(f"timm.optim.{name}")
 
 
