@@ -8,6 +8,7 @@ accuracy curves plotted in `results/compare.png`.
 
     python benchmarks/compare.py            # the full run, well under a minute on 2 CPU cores
     python benchmarks/compare.py --quick    # a smoke run of a few seconds (used by the tests)
+    python benchmarks/compare.py --study full   # the claims study instead (benchmarks/README.md)
 
 Learning rates were picked once on this problem from each method's documented starting point;
 `CONTENDERS` says where each comes from. They are sensible, not exhaustively tuned: the
@@ -322,9 +323,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="comma-separated substrings; run only the optimizers whose name contains one",
     )
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"default {DEFAULT_OUT_DIR} (with --study: "
+        "benchmarks/results/study, or .../study_quick)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--study",
+        choices=("quick", "full"),
+        default=None,
+        help="run the study of benchmarks/study.py (every claim tested) instead",
+    )
     args = parser.parse_args(argv)
+    if args.out_dir is None and args.study is None:
+        args.out_dir = DEFAULT_OUT_DIR
     if args.steps is None:
         args.steps = 60 if args.quick else 1500
     if args.eval_every is None:
@@ -345,9 +360,22 @@ def select_contenders(patterns: str | None) -> tuple[Contender, ...]:
     return chosen
 
 
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    """--study: benchmarks/study.py's run_study, which reuses this file's data and model."""
+    # Run as a script, only benchmarks/ itself is importable; study.py imports `benchmarks`.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import study
+
+    results = study.run_study(args.study, args.out_dir, progress=not args.no_progress)
+    print(study.markdown_report(results))
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the comparison; returns what it writes to `compare.json`."""
     args = parse_args(argv)
+    if args.study is not None:
+        return run_study(args)
     timing_repeats, timing_steps = (2, 10) if args.quick else (20, 50)
     contenders = select_contenders(args.optimizers)
     started = time.perf_counter()
