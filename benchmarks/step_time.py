@@ -3,8 +3,10 @@
 An optimizer step reads every parameter, gradient and state leaf and writes back the parameters
 and the state. Its floor on any device is those bytes over the memory bandwidth. This script
 measures that bandwidth first (a jitted, donated in-place update of one large buffer), then times
-one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer (median of repeated
-runs after warm-up) and one ``optimizer.step()`` of each PyTorch peer, on three trees:
+one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer and one
+``optimizer.step()`` of each PyTorch peer, on three trees. Each row is timed in two rounds over
+all rows of its tree (median of repeated runs after warm-up in each round; the row keeps its
+better round), so that load elsewhere on the machine does not single out one row. The trees:
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
 * ``5M``: a transformer-shaped tree of 5.8M parameters (d_model 256, 6 layers, vocab 4096);
@@ -20,8 +22,9 @@ JAX rows, what XLA made of the step (fused kernels per leaf, temporary buffer by
     python benchmarks/step_time.py --no-torch   # JAX rows only
     python benchmarks/step_time.py --only adan  # rows whose algorithm or library matches
 
-PyTorch peers (``pip install -e '.[torch]'``) are optional: a peer that cannot be imported is
-recorded with the reason and skipped. Results go to ``benchmarks/results/step_time.{json,md,png}``.
+PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
+optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
+``benchmarks/results/step_time.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -395,7 +398,8 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
     }
 
 
-def time_jax(contender: Contender, params_np: Any, grads_np: Any, timing: dict) -> dict:
+def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Callable, Callable]:
+    """Compiles the donated step; returns `run` (one step) and `finish` (the row's facts)."""
     tx = contender.make()
     params = jax.tree.map(jnp.asarray, params_np)
     grads = jax.tree.map(jnp.asarray, grads_np)
@@ -408,8 +412,7 @@ def time_jax(contender: Contender, params_np: Any, grads_np: Any, timing: dict) 
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
-    num_leaves = len(jax.tree.leaves(params))
-    hlo = _hlo_stats(compiled, num_leaves)
+    hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     box = [params, state]
 
@@ -417,12 +420,15 @@ def time_jax(contender: Contender, params_np: Any, grads_np: Any, timing: dict) 
         box[0], box[1] = compiled(box[0], box[1], grads)
         jax.block_until_ready(box)
 
-    result = _median_time(run, **timing)
-    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(box[0]))
-    return {"compile_s": compile_s, "state_bytes": state_bytes, "finite": finite, **hlo, **result}
+    def finish():
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(box[0]))
+        return {"compile_s": compile_s, "state_bytes": state_bytes, "finite": finite, **hlo}
+
+    return run, finish
 
 
-def time_torch(contender: Contender, params_np: Any, grads_np: Any, timing: dict) -> dict:
+def prepare_torch(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Callable, Callable]:
+    """Builds the optimizer on float32 copies; returns `run` (one step) and `finish`."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -437,15 +443,17 @@ def time_torch(contender: Contender, params_np: Any, grads_np: Any, timing: dict
         with torch.no_grad():
             optimizer.step()
 
-    result = _median_time(run, **timing)
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v)
-    )
-    finite = all(bool(torch.isfinite(p).all()) for p in params)
-    return {"compile_s": None, "state_bytes": state_bytes, "finite": finite, **result}
+    def finish():
+        state_bytes = sum(
+            v.numel() * v.element_size()
+            for state in optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v)
+        )
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        return {"compile_s": None, "state_bytes": state_bytes, "finite": finite}
+
+    return run, finish
 
 
 def import_error(contender: Contender) -> str | None:
@@ -663,6 +671,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trees", nargs="*", default=None, help="subset of the trees")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 2)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     return parser.parse_args(argv)
 
@@ -679,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timing = (
         {"warmup": 1, "min_reps": 3, "budget_s": 0.0}
         if args.quick
-        else {"warmup": 2, "min_reps": 5, "budget_s": 3.0 if args.budget is None else args.budget}
+        else {"warmup": 2, "min_reps": 3, "budget_s": 2.0 if args.budget is None else args.budget}
     )
     contenders = all_contenders(with_torch=not args.no_torch)
     if args.only:
@@ -690,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else np.float32
     itemsize = np.dtype(dtype).itemsize
     stream_elements = 2**20 if args.quick else 2**26
+    rounds = args.rounds or (1 if args.quick else 2)
 
     load_start = _load()
     bandwidths = [stream_bandwidth(stream_elements, 3, 5 if args.quick else 20)]
@@ -701,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_leaves = len(leaf_shapes(shapes))
         num_params = sum(int(np.prod(s)) for s in leaf_shapes(shapes))
         print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters in {num_leaves} leaves")
+        prepared = []  # (row, run, finish) for every contender that could be built
         for contender in contenders:
             row: dict[str, Any] = {
                 "tree": tree_name,
@@ -710,34 +721,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "num_params": num_params,
                 "num_leaves": num_leaves,
             }
+            rows.append(row)
             reason = import_error(contender)
             if reason is None and contender.framework == "torch" and dtype != np.float32:
                 reason = "float32 only"
+            if reason is None:
+                prepare = prepare_jax if contender.framework == "jax" else prepare_torch
+                try:
+                    run, finish = prepare(contender, params_np, grads_np)
+                    run()  # A peer that fails at run time is recorded, not fatal.
+                except Exception as e:
+                    if contender.framework == "jax":
+                        raise
+                    reason = f"{type(e).__name__}: {e}"
             if reason is not None:
                 row["skipped"] = reason
-                rows.append(row)
                 print(f"  {contender.name:32s} skipped: {reason}", flush=True)
                 continue
-            timer = time_jax if contender.framework == "jax" else time_torch
-            try:
-                row.update(timer(contender, params_np, grads_np, timing))
-            except Exception as e:  # a peer that fails at run time is recorded, not fatal
-                if contender.framework == "jax":
-                    raise
-                row["skipped"] = f"{type(e).__name__}: {e}"
-                rows.append(row)
-                print(f"  {contender.name:32s} failed: {row['skipped']}", flush=True)
-                continue
-            finally:
-                gc.collect()
-            row.update(traffic(shapes, itemsize, row["state_bytes"], ALGORITHMS[row["algorithm"]]))
-            row["ms_per_step"] = 1e3 * row["median_s"]
-            rows.append(row)
-            print(
-                f"  {contender.name:32s} {row['ms_per_step']:9.2f} ms"
-                f"  (compile {_fmt(row['compile_s'], '.1f')} s)",
-                flush=True,
-            )
+            prepared.append((row, run, finish))
+        # Rounds over all rows, so that a burst of load elsewhere on the machine hits one
+        # round of every row rather than every round of one row; each row keeps its best
+        # round's median.
+        for round_index in range(rounds):
+            for row, run, _ in prepared:
+                result = _median_time(run, **timing)
+                row.setdefault("round_medians_s", []).append(result["median_s"])
+                row["reps"] = row.get("reps", 0) + result["reps"]
+                row["min_s"] = min(row.get("min_s", np.inf), result["min_s"])
+                row["max_s"] = max(row.get("max_s", 0.0), result["max_s"])
+                if round_index == rounds - 1:
+                    row["median_s"] = min(row["round_medians_s"])
+                    row["ms_per_step"] = 1e3 * row["median_s"]
+                    name = f"{row['library']} {row['algorithm']}"
+                    print(f"  {name:32s} {row['ms_per_step']:9.2f} ms", flush=True)
+        for row, _, finish in prepared:
+            row.update(finish())
+            algorithm = ALGORITHMS[row["algorithm"]]
+            row.update(traffic(shapes, itemsize, row["state_bytes"], algorithm))
+        prepared = run = finish = None  # Free this tree's arrays before the next one.
+        gc.collect()
     bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
     bandwidth = max(bandwidths)
     for row in rows:
@@ -763,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "dtype": args.dtype,
             "trees": tree_names,
             "timing": timing,
+            "rounds": rounds,
             "stream_elements": stream_elements,
             "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
