@@ -691,32 +691,41 @@ def evaluate_claims(tasks: dict[str, Any], matrices: list[dict[str, Any]]) -> di
 
 def _fmt(summary: dict[str, Any], metric: str) -> str:
     if not summary["finite"]:
-        finite = sum(math.isfinite(v) for v in summary["per_seed"])
+        finite = sum(v is not None and math.isfinite(v) for v in summary["per_seed"])
         return f"diverged ({len(summary['per_seed']) - finite} of {len(summary['per_seed'])} seeds)"
     if metric.endswith("accuracy"):
         return f"{summary['mean']:.2%} ± {summary['std']:.2%}"
     return f"{summary['mean']:.3g} ± {summary['std']:.2g}"
 
 
+def shared_grid(task: dict[str, Any]) -> list[float] | None:
+    grids = [r["lr_grid"] for r in task["results"].values()]
+    return grids[0] if len(grids) > 1 and all(g == grids[0] for g in grids) else None
+
+
 def task_table(task: dict[str, Any]) -> str:
     metrics = list(task["metric_labels"])
     results = task["results"].values()
     has_hessian = any("hessian_top_eigenvalue" in r for r in results)
-    header = ["optimizer", "lr grid", "chosen lr", *(f"final {m}" for m in metrics)]
+    # A grid shared by every optimizer is stated once, above the table (`shared_grid`).
+    per_method_grid = shared_grid(task) is None
+    header = ["optimizer", *(["lr grid"] if per_method_grid else []), "chosen lr"]
+    header += [f"final {m}" for m in metrics]
     if has_hessian:
         header.append("top Hessian eig.")
     header += ["state bytes", "seconds"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 3 + ["--:"] * (len(header) - 3)) + "|",
+        "|"
+        + "|".join(["---"] * (2 + per_method_grid) + ["--:"] * (len(header) - 2 - per_method_grid))
+        + "|",
     ]
     for r in results:
-        cells = [
-            r["optimizer"],
-            ", ".join(f"{lr:g}" for lr in r["lr_grid"]),
-            f"{r['best_lr']:g}" + (" (edge)" if r["best_lr_at_grid_edge"] else ""),
-            *(_fmt(r["final"][m], m) for m in metrics),
-        ]
+        cells = [r["optimizer"]]
+        if per_method_grid:
+            cells.append(", ".join(f"{lr:g}" for lr in r["lr_grid"]))
+        cells.append(f"{r['best_lr']:g}" + (" (edge)" if r["best_lr_at_grid_edge"] else ""))
+        cells += [_fmt(r["final"][m], m) for m in metrics]
         if has_hessian:
             cells.append(_fmt(r["hessian_top_eigenvalue"], "eig"))
         cells += [f"{r['state_bytes']:,}", f"{r['seconds']:.1f}"]
@@ -758,11 +767,15 @@ def markdown_report(results: dict[str, Any]) -> str:
     parts += ["", results["claims_table"], ""]
     for check in results["claims"]["adan"]["checks"]:
         extra = check["supplementary"]
-        fraction = "never" if extra["fraction"] is None else f"{extra['fraction']:.2f}"
+        reached = (
+            "does not reach it within the run"
+            if extra["fraction"] is None
+            else f"reaches it after {extra['fraction']:.2f} of the steps"
+        )
         parts.append(
-            f"Adan on {check['task']}, {extra['description']}: Adan at lr {extra['adan_lr']:g} "
-            f"reaches AdamW's final training loss at lr {extra['adamw_lr']:g} "
-            f"({extra['adamw_final_train_loss']:.4g}) after {fraction} of the steps."
+            f"Adan on {check['task']}, {extra['description']}: AdamW at lr {extra['adamw_lr']:g} "
+            f"ends at a training loss of {extra['adamw_final_train_loss']:.4g}; Adan at lr "
+            f"{extra['adan_lr']:g} {reached}."
         )
         parts.append("")
     for task in results["tasks"].values():
@@ -770,9 +783,15 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"## {task['name']}: {task['title']}",
             "",
             f"{task['steps']} steps, {task['param_count']:,} parameters; learning rate chosen by "
-            f"final {' then '.join(task['select'])} on seed {SELECTION_SEED}.",
+            f"final {' then '.join(task['select'])} on seed {SELECTION_SEED}"
+            + (
+                f", from the grid {', '.join(f'{lr:g}' for lr in shared_grid(task))} "
+                "(every optimizer)."
+                if shared_grid(task) is not None
+                else "."
+            ),
             "",
-            task["table"],
+            task_table(task),
             "",
         ]
     return "\n".join(parts)
