@@ -327,8 +327,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out-dir",
         type=Path,
         default=None,
-        help=f"default {DEFAULT_OUT_DIR} (with --study: "
-        "benchmarks/results/study, or .../study_quick)",
+        help="default benchmarks/results (with --study: benchmarks/results/study, or "
+        "benchmarks/results/study_quick)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
