@@ -739,7 +739,11 @@ def claims_table(claims: dict[str, Any]) -> str:
         if not claim["checks"]:
             lines.append(f"| {name} | | not run | | | NOT RUN |")
         for c in claim["checks"]:
-            value = f"{c['value']:.4g}" if isinstance(c["value"], float) else str(c["value"])
+            value = c["value"]
+            if value is None or not math.isfinite(value):  # null in JSON: never reached
+                value = "n/a"
+            else:
+                value = f"{value:.4g}"
             threshold = "" if c["threshold"] is None else f"{c['threshold']:.4g}"
             verdict = "pass" if c["pass"] else "fail"
             lines.append(
