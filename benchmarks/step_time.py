@@ -633,7 +633,7 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "optax": optax.__version__,
         "optim_zoo": optim_zoo.__version__,
-        "gpu": "none: these measurements are CPU only; no GPU was available",
+        "gpu": "No GPU was available for these measurements (CPU only)",
     }
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
