@@ -6,6 +6,7 @@ own) and optax building blocks.
 
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
 from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo
+from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
 from optim_zoo.diag_hessian import (
     ScaleByRectifiedDiagHessianState,
     linear_warmup,
@@ -13,11 +14,9 @@ from optim_zoo.diag_hessian import (
 )
 from optim_zoo.factored import (
     ScaleByFactoredRmsState,
-    clip_by_block_rms,
     factored_dims,
     relative_step_size,
     scale_by_factored_rms,
-    scale_by_param_rms,
 )
 from optim_zoo.nesterov import (
     ScaleByNesterovMomentState,

@@ -10,13 +10,9 @@ import optax
 
 from optim_zoo import _checks
 from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
+from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
 from optim_zoo.diag_hessian import linear_warmup, scale_by_rectified_diag_hessian
-from optim_zoo.factored import (
-    clip_by_block_rms,
-    relative_step_size,
-    scale_by_factored_rms,
-    scale_by_param_rms,
-)
+from optim_zoo.factored import relative_step_size, scale_by_factored_rms
 from optim_zoo.nesterov import (
     clip_by_global_norm,
     scale_by_nesterov_moment,
