@@ -40,7 +40,7 @@ def unshared(x: jax.Array, never: jax.Array) -> jax.Array:
     consumer its own copy, which XLA then recomputes in that consumer's loop. The selected value
     is always `x`, non-finite values included.
     """
-    return jnp.where(never, jnp.zeros_like(x), x)
+    return ordered_after(x, never)
 
 
 def ordered_after(x: jax.Array, never: jax.Array, *deps: jax.Array) -> jax.Array:

@@ -96,6 +96,8 @@ def scale_by_rectified_diag_hessian(
     _checks.check_choice("weight_decay_type", weight_decay_type, ("decoupled", "stable"))
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
+    # A literal zero decay needs neither params nor a read of them.
+    no_decay = _checks._is_concrete_number(weight_decay) and weight_decay == 0
 
     def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
         return ScaleByRectifiedDiagHessianState(
@@ -111,7 +113,7 @@ def scale_by_rectified_diag_hessian(
         updates: optax.Updates, state: ScaleByRectifiedDiagHessianState, params: Any = None
     ) -> tuple[optax.Updates, ScaleByRectifiedDiagHessianState]:
         if params is None:
-            if not (_checks._is_concrete_number(weight_decay) and weight_decay == 0):
+            if not no_decay:
                 raise ValueError("scale_by_rectified_diag_hessian needs params for weight decay.")
             params = updates
         count = optax.safe_increment(state.count)
@@ -147,7 +149,7 @@ def scale_by_rectified_diag_hessian(
             if belief:
                 curvature = curvature + e / alpha
             direction = m / curvature
-            if decayed and not (_checks._is_concrete_number(weight_decay) and weight_decay == 0):
+            if decayed and not no_decay:
                 decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
                 direction = direction + decay * p.astype(dtype)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;

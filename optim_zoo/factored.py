@@ -179,10 +179,10 @@ def scale_by_factored_rms(
                 # mean(g**2) + eps is mean(g**2 + eps) up to rounding. Written so, and with |g|
                 # in one of the two, each mean squares g inside its own reduction instead of
                 # sharing one g**2 that XLA would keep in a temporary buffer as large as g.
-                row_mean = jnp.mean(jnp.square(g_), axis=large_axis) + eps
-                col_mean = jnp.mean(jnp.abs(g_) * jnp.abs(g_), axis=small_axis) + eps
-                row = decay * row + (1 - decay) * row_mean
-                col = decay * col + (1 - decay) * col_mean
+                row_g_sq = jnp.mean(jnp.square(g_), axis=large_axis) + eps
+                col_g_sq = jnp.mean(jnp.abs(g_) * jnp.abs(g_), axis=small_axis) + eps
+                row = decay * row + (1 - decay) * row_g_sq
+                col = decay * col + (1 - decay) * col_g_sq
                 # `row` lost `large_axis`: find `small_axis` among its remaining axes.
                 row_small_axis = small_axis - (small_axis > large_axis)
                 row_mean = jnp.mean(row, axis=row_small_axis, keepdims=True)
