@@ -5,7 +5,7 @@ own) and optax building blocks.
 """
 
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
-from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo
+from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo, factored_adai, factored_adan
 from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
 from optim_zoo.diag_hessian import (
     ScaleByRectifiedDiagHessianState,
@@ -13,6 +13,7 @@ from optim_zoo.diag_hessian import (
     scale_by_rectified_diag_hessian,
 )
 from optim_zoo.factored import (
+    FactoredSecondMoment,
     ScaleByFactoredRmsState,
     factored_dims,
     relative_step_size,
@@ -35,6 +36,9 @@ __all__ = [
     "adaiw",
     "adan",
     "apollo",
+    # New combinations of the primitives, not from a paper.
+    "factored_adai",
+    "factored_adan",
     # Primitives and their states.
     "scale_by_adaptive_inertia",
     "scale_by_factored_rms",
@@ -44,6 +48,7 @@ __all__ = [
     "ScaleByFactoredRmsState",
     "ScaleByNesterovMomentState",
     "ScaleByRectifiedDiagHessianState",
+    "FactoredSecondMoment",
     # Building blocks the optimizers chain.
     "clip_by_block_rms",
     "clip_by_global_norm",

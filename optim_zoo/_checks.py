@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Collection
 from typing import Any
@@ -69,10 +70,48 @@ def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
     check_interval(name, value, 0.0)
 
 
-def stats_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
-    """The dtype second-moment statistics are kept in: at least float32.
+def stats_dtype(
+    dtype: jax.typing.DTypeLike, dtype_second_moment: jnp.dtype | None = None
+) -> jnp.dtype:
+    """The dtype second-moment statistics are kept in: `dtype_second_moment` when given.
 
-    bfloat16 and float16 parameters get float32 statistics; float64 parameters keep float64 so
-    that float64 runs are exact.
+    Otherwise at least float32: bfloat16 and float16 parameters get float32 statistics, and
+    float64 parameters keep float64 so that float64 runs are exact.
     """
+    if dtype_second_moment is not None:
+        return jnp.dtype(dtype_second_moment)
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def momentum_dtype(dtype: jax.typing.DTypeLike, dtype_momentum: jnp.dtype | None = None):
+    """The dtype first-moment-like state is kept in: `dtype_momentum`, else the parameter's."""
+    return jnp.dtype(dtype if dtype_momentum is None else dtype_momentum)
+
+
+def check_dtype(name: str, value: Any) -> jnp.dtype | None:
+    """None, or `value` as a floating-point dtype; raises `ValueError` naming `name` otherwise.
+
+    A jax array stands for its dtype: `optax.inject_hyperparams` takes a callable such as
+    `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead.
+    """
+    if value is None:
+        return None
+    if isinstance(value, jax.Array):
+        return value.dtype
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
+    return dtype
+
+
+def compute_dtype(*dtypes: jax.typing.DTypeLike | None) -> jnp.dtype:
+    """The dtype an update's math runs in: the widest of `dtypes` (None ignored), >= float32.
+
+    Whatever the state is stored in, the arithmetic of a step is never done in bfloat16 or
+    float16; float64 parameters or states keep it in float64.
+    """
+    given = [d for d in dtypes if d is not None]
+    return functools.reduce(jnp.promote_types, given, jnp.dtype(jnp.float32))

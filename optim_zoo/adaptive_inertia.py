@@ -9,15 +9,29 @@ import jax.numpy as jnp
 import optax
 
 from optim_zoo import _checks, _tree
+from optim_zoo.factored import (
+    FactoredSecondMoment,
+    cast_second_moment,
+    factored_dims,
+    init_second_moment,
+    second_moment_parts,
+    second_moment_sum,
+    unzip_second_moments,
+    update_second_moment,
+)
 
 
 class ScaleByAdaptiveInertiaState(NamedTuple):
     """State of :func:`scale_by_adaptive_inertia`."""
 
     count: jax.Array  # shape (), int32: updates taken so far.
-    m: optax.Updates  # momentum with per-element inertia; parameter dtype.
-    v: optax.Updates  # EMA of g**2; at least float32.
-    beta1_prod: optax.Updates  # product of past per-element beta1, starts at one; >= float32.
+    m: optax.Updates  # momentum with per-element inertia; dtype_momentum (default: param dtype).
+    # EMA of g**2, like the params, or a FactoredSecondMoment when factored;
+    # dtype_second_moment (default: at least float32).
+    v: optax.Updates | FactoredSecondMoment
+    # Product of past per-element beta1, starts at one; at least float32 whatever the options:
+    # a product near 1 must resolve 1 - eps (bfloat16 rounds 0.999 to 1).
+    beta1_prod: optax.Updates
 
 
 def scale_by_adaptive_inertia(
@@ -26,6 +40,10 @@ def scale_by_adaptive_inertia(
     eps: jax.typing.ArrayLike = 1e-3,
     *,
     dampening: jax.typing.ArrayLike = 1.0,
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adai's momentum with adaptive per-element inertia.
 
@@ -49,11 +67,26 @@ def scale_by_adaptive_inertia(
     The mean :math:`\bar v_t` couples all leaves the transform sees. Under :func:`optax.masked` or
     :func:`optax.multi_transform` it covers only the leaves routed to this transform.
 
+    With ``factored=True`` (new here, not from the Adai paper or code), :math:`v` is kept as
+    Adafactor keeps its second moment (:func:`optim_zoo.scale_by_factored_rms`): for a leaf that
+    :func:`optim_zoo.factored_dims` factors, EMAs :math:`R, C` (decay :math:`\beta_2`) of the
+    mean of :math:`g^2` over each of its two largest axes, and
+    :math:`v_t = (R_t / \mathrm{mean}(R_t)) \otimes C_t` wherever :math:`v` is read, the global
+    mean included (summed without forming :math:`v`). Adai uses :math:`v` only through
+    :math:`\hat v_t / \bar v_t`, so only the relative sizes of the entries matter. An n x m
+    matrix then stores two full states plus n + m floats, not three.
+
     Args:
       beta0: the inertia scale, >= 0 (no upper bound, as in the official code).
       beta2: decay of the squared-gradient EMA, in [0, 1).
       eps: keeps :math:`\beta_1 \le 1 - \epsilon`; >= 0.
       dampening: AdaiV2's dampening :math:`d`; 1 gives Adai.
+      factored: keep ``v`` factored where a leaf allows.
+      min_dim_size_to_factor: with ``factored``, factor a leaf only when its second-largest
+        axis has at least this many elements.
+      dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
+      dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
+        dtype when it is wider. The arithmetic, and ``beta1_prod``, stay in at least float32.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -82,15 +115,30 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
 
-    def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
-        def stats_like(p, fill):
-            return jnp.full_like(p, fill, dtype=_checks.stats_dtype(p.dtype))
+    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
+    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
+    def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
+        if factored:
+            v = FactoredSecondMoment(
+                *init_second_moment(params, True, min_dim_size_to_factor, dtype_second_moment)
+            )
+        else:
+            v = jax.tree.map(
+                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
+                params,
+            )
         return ScaleByAdaptiveInertiaState(
             count=jnp.zeros([], jnp.int32),
-            m=optax.tree.zeros_like(params),
-            v=jax.tree.map(lambda p: stats_like(p, 0), params),
-            beta1_prod=jax.tree.map(lambda p: stats_like(p, 1), params),
+            m=jax.tree.map(
+                lambda p: jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum)), params
+            ),
+            v=v,
+            beta1_prod=jax.tree.map(
+                lambda p: jnp.ones_like(p, _checks.compute_dtype(p.dtype, dtype_second_moment)),
+                params,
+            ),
         )
 
     def update_fn(
@@ -98,46 +146,84 @@ def scale_by_adaptive_inertia(
     ) -> tuple[optax.Updates, ScaleByAdaptiveInertiaState]:
         del params
         count = optax.safe_increment(state.count)
-
-        def second_moment(g, v):
-            dtype = v.dtype
-            g_ = g.astype(dtype)
-            return beta2 * v + (1 - beta2) * jnp.square(g_)
-
-        v = jax.tree.map(second_moment, updates, state.v)
-        v_leaves = jax.tree.leaves(v)
-        num_elements = sum(x.size for x in v_leaves)
-        mean_dtype = jnp.result_type(*v_leaves) if v_leaves else jnp.float32
-        total = sum((jnp.sum(x) for x in v_leaves), jnp.zeros([], mean_dtype))
+        grads, treedef = jax.tree.flatten(updates)
+        if factored:
+            old_stats = list(zip(state.v.v_row, state.v.v_col, state.v.v, strict=True))
+        else:
+            old_stats = [(None, None, v) for v in treedef.flatten_up_to(state.v)]
+        leaf_dims = [factored_dims(g.shape, factored, min_dim_size_to_factor) for g in grads]
+        dtypes = [
+            _checks.compute_dtype(
+                g.dtype, m.dtype, prod.dtype, *(x.dtype for x in s if x is not None)
+            )
+            for g, m, prod, s in zip(
+                grads,
+                treedef.flatten_up_to(state.m),
+                treedef.flatten_up_to(state.beta1_prod),
+                old_stats,
+                strict=True,
+            )
+        ]
+        stats = [
+            update_second_moment(s, g.astype(dtype), beta2, dims)
+            for g, s, dims, dtype in zip(grads, old_stats, leaf_dims, dtypes, strict=True)
+        ]
+        num_elements = sum(g.size for g in grads)
+        mean_dtype = _checks.compute_dtype(*dtypes)
+        total = sum(
+            (second_moment_sum(s, dims) for s, dims in zip(stats, leaf_dims, strict=True)),
+            jnp.zeros([], mean_dtype),
+        )
         bias_correction = 1 - beta2 ** count.astype(mean_dtype)
         v_bar = total / bias_correction / max(num_elements, 1)
 
-        def leaf_update(g, m, v, beta1_prod):
-            dtype = v.dtype  # Compute in the statistics dtype, at least float32.
-            v_hat = v / (1 - beta2 ** count.astype(dtype))
+        def leaf_update(g, m, stats, beta1_prod, dims, dtype):
+            row_part, col_part = second_moment_parts(stats, dims)
+            v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
             # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia.
             ratio = jnp.where(v_bar > 0, v_hat / jnp.where(v_bar > 0, v_bar, 1), 0).astype(dtype)
             beta1 = jnp.clip(1 - beta0 * ratio ** (1 / (3 - 2 * dampening)), 0, 1 - eps)
-            beta1_prod = beta1_prod * beta1
+            new_prod = beta1_prod.astype(dtype) * beta1
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
             g_ = _tree.unshared(g.astype(dtype), state.count < 0)
-            m = beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_
+            new_m = beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
-            bias_correction = 1 - beta1_prod
+            bias_correction = 1 - new_prod
             safe_correction = jnp.where(bias_correction == 0, 1, bias_correction)
-            direction = m / safe_correction * beta0 ** (1 - dampening)
-            return direction.astype(g.dtype), m, beta1_prod
+            direction = new_m / safe_correction * beta0 ** (1 - dampening)
+            return (
+                direction.astype(g.dtype),
+                new_m.astype(m.dtype),
+                new_prod.astype(beta1_prod.dtype),
+            )
 
-        direction, m, beta1_prod = _tree.map_leaves(
-            leaf_update, 3, updates, state.m, v, state.beta1_prod
+        results = [
+            leaf_update(*args)
+            for args in zip(
+                grads,
+                treedef.flatten_up_to(state.m),
+                stats,
+                treedef.flatten_up_to(state.beta1_prod),
+                leaf_dims,
+                dtypes,
+                strict=True,
+            )
+        ]
+        direction, m, beta1_prod = (
+            [list(column) for column in zip(*results, strict=True)] if results else ([],) * 3
         )
+        stats = [cast_second_moment(new, old) for new, old in zip(stats, old_stats, strict=True)]
+        if factored:
+            v = FactoredSecondMoment(*unzip_second_moments(stats))
+        else:
+            v = treedef.unflatten([s[2] for s in stats])
         new_state = ScaleByAdaptiveInertiaState(
             count=count,
-            m=optax.tree.cast_like(m, state.m),
-            v=optax.tree.cast_like(v, state.v),
-            beta1_prod=optax.tree.cast_like(beta1_prod, state.beta1_prod),
+            m=treedef.unflatten(m),
+            v=v,
+            beta1_prod=treedef.unflatten(beta1_prod),
         )
-        return direction, new_state
+        return treedef.unflatten(direction), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

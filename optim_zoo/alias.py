@@ -48,6 +48,8 @@ def adan(
     no_prox: bool = False,
     weight_decay_mask: Any = None,
     max_grad_norm: jax.typing.ArrayLike | None = None,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adan, the adaptive Nesterov momentum algorithm, exactly as its official code.
 
@@ -76,6 +78,11 @@ def adan(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one; True
         where decay applies.
       max_grad_norm: if given, the official global-norm clip (> 0).
+      dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
+        the parameter's.
+      dtype_second_moment: dtype the squared moment ``n`` is stored in; None means
+        float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
+        float32 whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -102,12 +109,36 @@ def adan(
       only decoupled decay, never the official default proximal step. From the paper: the betas
       follow the code's complemented convention, and decay is proximal as in the code.
     """
+    moment = scale_by_nesterov_moment(
+        b1,
+        b2,
+        b3,
+        eps,
+        eps_root,
+        dtype_momentum=dtype_momentum,
+        dtype_second_moment=dtype_second_moment,
+    )
+    return _adan_chain(
+        moment, learning_rate, eps, weight_decay, no_prox, weight_decay_mask, max_grad_norm
+    )
+
+
+def _adan_chain(
+    moment: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    eps: jax.typing.ArrayLike,
+    weight_decay: jax.typing.ArrayLike,
+    no_prox: bool,
+    weight_decay_mask: Any,
+    max_grad_norm: jax.typing.ArrayLike | None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adan's chain around a Nesterov moment estimate: clip, decay, learning rate."""
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     transforms = []
     if max_grad_norm is not None:
         transforms.append(clip_by_global_norm(max_grad_norm, eps))
-    transforms.append(scale_by_nesterov_moment(b1, b2, b3, eps, eps_root))
+    transforms.append(moment)
     transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     if no_prox:
         transforms.append(optax.scale_by_learning_rate(learning_rate))
@@ -133,6 +164,7 @@ def adafactor(
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adafactor, with tensor2tensor's semantics and optax's signature.
 
@@ -160,11 +192,15 @@ def adafactor(
       multiply_by_parameter_scale: scale the step by :math:`\max(10^{-3}, \mathrm{rms}(p))`.
       clipping_threshold: None or >= 1: clip each update's RMS to this.
       momentum: None or in [0, 1): EMA of the scaled step.
-      dtype_momentum: dtype of the momentum accumulator; updates keep the gradient dtype.
+      dtype_momentum: dtype the momentum is stored in (float32 by default, as in optax and
+        tensor2tensor; None means the parameter's); updates keep the gradient dtype.
       weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
       eps: added to the squared gradient.
       factored: whether to factor second moments at all.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
+        means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
+        least float32 whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -195,13 +231,19 @@ def adafactor(
     _checks.check_interval("clipping_threshold", clipping_threshold, 1.0, allow_none=True)
     _checks.check_interval("momentum", momentum, 0.0, 1.0, allow_none=True)
     _checks.check_interval("weight_decay_rate", weight_decay_rate, 0.0, allow_none=True)
+    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     if learning_rate is None:
         learning_rate = relative_step_size(multiply_by_parameter_scale)
     else:
         _checks.check_learning_rate(learning_rate)
     transforms = [
         scale_by_factored_rms(
-            min_dim_size_to_factor, decay_rate, decay_offset, eps, factored=factored
+            min_dim_size_to_factor,
+            decay_rate,
+            decay_offset,
+            eps,
+            factored=factored,
+            dtype_second_moment=dtype_second_moment,
         )
     ]
     if clipping_threshold is not None:
@@ -210,10 +252,6 @@ def adafactor(
     if multiply_by_parameter_scale:
         transforms.append(scale_by_param_rms())
     if momentum is not None:
-        if isinstance(dtype_momentum, jax.Array):
-            # optax.inject_hyperparams treats the callable jnp.float32 as a schedule and passes
-            # its value, jnp.float32(count); that value's dtype is the one asked for.
-            dtype_momentum = dtype_momentum.dtype
         momentum_ema = optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum)
         transforms.append(_keep_update_dtype(momentum_ema))
     if weight_decay_rate is not None:
@@ -233,6 +271,8 @@ def apollo(
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_type: str | None = None,
     weight_decay_mask: Any = None,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Apollo, the adaptive parameter-wise diagonal quasi-Newton method, as its official code.
 
@@ -256,6 +296,11 @@ def apollo(
       weight_decay_type: ``'L2'``, ``'decoupled'`` or ``'stable'``; None means ``'L2'`` with
         the constant rebound and ``'decoupled'`` with the belief rebound (official defaults).
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      dtype_momentum: dtype the gradient EMA ``m`` and the direction are stored in; None
+        means the parameter's.
+      dtype_second_moment: dtype the Hessian estimate is stored in; None means
+        float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
+        float32 whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -304,6 +349,8 @@ def apollo(
             rebound=rebound,
             weight_decay_type="decoupled" if l2 else weight_decay_type,
             weight_decay_mask=weight_decay_mask,
+            dtype_momentum=dtype_momentum,
+            dtype_second_moment=dtype_second_moment,
         )
     )
     transforms.append(optax.scale_by_learning_rate(linear_warmup(learning_rate, init_lr, warmup)))
@@ -320,6 +367,8 @@ def adai(
     decoupled: bool = False,
     weight_decay_mask: Any = None,
     dampening: jax.typing.ArrayLike = 1.0,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adai, SGD with adaptive per-element inertia, exactly as its official code.
 
@@ -346,6 +395,10 @@ def adai(
       decoupled: decoupled decay (AdaiW) instead of L2.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       dampening: the official AdaiV2 dampening, in [0, 1]; 1 is Adai.
+      dtype_momentum: dtype the momentum ``m`` is stored in; None means the parameter's.
+      dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
+        dtype when it is wider. The arithmetic, and the product of past inertias, stay in at
+        least float32 whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -370,10 +423,28 @@ def adai(
     Differences:
       See :func:`optim_zoo.scale_by_adaptive_inertia`. optax has no Adai.
     """
+    inertia = scale_by_adaptive_inertia(
+        beta0,
+        beta2,
+        eps,
+        dampening=dampening,
+        dtype_momentum=dtype_momentum,
+        dtype_second_moment=dtype_second_moment,
+    )
+    return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)
+
+
+def _adai_chain(
+    inertia: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    decoupled: bool,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Adai's chain around an adaptive-inertia momentum: L2 or decoupled decay, learning rate."""
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
-    inertia = scale_by_adaptive_inertia(beta0, beta2, eps, dampening=dampening)
     transforms = [inertia, decay] if decoupled else [decay, inertia]
     return optax.chain(*transforms, optax.scale_by_learning_rate(learning_rate))
 
@@ -387,6 +458,8 @@ def adaiw(
     *,
     weight_decay_mask: Any = None,
     dampening: jax.typing.ArrayLike = 1.0,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaiW: Adai with decoupled weight decay.
 
@@ -407,4 +480,173 @@ def adaiw(
         decoupled=True,
         weight_decay_mask=weight_decay_mask,
         dampening=dampening,
+        dtype_momentum=dtype_momentum,
+        dtype_second_moment=dtype_second_moment,
     )
+
+
+# --- New combinations: not from any paper or official code --------------------------------------
+
+
+def factored_adan(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.98,
+    b2: jax.typing.ArrayLike = 0.92,
+    b3: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    no_prox: bool = False,
+    weight_decay_mask: Any = None,
+    max_grad_norm: jax.typing.ArrayLike | None = None,
+    min_dim_size_to_factor: int = 128,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adan with Adafactor's factored second moment. New here: not from a paper.
+
+    This combination is optim_zoo's own; neither the Adan nor the Adafactor authors proposed
+    or tested it. It is :func:`optim_zoo.adan` in every respect (betas, proximal or decoupled
+    decay, clipping) except that the squared Nesterov moment :math:`n` of each matrix is kept
+    as Adafactor keeps its second moment: an EMA (decay ``b3``) of its mean over each of the
+    two largest axes, :math:`R` and :math:`C`, rebuilt as
+    :math:`n = (R / \mathrm{mean}(R)) \otimes C` in the update
+    (:func:`optim_zoo.scale_by_nesterov_moment` with ``factored=True``). Leaves with fewer than
+    two axes, or whose second-largest axis is below ``min_dim_size_to_factor``, keep the full
+    :math:`n`, so on such a model it is exactly Adan.
+
+    State per n x m matrix: three full arrays (``m``, ``v``, the previous gradient) and n + m
+    floats, against Adan's four full arrays.
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule.
+      b1: decay of the gradient EMA (official Adan convention).
+      b2: decay of the gradient-difference EMA.
+      b3: decay of the factored squared Nesterov gradient EMAs.
+      eps: added to the denominator.
+      eps_root: added inside the square root.
+      weight_decay: decay rate :math:`\lambda`, >= 0.
+      no_prox: use decoupled decay instead of the proximal step.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      max_grad_norm: if given, Adan's global-norm clip (> 0).
+      min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
+        many elements; 0 factors every leaf with two or more axes.
+      dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
+        the parameter's.
+      dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
+        the parameter's dtype when it is wider.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.factored_adan(learning_rate=0.1, min_dim_size_to_factor=2)
+      >>> params = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+      >>> state = tx.init(params)
+      >>> [x.shape for x in state[0].n.v_row + state[0].n.v_col]  # 2 + 2 floats, not 4
+      [(2,), (2,)]
+      >>> for _ in range(300):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Adan: Xie et al., https://arxiv.org/abs/2208.06677. Factored second moment: Shazeer and
+      Stern, https://arxiv.org/abs/1804.04235.
+    """
+    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    moment = scale_by_nesterov_moment(
+        b1,
+        b2,
+        b3,
+        eps,
+        eps_root,
+        factored=True,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        dtype_momentum=dtype_momentum,
+        dtype_second_moment=dtype_second_moment,
+    )
+    return _adan_chain(
+        moment, learning_rate, eps, weight_decay, no_prox, weight_decay_mask, max_grad_norm
+    )
+
+
+def factored_adai(
+    learning_rate: optax.ScalarOrSchedule,
+    beta0: jax.typing.ArrayLike = 0.1,
+    beta2: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-3,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    decoupled: bool = False,
+    weight_decay_mask: Any = None,
+    dampening: jax.typing.ArrayLike = 1.0,
+    min_dim_size_to_factor: int = 128,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adai (or AdaiW) with Adafactor's factored second moment. New here: not from a paper.
+
+    This combination is optim_zoo's own; neither the Adai nor the Adafactor authors proposed
+    or tested it. Adai reads its second moment :math:`v` only through the ratio
+    :math:`\hat v_t / \bar v_t`, which sets each element's inertia, so a factored estimate can
+    stand in for it: each matrix keeps EMAs (decay ``beta2``) of the mean of :math:`g^2` over
+    its two largest axes, :math:`R` and :math:`C`, and :math:`v = (R / \mathrm{mean}(R))
+    \otimes C` wherever Adai reads it, the global mean :math:`\bar v_t` included
+    (:func:`optim_zoo.scale_by_adaptive_inertia` with ``factored=True``). Everything else is
+    :func:`optim_zoo.adai`: the first step is plain SGD, L2 or decoupled (``decoupled=True``,
+    AdaiW) decay, AdaiV2 dampening. Leaves that are not factored keep the full :math:`v`.
+
+    State per n x m matrix: two full arrays (``m`` and the product of past inertias) and
+    n + m floats, against Adai's three full arrays.
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule (on SGD's scale, as Adai's).
+      beta0: inertia scale, >= 0.
+      beta2: decay of the factored squared-gradient EMAs, in [0, 1).
+      eps: keeps the per-element inertia at most :math:`1 - \epsilon`; >= 0.
+      weight_decay: decay rate :math:`\lambda`, >= 0.
+      decoupled: decoupled decay (AdaiW) instead of L2.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      dampening: AdaiV2's dampening, in [0, 1]; 1 is Adai.
+      min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
+        many elements; 0 factors every leaf with two or more axes.
+      dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
+      dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
+        the parameter's dtype when it is wider.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.factored_adai(learning_rate=0.1, min_dim_size_to_factor=2)
+      >>> params = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Adai: Xie et al., https://arxiv.org/abs/2006.15815. Factored second moment: Shazeer and
+      Stern, https://arxiv.org/abs/1804.04235.
+    """
+    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    inertia = scale_by_adaptive_inertia(
+        beta0,
+        beta2,
+        eps,
+        dampening=dampening,
+        factored=True,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        dtype_momentum=dtype_momentum,
+        dtype_second_moment=dtype_second_moment,
+    )
+    return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)

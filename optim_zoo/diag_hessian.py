@@ -18,9 +18,9 @@ class ScaleByRectifiedDiagHessianState(NamedTuple):
     """State of :func:`scale_by_rectified_diag_hessian`."""
 
     count: jax.Array  # shape (), int32: updates taken so far.
-    m: optax.Updates  # bias-corrected EMA of gradients; parameter dtype.
-    hessian_diag: optax.Updates  # diagonal Hessian estimate B; at least float32.
-    direction: optax.Updates  # previous direction d (decoupled decay included); param dtype.
+    m: optax.Updates  # bias-corrected EMA of gradients; dtype_momentum (default: param dtype).
+    hessian_diag: optax.Updates  # diagonal Hessian estimate B; dtype_second_moment (>= f32).
+    direction: optax.Updates  # previous direction d (decoupled decay included); as m.
 
 
 def scale_by_rectified_diag_hessian(
@@ -31,6 +31,8 @@ def scale_by_rectified_diag_hessian(
     rebound: str = "constant",
     weight_decay_type: str = "decoupled",
     weight_decay_mask: Any = None,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Apollo's rectified diagonal quasi-Newton Hessian estimate.
 
@@ -63,6 +65,10 @@ def scale_by_rectified_diag_hessian(
       weight_decay_type: ``'decoupled'`` or ``'stable'``.
       weight_decay_mask: a tree of booleans like the params (or a callable returning one):
         True where decay applies. None means everywhere.
+      dtype_momentum: dtype ``m`` and the direction are stored in; None means the parameter's.
+      dtype_second_moment: dtype the Hessian estimate ``B`` is stored in; None means float32,
+        or the parameter's dtype when it is wider. The arithmetic runs in at least float32
+        whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -98,15 +104,21 @@ def scale_by_rectified_diag_hessian(
     stable = weight_decay_type == "stable"
     # A literal zero decay needs neither params nor a read of them.
     no_decay = _checks._is_concrete_number(weight_decay) and weight_decay == 0
+    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
+    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
+        def first_moment(p):
+            return jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum))
+
         return ScaleByRectifiedDiagHessianState(
             count=jnp.zeros([], jnp.int32),
-            m=optax.tree.zeros_like(params),
+            m=jax.tree.map(first_moment, params),
             hessian_diag=jax.tree.map(
-                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype)), params
+                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
+                params,
             ),
-            direction=optax.tree.zeros_like(params),
+            direction=jax.tree.map(first_moment, params),
         )
 
     def update_fn(
@@ -122,7 +134,7 @@ def scale_by_rectified_diag_hessian(
         decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
 
         def leaf_update(g, m, hessian, direction, p, decayed):
-            dtype = hessian.dtype  # Compute in the statistics dtype, at least float32.
+            dtype = _checks.compute_dtype(g.dtype, m.dtype, hessian.dtype)
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
@@ -139,6 +151,7 @@ def scale_by_rectified_diag_hessian(
             # rounding). Each reads the state directly, with no intermediate shared with
             # the elementwise updates, which XLA would keep in a buffer as large as the leaf.
             grad_dot = jnp.sum(g_ * direction - m_ * direction)
+            hessian = hessian.astype(dtype)
             hessian_dot = jnp.sum(hessian * direction * direction)
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
             m = m_ + alpha * grad_diff

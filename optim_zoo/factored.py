@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,21 @@ class ScaleByFactoredRmsState(NamedTuple):
     v_row: tuple[jax.Array | None, ...]  # mean of g**2 over the larger factored axis.
     v_col: tuple[jax.Array | None, ...]  # mean of g**2 over the other factored axis.
     v: tuple[jax.Array | None, ...]  # full EMA of g**2 for unfactored leaves.
+
+
+class FactoredSecondMoment(NamedTuple):
+    """A second-moment estimate kept the way :func:`scale_by_factored_rms` keeps it.
+
+    The second moment of :func:`optim_zoo.scale_by_nesterov_moment` and
+    :func:`optim_zoo.scale_by_adaptive_inertia` with ``factored=True``. As in
+    :class:`ScaleByFactoredRmsState`, each field is a tuple with one entry per parameter leaf,
+    and ``None`` where a leaf does not use that statistic: a factored n x m matrix holds n + m
+    floats, any other leaf a full array.
+    """
+
+    v_row: tuple[jax.Array | None, ...]  # EMA of the mean square over the larger factored axis.
+    v_col: tuple[jax.Array | None, ...]  # EMA of the mean square over the other factored axis.
+    v: tuple[jax.Array | None, ...]  # full EMA of the square for unfactored leaves.
 
 
 def factored_dims(
@@ -76,6 +92,120 @@ def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
     return jnp.zeros(target.shape, target.dtype, device=reduced)
 
 
+def init_second_moment(
+    params: optax.Params,
+    factored: bool,
+    min_dim_size_to_factor: int,
+    dtype_second_moment: jnp.dtype | None = None,
+) -> tuple[tuple[jax.Array | None, ...], ...]:
+    """Zero statistics ``(v_row, v_col, v)`` for each leaf of `params`, as three tuples.
+
+    A leaf that :func:`factored_dims` factors gets a row and a column statistic, each sharded
+    like the leaf minus the reduced axis; any other leaf gets a full array. The dtype is
+    `dtype_second_moment`, or at least float32 when it is None.
+    """
+    v_row, v_col, v = [], [], []
+    for p in jax.tree.leaves(params):
+        dims = factored_dims(p.shape, factored, min_dim_size_to_factor)
+        dtype = _checks.stats_dtype(p.dtype, dtype_second_moment)
+        if dims is None:
+            v_row.append(None)
+            v_col.append(None)
+            v.append(jnp.zeros_like(p, dtype=dtype))
+        else:
+            small_axis, large_axis = dims
+            v_row.append(_zeros_without_axis(p, large_axis, dtype))
+            v_col.append(_zeros_without_axis(p, small_axis, dtype))
+            v.append(None)
+    return tuple(v_row), tuple(v_col), tuple(v)
+
+
+def update_second_moment(
+    stats: tuple[jax.Array | None, ...],
+    x: jax.Array,
+    decay: jax.typing.ArrayLike,
+    dims: tuple[int, int] | None,
+    eps: jax.typing.ArrayLike | None = None,
+) -> tuple[jax.Array | None, ...]:
+    """One EMA step of ``x**2 (+ eps)`` for one leaf's statistics ``(v_row, v_col, v)``.
+
+    The results are in the dtype of `x`; the caller casts them to the stored dtype.
+    """
+    v_row, v_col, v = stats
+    if dims is None:
+        square = jnp.square(x) if eps is None else jnp.square(x) + eps
+        return None, None, decay * v.astype(x.dtype) + (1 - decay) * square
+    small_axis, large_axis = dims
+    # Each mean squares x inside its own reduction (|x| * |x| in one of them) instead of sharing
+    # one x**2, which XLA would keep in a temporary buffer as large as x.
+    row_square = jnp.mean(jnp.square(x), axis=large_axis)
+    col_square = jnp.mean(jnp.abs(x) * jnp.abs(x), axis=small_axis)
+    if eps is not None:  # mean(x**2) + eps is mean(x**2 + eps) up to rounding.
+        row_square, col_square = row_square + eps, col_square + eps
+    v_row = decay * v_row.astype(x.dtype) + (1 - decay) * row_square
+    v_col = decay * v_col.astype(x.dtype) + (1 - decay) * col_square
+    return v_row, v_col, None
+
+
+def cast_second_moment(
+    stats: tuple[jax.Array | None, ...], like: tuple[jax.Array | None, ...]
+) -> tuple[jax.Array | None, ...]:
+    """One leaf's statistics cast to the dtypes of `like`, the stored ones."""
+    return tuple(
+        None if x is None else x.astype(old.dtype) for x, old in zip(stats, like, strict=True)
+    )
+
+
+def unzip_second_moments(
+    per_leaf: list[tuple[jax.Array | None, ...]],
+) -> tuple[tuple[jax.Array | None, ...], ...]:
+    """``(v_row, v_col, v)`` tuples from a list of per-leaf ``(v_row, v_col, v)`` statistics."""
+    if not per_leaf:
+        return (), (), ()
+    return tuple(tuple(column) for column in zip(*per_leaf, strict=True))
+
+
+def second_moment_parts(
+    stats: tuple[jax.Array | None, ...],
+    dims: tuple[int, int] | None,
+    fn: Callable[[jax.Array], jax.Array] = lambda x: x,
+) -> tuple[jax.Array, jax.typing.ArrayLike]:
+    r"""Two factors that broadcast against the leaf; ``fn`` of the estimate is their product.
+
+    For a factored leaf the estimate is :math:`V = (R / \mathrm{mean}(R)) \otimes C`, the
+    rank-one reconstruction of Adafactor, taken as zero where :math:`\mathrm{mean}(R) = 0`
+    (every gradient seen so far is zero). The factors are ``fn`` of the two vectors, expanded:
+    right for any ``fn`` with ``fn(a b) = fn(a) fn(b)``, such as the identity or ``rsqrt``.
+    For an unfactored leaf they are ``fn(v)`` and 1.
+    """
+    v_row, v_col, v = stats
+    if dims is None:
+        return fn(v), 1
+    small_axis, large_axis = dims
+    # `v_row` lost `large_axis`: find `small_axis` among its remaining axes.
+    row_mean = jnp.mean(v_row, axis=small_axis - (small_axis > large_axis), keepdims=True)
+    row_ratio = jnp.where(row_mean > 0, v_row / jnp.where(row_mean > 0, row_mean, 1), 0)
+    return (
+        jnp.expand_dims(fn(row_ratio), large_axis),
+        jnp.expand_dims(fn(v_col), small_axis),
+    )
+
+
+def second_moment_sum(
+    stats: tuple[jax.Array | None, ...], dims: tuple[int, int] | None
+) -> jax.Array:
+    """The sum of every element of one leaf's second-moment estimate, without forming it."""
+    row_part, col_part = second_moment_parts(stats, dims)
+    if dims is None:
+        return jnp.sum(row_part)
+    small_axis, large_axis = dims
+    # Sum over both factored axes of an outer product: the product of the two sums, per batch.
+    return jnp.sum(
+        jnp.sum(row_part, axis=small_axis, keepdims=True)
+        * jnp.sum(col_part, axis=large_axis, keepdims=True)
+    )
+
+
 def scale_by_factored_rms(
     min_dim_size_to_factor: int = 128,
     decay_rate: jax.typing.ArrayLike = 0.8,
@@ -83,6 +213,7 @@ def scale_by_factored_rms(
     eps: jax.typing.ArrayLike = 1e-30,
     *,
     factored: bool = True,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adafactor's (factored) estimate of the gradient's RMS.
 
@@ -98,8 +229,10 @@ def scale_by_factored_rms(
       u_t &= g \,/\, \sqrt{(R_t / \mathrm{mean}(R_t)) \otimes C_t}
 
     and for any other leaf :math:`V_t = \beta_c V_{t-1} + (1 - \beta_c) G`,
-    :math:`u_t = g / \sqrt{V_t}`. Statistics are kept in at least float32. No clipping, learning
-    rate, parameter scale or sign flip is applied: :func:`optim_zoo.adafactor` chains those.
+    :math:`u_t = g / \sqrt{V_t}`. Statistics are stored in ``dtype_second_moment`` (default: at
+    least float32); the arithmetic runs in at least float32 whatever the storage. No clipping,
+    learning rate, parameter scale or sign flip is applied: :func:`optim_zoo.adafactor` chains
+    those.
 
     Args:
       min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
@@ -108,6 +241,8 @@ def scale_by_factored_rms(
       decay_offset: step at which the decay schedule restarts (for fine-tuning).
       eps: added to the squared gradient; >= 0.
       factored: whether to factor at all.
+      dtype_second_moment: dtype the statistics are stored in; None means float32, or the
+        parameter's dtype when it is wider.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -133,30 +268,20 @@ def scale_by_factored_rms(
       tensor2tensor always factors the last two axes; like ``optax.scale_by_factored_rms`` this
       factors the two largest (identical for matrices, and the factored update is symmetric in
       the two axes). Unlike optax, statistics stay in float64 for float64 parameters, the decay
-      is computed in the statistics' dtype, and unfactored leaves carry no placeholder state.
+      is computed in the arithmetic's dtype, and unfactored leaves carry no placeholder state.
     """
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     _checks.check_interval("decay_rate", decay_rate, 0.0, 1.0, low_open=True, high_open=False)
     _checks.check_interval("eps", eps, 0.0)
 
-    def leaf_dims(leaf):
-        return factored_dims(leaf.shape, factored, min_dim_size_to_factor)
+    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
-        v_row, v_col, v = [], [], []
-        for p in jax.tree.leaves(params):
-            dims, dtype = leaf_dims(p), _checks.stats_dtype(p.dtype)
-            if dims is None:
-                v_row.append(None)
-                v_col.append(None)
-                v.append(jnp.zeros_like(p, dtype=dtype))
-            else:
-                small_axis, large_axis = dims
-                v_row.append(_zeros_without_axis(p, large_axis, dtype))
-                v_col.append(_zeros_without_axis(p, small_axis, dtype))
-                v.append(None)
+        v_row, v_col, v = init_second_moment(
+            params, factored, min_dim_size_to_factor, dtype_second_moment
+        )
         return ScaleByFactoredRmsState(
-            count=jnp.zeros([], jnp.int32), v_row=tuple(v_row), v_col=tuple(v_col), v=tuple(v)
+            count=jnp.zeros([], jnp.int32), v_row=v_row, v_col=v_col, v=v
         )
 
     def update_fn(
@@ -164,44 +289,21 @@ def scale_by_factored_rms(
     ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
         del params
         grads, treedef = jax.tree.flatten(updates)
-        new_updates, v_row, v_col, v = [], [], [], []
-        for g, row, col, full in zip(grads, state.v_row, state.v_col, state.v, strict=True):
-            dims = leaf_dims(g)
-            dtype = (full if dims is None else row).dtype  # as stored: at least float32
+        new_updates, new_stats = [], []
+        for g, *stats in zip(grads, state.v_row, state.v_col, state.v, strict=True):
+            dims = factored_dims(g.shape, factored, min_dim_size_to_factor)
+            stored = [x.dtype for x in stats if x is not None]
+            dtype = _checks.compute_dtype(g.dtype, *stored)
             step = (state.count - decay_offset + 1).astype(dtype)
             decay = 1 - step ** (-jnp.asarray(decay_rate, dtype))
             g_ = g.astype(dtype)
-            if dims is None:
-                full = decay * full + (1 - decay) * (jnp.square(g_) + eps)
-                u = g_ * jax.lax.rsqrt(full)
-            else:
-                small_axis, large_axis = dims
-                # mean(g**2) + eps is mean(g**2 + eps) up to rounding. Written so, and with |g|
-                # in one of the two, each mean squares g inside its own reduction instead of
-                # sharing one g**2 that XLA would keep in a temporary buffer as large as g.
-                row_g_sq = jnp.mean(jnp.square(g_), axis=large_axis) + eps
-                col_g_sq = jnp.mean(jnp.abs(g_) * jnp.abs(g_), axis=small_axis) + eps
-                row = decay * row + (1 - decay) * row_g_sq
-                col = decay * col + (1 - decay) * col_g_sq
-                # `row` lost `large_axis`: find `small_axis` among its remaining axes.
-                row_small_axis = small_axis - (small_axis > large_axis)
-                row_mean = jnp.mean(row, axis=row_small_axis, keepdims=True)
-                row_factor = jax.lax.rsqrt(row / row_mean)
-                col_factor = jax.lax.rsqrt(col)
-                u = (
-                    g_
-                    * jnp.expand_dims(row_factor, large_axis)
-                    * jnp.expand_dims(col_factor, small_axis)
-                )
-            new_updates.append(u.astype(g.dtype))
-            v_row.append(row)
-            v_col.append(col)
-            v.append(full)
+            new = update_second_moment(stats, g_, decay, dims, eps)
+            row_factor, col_factor = second_moment_parts(new, dims, jax.lax.rsqrt)
+            new_updates.append((g_ * row_factor * col_factor).astype(g.dtype))
+            new_stats.append(cast_second_moment(new, stats))
+        v_row, v_col, v = unzip_second_moments(new_stats)
         new_state = ScaleByFactoredRmsState(
-            count=optax.safe_increment(state.count),
-            v_row=tuple(v_row),
-            v_col=tuple(v_col),
-            v=tuple(v),
+            count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v
         )
         return treedef.unflatten(new_updates), new_state
 

@@ -9,16 +9,27 @@ import jax.numpy as jnp
 import optax
 
 from optim_zoo import _checks, _tree
+from optim_zoo.factored import (
+    FactoredSecondMoment,
+    cast_second_moment,
+    factored_dims,
+    init_second_moment,
+    second_moment_parts,
+    unzip_second_moments,
+    update_second_moment,
+)
 
 
 class ScaleByNesterovMomentState(NamedTuple):
     """State of :func:`scale_by_nesterov_moment`."""
 
     count: jax.Array  # shape (), int32: updates taken so far.
-    m: optax.Updates  # EMA of gradients; parameter dtype.
-    v: optax.Updates  # EMA of gradient differences g_t - g_{t-1}; parameter dtype.
-    n: optax.Updates  # EMA of (g_t + b2 * diff_t)**2; at least float32.
-    prev_grad: optax.Updates  # gradient of the previous step; parameter dtype.
+    m: optax.Updates  # EMA of gradients; dtype_momentum (default: parameter dtype).
+    v: optax.Updates  # EMA of gradient differences g_t - g_{t-1}; as m.
+    # EMA of (g_t + b2 * diff_t)**2, like the params, or a FactoredSecondMoment when factored;
+    # dtype_second_moment (default: at least float32).
+    n: optax.Updates | FactoredSecondMoment
+    prev_grad: optax.Updates  # gradient of the previous step; as m.
 
 
 def scale_by_nesterov_moment(
@@ -27,6 +38,11 @@ def scale_by_nesterov_moment(
     b3: jax.typing.ArrayLike = 0.99,
     eps: jax.typing.ArrayLike = 1e-8,
     eps_root: jax.typing.ArrayLike = 0.0,
+    *,
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adan's Nesterov moment estimate, as the official code computes it.
 
@@ -43,6 +59,13 @@ def scale_by_nesterov_moment(
     The betas are the official code's, the complements of the paper's: code ``(0.98, 0.92, 0.99)``
     is the paper's ``(0.02, 0.08, 0.01)``. No learning rate and no sign flip are applied.
 
+    With ``factored=True`` (new here, not from the Adan paper or code), :math:`n` is kept as
+    Adafactor keeps its second moment (:func:`optim_zoo.scale_by_factored_rms`): for a leaf
+    that :func:`optim_zoo.factored_dims` factors, EMAs :math:`R, C` (decay :math:`b_3`) of the
+    mean of :math:`(g_t + b_2 \Delta_t)^2` over each of its two largest axes, and
+    :math:`n_t = (R_t / \mathrm{mean}(R_t)) \otimes C_t` in the update; other leaves keep the
+    full :math:`n`. An n x m matrix then stores three full states plus n + m floats, not four.
+
     Args:
       b1: decay of the gradient EMA, in [0, 1).
       b2: decay of the gradient-difference EMA, and the weight of the difference in ``n``;
@@ -50,6 +73,13 @@ def scale_by_nesterov_moment(
       b3: decay of the squared Nesterov gradient EMA, in [0, 1).
       eps: added to the denominator, outside the square root; >= 0.
       eps_root: added inside the square root; >= 0.
+      factored: keep ``n`` factored where a leaf allows.
+      min_dim_size_to_factor: with ``factored``, factor a leaf only when its second-largest
+        axis has at least this many elements.
+      dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
+        the parameter's.
+      dtype_second_moment: dtype ``n`` is stored in; None means float32, or the parameter's
+        dtype when it is wider. The arithmetic runs in at least float32 whatever the storage.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -78,14 +108,29 @@ def scale_by_nesterov_moment(
         _checks.check_interval(name, value, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("eps_root", eps_root, 0.0)
+    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
+    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:
+        def first_moment(p):
+            return jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum))
+
+        if factored:
+            n = FactoredSecondMoment(
+                *init_second_moment(params, True, min_dim_size_to_factor, dtype_second_moment)
+            )
+        else:
+            n = jax.tree.map(
+                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
+                params,
+            )
         return ScaleByNesterovMomentState(
             count=jnp.zeros([], jnp.int32),
-            m=optax.tree.zeros_like(params),
-            v=optax.tree.zeros_like(params),
-            n=jax.tree.map(lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype)), params),
-            prev_grad=optax.tree.zeros_like(params),
+            m=jax.tree.map(first_moment, params),
+            v=jax.tree.map(first_moment, params),
+            n=n,
+            prev_grad=jax.tree.map(first_moment, params),
         )
 
     def update_fn(
@@ -94,36 +139,61 @@ def scale_by_nesterov_moment(
         del params
         count = optax.safe_increment(state.count)
         is_first = state.count == 0
+        grads, treedef = jax.tree.flatten(updates)
+        if factored:
+            n_stats = list(zip(state.n.v_row, state.n.v_col, state.n.v, strict=True))
+        else:
+            n_stats = [(None, None, n) for n in treedef.flatten_up_to(state.n)]
 
-        def leaf_update(g, m, v, n, prev_grad):
-            dtype = n.dtype  # Compute in the statistics dtype, at least float32.
+        def leaf_update(g, m, v, stats, prev_grad):
+            dims = factored_dims(g.shape, factored, min_dim_size_to_factor)
+            moment_dtype = m.dtype  # m, v and prev_grad share it.
+            stored = [x.dtype for x in (m, *stats) if x is not None]
+            dtype = _checks.compute_dtype(g.dtype, *stored)
             t = count.astype(dtype)
             g_ = g.astype(dtype)
             # The official code starts prev_grad at the first gradient: no difference on step 1.
             diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev_grad.astype(dtype))
             m = b1 * m.astype(dtype) + (1 - b1) * g_
             v = b2 * v.astype(dtype) + (1 - b2) * diff
-            n = b3 * n + (1 - b3) * jnp.square(g_ + b2 * diff)
+            new_stats = update_second_moment(stats, g_ + b2 * diff, b3, dims)
+            row_part, col_part = second_moment_parts(new_stats, dims)
+            n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
             numerator = m / (1 - b1**t) + b2 * v / (1 - b2**t)
-            direction = numerator / (jnp.sqrt(n / (1 - b3**t) + eps_root) + eps)
-            return direction.astype(g.dtype), m, v, n
+            direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
+            v = v.astype(moment_dtype)
+            new_stats = cast_second_moment(new_stats, stats)
+            # v and n read the old prev_grad: overwrite it (in place, when donated) only after.
+            late = [x for x in (v, new_stats[2]) if x is not None]
+            prev_grad = _tree.ordered_after(g.astype(moment_dtype), state.count < 0, *late)
+            return direction.astype(g.dtype), m.astype(moment_dtype), v, new_stats, prev_grad
 
-        direction, m, v, n = _tree.map_leaves(
-            leaf_update, 4, updates, state.m, state.v, state.n, state.prev_grad
+        results = [
+            leaf_update(*args)
+            for args in zip(
+                grads,
+                treedef.flatten_up_to(state.m),
+                treedef.flatten_up_to(state.v),
+                n_stats,
+                treedef.flatten_up_to(state.prev_grad),
+                strict=True,
+            )
+        ]
+        direction, m, v, n_stats, prev_grad = (
+            (list(column) for column in zip(*results, strict=True)) if results else ([],) * 5
         )
-        v = optax.tree.cast_like(v, state.v)
-        n = optax.tree.cast_like(n, state.n)
-        # v and n read the old prev_grad: overwrite it (in place, when donated) only after them.
-        prev_grad = jax.tree.map(
-            lambda g, v, n: _tree.ordered_after(g, state.count < 0, v, n),
-            optax.tree.cast_like(updates, state.prev_grad),
-            v,
-            n,
-        )
+        if factored:
+            n = FactoredSecondMoment(*unzip_second_moments(n_stats))
+        else:
+            n = treedef.unflatten([stats[2] for stats in n_stats])
         new_state = ScaleByNesterovMomentState(
-            count=count, m=optax.tree.cast_like(m, state.m), v=v, n=n, prev_grad=prev_grad
+            count=count,
+            m=treedef.unflatten(m),
+            v=treedef.unflatten(v),
+            n=n,
+            prev_grad=treedef.unflatten(prev_grad),
         )
-        return direction, new_state
+        return treedef.unflatten(direction), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
