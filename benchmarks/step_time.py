@@ -17,10 +17,18 @@ of the fewest passes the algorithm's reductions force (``ALGORITHMS``; docs/perf
 derives them), time over floor, optimizer state bytes per parameter byte, compile time and, for
 JAX rows, what XLA made of the step (fused kernels per leaf, temporary buffer bytes).
 
-    python benchmarks/step_time.py              # full run, a few minutes on 2 CPU cores
-    python benchmarks/step_time.py --quick      # smoke run of a few seconds (used by the tests)
+Besides the published algorithms (each with its peers in optax and PyTorch), the same run times
+optim_zoo's own combinations with a factored second moment, ``factored_adan`` and
+``factored_adai`` (``Factored AdaiW``: ``decoupled=True``), at the hyperparameters of Adan,
+Adai and AdaiW, and every optim_zoo optimizer again with its state in bfloat16
+(``optim_zoo [bf16 state]``: ``dtype_momentum`` and ``dtype_second_moment`` bfloat16, float32
+parameters). Their bytes come from the state they allocate. They have no peers and no targets.
+
+    python benchmarks/step_time.py              # full run, about 13 minutes on 2 CPU cores
+    python benchmarks/step_time.py --quick      # smoke run, about half a minute (the tests')
     python benchmarks/step_time.py --no-torch   # JAX rows only
-    python benchmarks/step_time.py --only adan  # rows whose algorithm or library matches
+    python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
+                                                # or variant matches: adan, factored, bf16, optax
 
 PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
 optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
@@ -92,7 +100,9 @@ TREES: dict[str, Callable[[], dict]] = {
     "1000x1k": lambda: many_leaves_shapes(1000, 1000),
 }
 QUICK_TREES: dict[str, Callable[[], dict]] = {
-    "tiny": lambda: transformer_shapes(32, 1, 64),
+    # A 128 x 128 head: the one factored leaf (MIN_DIM_SIZE_TO_FACTOR), still small enough
+    # that PyTorch keeps every tensor op on one thread.
+    "tiny": lambda: {**transformer_shapes(32, 1, 64), "head": (128, 128)},
     "10x100": lambda: many_leaves_shapes(10, 100),
 }
 HEADLINE_TREE = "30M"
@@ -120,57 +130,126 @@ def make_arrays(shapes: dict, dtype: Any, seed: int = 0) -> tuple[Any, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
+class StateItemsizes:
+    """Bytes per element of the full-size state arrays that forced re-reads touch, by role.
+
+    `momentum`: first-moment-like state (Adan's m, v and previous gradient; Apollo's m and
+    direction; Adai's m). `second_moment`: Adan's n, Adafactor's unfactored statistics,
+    Apollo's Hessian estimate, Adai's v. Read from the state a run allocated
+    (`state_itemsizes`), so that a bfloat16 state is counted at 2 bytes.
+    """
+
+    momentum: int
+    second_moment: int
+
+    @classmethod
+    def default(cls, itemsize: int) -> StateItemsizes:
+        """The optimizers' defaults: momentum in the parameter dtype, statistics >= float32."""
+        return cls(momentum=itemsize, second_moment=max(itemsize, 4))
+
+
+@dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """One algorithm; `extra_reads(shape, itemsize)` counts the bytes that passes forced by its
-    reductions re-read, for one parameter leaf, on top of a single pass."""
+    """One algorithm; `extra_reads(shape, itemsize, state)` counts the bytes that passes forced
+    by its reductions re-read, for one parameter leaf, on top of a single pass. `itemsize` is
+    the parameter's (and gradient's); `state` the state's (`StateItemsizes`; None: defaults)."""
 
     name: str
     passes: str
-    extra_reads: Callable[[tuple[int, ...], int], int]
+    reads: Callable[[tuple[int, ...], int, StateItemsizes], int]
+
+    def extra_reads(
+        self, shape: tuple[int, ...], itemsize: int, state: StateItemsizes | None = None
+    ) -> int:
+        return self.reads(shape, itemsize, state or StateItemsizes.default(itemsize))
 
 
-def _stats_itemsize(itemsize: int) -> int:
-    return max(itemsize, 4)  # Second-moment statistics are at least float32.
+# Every factored optimizer in the benchmark runs with its default threshold.
+MIN_DIM_SIZE_TO_FACTOR = 128
 
 
-def _adafactor_extra(shape: tuple[int, ...], itemsize: int) -> int:
+def _is_factored(shape: tuple[int, ...]) -> bool:
+    return optim_zoo.factored_dims(shape, True, MIN_DIM_SIZE_TO_FACTOR) is not None
+
+
+def _no_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
+    return 0
+
+
+def _adafactor_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
     size = int(np.prod(shape))
-    if optim_zoo.factored_dims(shape, True, 128) is not None:
+    if _is_factored(shape):
         # Pass 1 reads g and p (row and column means, rms(p)); pass 2 reads g (rms of the
         # update, which needs the new statistics); pass 3 reads g and p and writes p.
         return size * (2 * itemsize + itemsize)
     # Unfactored: pass 1 reads g, v, p (new v, rms of the update, rms(p)); pass 2 applies.
-    return size * (itemsize + _stats_itemsize(itemsize) + itemsize)
+    return size * (itemsize + state.second_moment + itemsize)
 
 
-def _apollo_extra(shape: tuple[int, ...], itemsize: int) -> int:
+def _apollo_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
     # Pass 1 reads g, m, d, B for the three per-tensor sums (sum d^4, sum (g - m) d,
     # sum B d^2); pass 2 reads them again with p and writes m, B, d, p. (L2 decay with a
     # nonzero rate would also read p in pass 1; the benchmark runs the default, no decay.)
     size = int(np.prod(shape))
-    return size * (3 * itemsize + _stats_itemsize(itemsize))
+    return size * (itemsize + 2 * state.momentum + state.second_moment)
 
 
-def _adai_extra(shape: tuple[int, ...], itemsize: int) -> int:
+def _adai_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
     # The global mean of the new v must be complete before any direction: pass 1 reads g, v
     # (and p, for L2 decay, which enters g); pass 2 reads them again and writes everything.
     size = int(np.prod(shape))
-    return size * (2 * itemsize + _stats_itemsize(itemsize))
+    return size * (2 * itemsize + state.second_moment)
 
 
-def _adaiw_extra(shape: tuple[int, ...], itemsize: int) -> int:
+def _adaiw_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
     size = int(np.prod(shape))
-    return size * (itemsize + _stats_itemsize(itemsize))  # Decoupled decay: g and v only.
+    return size * (itemsize + state.second_moment)  # Decoupled decay: g and v only.
+
+
+def _factored_adan_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
+    if not _is_factored(shape):
+        return 0  # A full n: Adan, one pass.
+    # The direction needs the new row and column means of (g + b2 (g - prev))^2: pass 1 reads
+    # g and prev. Pass 2 needs the new m and v besides p. Either pass 1 writes them (and prev)
+    # and pass 2 re-reads m and v, or pass 2 computes them from the old m and v and re-reads
+    # g, with prev too when v is left to pass 2. The fewest bytes: one momentum array, plus
+    # another momentum array or g, whichever is smaller.
+    size = int(np.prod(shape))
+    return size * (state.momentum + min(state.momentum, itemsize))
+
+
+def _factored_adai_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
+    if not _is_factored(shape):
+        return _adai_extra(shape, itemsize, state)
+    # Pass 1 (over the whole tree, for the global mean) reads g and p (L2 decay enters g) for
+    # the row and column means; nothing elementwise can be written before the mean. Pass 2
+    # reads g and p again with m and the product of the betas, and writes m, the product, p.
+    size = int(np.prod(shape))
+    return size * 2 * itemsize
+
+
+def _factored_adaiw_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
+    if not _is_factored(shape):
+        return _adaiw_extra(shape, itemsize, state)
+    return int(np.prod(shape)) * itemsize  # Decoupled decay: pass 1 reads g only.
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "AdamW": Algorithm("AdamW", "1 (elementwise)", lambda shape, itemsize: 0),
-    "Adan": Algorithm("Adan", "1 (elementwise)", lambda shape, itemsize: 0),
+    "AdamW": Algorithm("AdamW", "1 (elementwise)", _no_extra),
+    "Adan": Algorithm("Adan", "1 (elementwise)", _no_extra),
+    "Factored Adan": Algorithm(
+        "Factored Adan", "2 (row and column means; factored leaves)", _factored_adan_extra
+    ),
     "Adafactor": Algorithm("Adafactor", "3 over g, 2 over p (factored leaves)", _adafactor_extra),
     "Apollo": Algorithm("Apollo", "2 per tensor", _apollo_extra),
     "Adai": Algorithm("Adai", "2 (global mean)", _adai_extra),
+    "Factored Adai": Algorithm("Factored Adai", "2 (global mean)", _factored_adai_extra),
     "AdaiW": Algorithm("AdaiW", "2 (global mean)", _adaiw_extra),
+    "Factored AdaiW": Algorithm("Factored AdaiW", "2 (global mean)", _factored_adaiw_extra),
 }
+# The published algorithms, which have peers and targets; the factored ones are optim_zoo's own
+# combinations, timed for their cost only.
+PUBLISHED = ("AdamW", "Adan", "Adafactor", "Apollo", "Adai", "AdaiW")
 
 # Shared hyperparameters, one setting per algorithm for every implementation.
 ADAN_HP = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
@@ -188,6 +267,8 @@ class Contender:
 
     `make` returns an optax transformation (JAX) or, given the list of torch parameters, a torch
     optimizer. `module` is the import that a PyTorch peer needs; a failed import skips the row.
+    `variant` names a non-default configuration of the same implementation (``bf16 state``);
+    such rows have neither peers nor targets.
     """
 
     algorithm: str
@@ -196,10 +277,22 @@ class Contender:
     framework: str = "jax"
     module: str | None = None
     note: str = ""
+    variant: str = ""
+
+    @property
+    def implementation(self) -> str:
+        return self.library + (f" [{self.variant}]" if self.variant else "")
 
     @property
     def name(self) -> str:
-        return f"{self.library} {self.algorithm}"
+        return f"{self.implementation} {self.algorithm}"
+
+    def matches(self, wanted: set[str]) -> bool:
+        """Whether any of `wanted` (lower case) names the algorithm, a word of it, the library
+        or a word of the variant: ``adan`` selects Adan and Factored Adan, ``bf16`` the
+        bfloat16-state rows."""
+        names = {self.algorithm.lower(), self.library.lower(), *self.algorithm.lower().split()}
+        return bool((names | set(self.variant.lower().split())) & wanted)
 
 
 def _import_timm_optim(name: str) -> types.ModuleType:
@@ -292,47 +385,90 @@ def _torch_contenders() -> list[Contender]:
     ]
 
 
+BF16_STATE = "bf16 state"
+
+
+def _optim_zoo_contenders() -> list[Contender]:
+    """Every optim_zoo optimizer at the shared hyperparameters, each followed by its
+    bfloat16-state variant (float32 parameters: the math runs in float32 either way)."""
+    hp = ADAN_HP
+    b1, b2, b3 = hp["betas"]
+    adan_kwargs = {"b1": b1, "b2": b2, "b3": b3, "eps": hp["eps"], **_wd(hp)}
+    ap = APOLLO_HP
+    ai = ADAI_HP
+    adai_kwargs = {"beta0": ai["beta0"], "beta2": ai["beta2"], "eps": ai["eps"], **_wd(ai)}
+    factored = {"min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR}
+    bf16 = {"dtype_momentum": jnp.bfloat16, "dtype_second_moment": jnp.bfloat16}
+    # (algorithm, make(**dtypes), the dtype options of the variant, its note)
+    optimizers: list[tuple[str, Callable[..., Any], dict, str]] = [
+        ("Adan", lambda **kw: optim_zoo.adan(hp["lr"], **adan_kwargs, **kw), bf16, ""),
+        (
+            "Factored Adan",
+            lambda **kw: optim_zoo.factored_adan(hp["lr"], **adan_kwargs, **factored, **kw),
+            bf16,
+            "",
+        ),
+        (
+            "Adafactor",
+            lambda **kw: optim_zoo.adafactor(**kw),
+            {"dtype_second_moment": jnp.bfloat16},
+            "no momentum here: statistics only",
+        ),
+        (
+            "Apollo",
+            lambda **kw: optim_zoo.apollo(
+                ap["lr"], ap["beta"], ap["eps"], init_lr=ap["init_lr"], warmup=ap["warmup"], **kw
+            ),
+            bf16,
+            "",
+        ),
+        ("Adai", lambda **kw: optim_zoo.adai(ai["lr"], **adai_kwargs, **kw), bf16, ""),
+        (
+            "Factored Adai",
+            lambda **kw: optim_zoo.factored_adai(ai["lr"], **adai_kwargs, **factored, **kw),
+            bf16,
+            "",
+        ),
+        ("AdaiW", lambda **kw: optim_zoo.adaiw(ai["lr"], **adai_kwargs, **kw), bf16, ""),
+        (
+            "Factored AdaiW",
+            lambda **kw: optim_zoo.factored_adai(
+                ai["lr"], **adai_kwargs, decoupled=True, **factored, **kw
+            ),
+            bf16,
+            "",
+        ),
+    ]
+    rows = []
+    for algorithm, make, dtypes, note in optimizers:
+        rows.append(Contender(algorithm, "optim_zoo", make))
+        rows.append(
+            Contender(
+                algorithm,
+                "optim_zoo",
+                lambda make=make, dtypes=dtypes: make(**dtypes),
+                note=note,
+                variant=BF16_STATE,
+            )
+        )
+    return rows
+
+
 def jax_contenders() -> list[Contender]:
     hp = ADAN_HP
     b1, b2, b3 = hp["betas"]
     adan_kwargs = {"b1": b1, "b2": b2, "b3": b3, "eps": hp["eps"]}
-    ap = APOLLO_HP
-    ai = ADAI_HP
-    adai_kwargs = {"beta0": ai["beta0"], "beta2": ai["beta2"], "eps": ai["eps"]}
     rows = [
         Contender("AdamW", "optax", lambda: optax.adamw(ADAMW_HP["lr"], **_wd(ADAMW_HP))),
-        Contender(
-            "Adan",
-            "optim_zoo",
-            lambda: optim_zoo.adan(hp["lr"], weight_decay=hp["weight_decay"], **adan_kwargs),
-        ),
         Contender(
             "Adan",
             "optax",
             lambda: optax.adan(hp["lr"], weight_decay=hp["weight_decay"], **adan_kwargs),
             note="not the official algorithm",
         ),
-        Contender("Adafactor", "optim_zoo", lambda: optim_zoo.adafactor()),
         Contender("Adafactor", "optax", lambda: optax.adafactor()),
-        Contender(
-            "Apollo",
-            "optim_zoo",
-            lambda: optim_zoo.apollo(
-                ap["lr"], ap["beta"], ap["eps"], init_lr=ap["init_lr"], warmup=ap["warmup"]
-            ),
-        ),
-        Contender(
-            "Adai",
-            "optim_zoo",
-            lambda: optim_zoo.adai(ai["lr"], weight_decay=ai["weight_decay"], **adai_kwargs),
-        ),
-        Contender(
-            "AdaiW",
-            "optim_zoo",
-            lambda: optim_zoo.adaiw(ai["lr"], weight_decay=ai["weight_decay"], **adai_kwargs),
-        ),
     ]
-    return rows
+    return _optim_zoo_contenders() + rows
 
 
 def _wd(hp: dict) -> dict:
@@ -344,7 +480,8 @@ def all_contenders(with_torch: bool) -> list[Contender]:
     if with_torch:
         rows += _torch_contenders()
     order = list(ALGORITHMS)
-    return sorted(rows, key=lambda c: order.index(c.algorithm))  # stable: optim_zoo first
+    # Stable: optim_zoo first, each optimizer followed by its variant, then the peers.
+    return sorted(rows, key=lambda c: order.index(c.algorithm))
 
 
 # --- Measurement -------------------------------------------------------------------------------
@@ -398,6 +535,46 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
     }
 
 
+# Which fields of each optim_zoo primitive's state hold which role (`StateItemsizes`).
+STATE_ROLES: dict[type, dict[str, tuple[str, ...]]] = {
+    optim_zoo.ScaleByNesterovMomentState: {
+        "momentum": ("m", "v", "prev_grad"),
+        "second_moment": ("n",),
+    },
+    optim_zoo.ScaleByAdaptiveInertiaState: {"momentum": ("m",), "second_moment": ("v",)},
+    optim_zoo.ScaleByRectifiedDiagHessianState: {
+        "momentum": ("m", "direction"),
+        "second_moment": ("hessian_diag",),
+    },
+    optim_zoo.ScaleByFactoredRmsState: {"second_moment": ("v_row", "v_col", "v")},
+    optax.EmaState: {"momentum": ("ema",)},  # Adafactor's momentum, when it is on.
+}
+
+
+def state_itemsizes(state: Any, itemsize: int) -> StateItemsizes:
+    """The itemsize of each state role, read from the dtypes of the allocated state leaves.
+
+    Every tree here has one parameter dtype, so each role has one itemsize (the largest, were
+    leaves to differ). A role the state does not hold (a peer's state, or Adafactor's momentum
+    when it is off) keeps the default, which no re-read then touches.
+    """
+    kinds = tuple(STATE_ROLES)
+    primitives = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+    found: dict[str, int] = {}
+    for primitive in primitives:
+        if not isinstance(primitive, kinds):
+            continue
+        for role, fields in STATE_ROLES[type(primitive)].items():
+            for field in fields:
+                for leaf in jax.tree.leaves(getattr(primitive, field)):
+                    found[role] = max(found.get(role, 0), leaf.dtype.itemsize)
+    default = StateItemsizes.default(itemsize)
+    return StateItemsizes(
+        momentum=found.get("momentum", default.momentum),
+        second_moment=found.get("second_moment", default.second_moment),
+    )
+
+
 def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Callable, Callable]:
     """Compiles the donated step; returns `run` (one step) and `finish` (the row's facts)."""
     tx = contender.make()
@@ -414,6 +591,8 @@ def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Ca
     compile_s = time.perf_counter() - t0
     hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    itemsize = jax.tree.leaves(params)[0].dtype.itemsize
+    itemsizes = dataclasses.asdict(state_itemsizes(state, itemsize))
     box = [params, state]
 
     def run():
@@ -422,7 +601,13 @@ def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Ca
 
     def finish():
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(box[0]))
-        return {"compile_s": compile_s, "state_bytes": state_bytes, "finite": finite, **hlo}
+        return {
+            "compile_s": compile_s,
+            "state_bytes": state_bytes,
+            "state_itemsizes": itemsizes,
+            "finite": finite,
+            **hlo,
+        }
 
     return run, finish
 
@@ -471,16 +656,30 @@ def import_error(contender: Contender) -> str | None:
     return None
 
 
-def traffic(shapes: dict, itemsize: int, state_bytes: int, algorithm: Algorithm) -> dict:
-    """Bytes a single pass moves (read p, g, state; write p, state) and the forced extra reads."""
+def traffic(
+    shapes: dict,
+    itemsize: int,
+    state_bytes: int,
+    algorithm: Algorithm,
+    state: StateItemsizes | None = None,
+) -> dict:
+    """Bytes a single pass moves (read p, g, state; write p, state) and the forced extra reads.
+
+    `state_bytes` is the allocated state's; `state` the itemsizes of its roles (None: the
+    defaults), so that a bfloat16 state's single pass and re-reads count 2 bytes an element.
+    """
     leaves = leaf_shapes(shapes)
     param_bytes = sum(int(np.prod(s)) for s in leaves) * itemsize
     single = 3 * param_bytes + 2 * state_bytes
-    extra = sum(algorithm.extra_reads(s, itemsize) for s in leaves)
+    extra = sum(algorithm.extra_reads(s, itemsize, state) for s in leaves)
     return {"param_bytes": param_bytes, "bytes_single": single, "bytes_min": single + extra}
 
 
 # --- Report ------------------------------------------------------------------------------------
+
+
+def _implementation(row: dict) -> str:
+    return row["library"] + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -499,7 +698,7 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
         for row in rows:
             if row["tree"] != tree:
                 continue
-            name = f"{row['library']}" + (f" ({row['note']})" if row.get("note") else "")
+            name = _implementation(row) + (f" ({row['note']})" if row.get("note") else "")
             if "skipped" in row:
                 lines.append(
                     f"| {tree} | {row['algorithm']} | {name} | skipped: {row['skipped']} "
@@ -521,9 +720,17 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
 
 
 def check_targets(rows: list[dict], headline: str, many_leaves: str) -> list[dict]:
-    """The issue's targets, evaluated on this run's rows."""
+    """The issue's targets, evaluated on this run's rows.
+
+    Only the published algorithms' default configurations take part, as targets or as peers:
+    the variant rows (bfloat16 state) and optim_zoo's factored combinations are not compared.
+    """
     limits = {"Adan": 1.3, "Adafactor": 2.0, "Apollo": 2.0, "Adai": 2.0, "AdaiW": 2.0}
-    timed = [r for r in rows if "skipped" not in r]
+    timed = [
+        r
+        for r in rows
+        if "skipped" not in r and not r.get("variant") and r["algorithm"] in PUBLISHED
+    ]
     checks = []
     for algorithm, limit in limits.items():
         ours = [
@@ -584,32 +791,53 @@ def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    libraries = ["optim_zoo", "optax", "torch", "pytorch-optimizer", "timm"]
-    colors = dict(zip(libraries, ["C0", "C1", "C2", "C3", "C4"], strict=True))
+    libraries = [
+        "optim_zoo",
+        f"optim_zoo [{BF16_STATE}]",
+        "optax",
+        "torch",
+        "pytorch-optimizer",
+        "timm",
+    ]
+    colors = dict(zip(libraries, ["C0", "C0", "C1", "C2", "C3", "C4"], strict=True))
+    hatches = {f"optim_zoo [{BF16_STATE}]": "//"}
     trees = [t for t in trees if t != MANY_LEAVES_TREE] or list(trees)
-    fig, axes = plt.subplots(1, len(trees), figsize=(6.5 * len(trees), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(trees), figsize=(8.5 * len(trees), 4.5), squeeze=False)
     for ax, tree in zip(axes[0], trees, strict=True):
         timed = [r for r in rows if r["tree"] == tree and "skipped" not in r]
         algorithms = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in timed)]
         width = 0.8 / len(libraries)
         for i, algorithm in enumerate(algorithms):
             group = [r for r in timed if r["algorithm"] == algorithm]
-            floor = max(r["floor_ms"] for r in group if r["library"] == group[0]["library"])
+            first = _implementation(group[0])
+            floor = max(r["floor_ms"] for r in group if _implementation(r) == first)
             ax.hlines(floor, i - 0.4, i + 0.4, colors="k", linestyles="--", linewidth=1)
             for j, library in enumerate(libraries):
                 for r in group:
-                    if r["library"] == library:
+                    if _implementation(r) == library:
                         ax.bar(
                             i - 0.4 + (j + 0.5) * width,
                             r["ms_per_step"],
                             width,
                             color=colors[library],
+                            hatch=hatches.get(library),
+                            edgecolor="white" if library in hatches else None,
                         )
-        ax.set_xticks(range(len(algorithms)), algorithms)
+        ax.set_xticks(range(len(algorithms)), [a.replace(" ", "\n") for a in algorithms])
         ax.set_yscale("log")
         ax.set_ylabel("ms per step (log)")
-        ax.set_title(f"{tree} tree; dashed: single-pass floor")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[lib]) for lib in libraries]
+        ax.set_title(f"{tree} tree; dashed: single-pass floor of the first bar")
+    handles = [
+        plt.Rectangle(
+            (0, 0),
+            1,
+            1,
+            facecolor=colors[lib],
+            hatch=hatches.get(lib),
+            edgecolor="white" if lib in hatches else None,
+        )
+        for lib in libraries
+    ]
     fig.legend(handles, libraries, loc="upper center", ncol=len(libraries))
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
@@ -693,7 +921,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     contenders = all_contenders(with_torch=not args.no_torch)
     if args.only:
         wanted = {w.lower() for w in args.only}
-        contenders = [c for c in contenders if {c.algorithm.lower(), c.library.lower()} & wanted]
+        contenders = [c for c in contenders if c.matches(wanted)]
         if not contenders:
             raise SystemExit(f"no contender matches {args.only}")
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else np.float32
@@ -711,12 +939,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_leaves = len(leaf_shapes(shapes))
         num_params = sum(int(np.prod(s)) for s in leaf_shapes(shapes))
         print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters in {num_leaves} leaves")
-        prepared = []  # (row, run, finish) for every contender that could be built
+        prepared = []  # (row, name, run, finish) for every contender that could be built
         for contender in contenders:
             row: dict[str, Any] = {
                 "tree": tree_name,
                 "algorithm": contender.algorithm,
                 "library": contender.library,
+                "variant": contender.variant,
                 "note": contender.note,
                 "num_params": num_params,
                 "num_leaves": num_leaves,
@@ -736,14 +965,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     reason = f"{type(e).__name__}: {e}"
             if reason is not None:
                 row["skipped"] = reason
-                print(f"  {contender.name:32s} skipped: {reason}", flush=True)
+                print(f"  {contender.name:40s} skipped: {reason}", flush=True)
                 continue
-            prepared.append((row, run, finish))
+            prepared.append((row, contender.name, run, finish))
         # Rounds over all rows, so that a burst of load elsewhere on the machine hits one
         # round of every row rather than every round of one row; each row keeps its best
         # round's median.
         for round_index in range(rounds):
-            for row, run, _ in prepared:
+            for row, name, run, _ in prepared:
                 result = _median_time(run, **timing)
                 row.setdefault("round_medians_s", []).append(result["median_s"])
                 row["reps"] = row.get("reps", 0) + result["reps"]
@@ -752,12 +981,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if round_index == rounds - 1:
                     row["median_s"] = min(row["round_medians_s"])
                     row["ms_per_step"] = 1e3 * row["median_s"]
-                    name = f"{row['library']} {row['algorithm']}"
-                    print(f"  {name:32s} {row['ms_per_step']:9.2f} ms", flush=True)
-        for row, _, finish in prepared:
+                    print(f"  {name:40s} {row['ms_per_step']:9.2f} ms", flush=True)
+        for row, _, _, finish in prepared:
             row.update(finish())
             algorithm = ALGORITHMS[row["algorithm"]]
-            row.update(traffic(shapes, itemsize, row["state_bytes"], algorithm))
+            sizes = row.get("state_itemsizes")
+            state_sizes = None if sizes is None else StateItemsizes(**sizes)
+            row.update(traffic(shapes, itemsize, row["state_bytes"], algorithm, state_sizes))
         prepared = run = finish = None  # Free this tree's arrays before the next one.
         gc.collect()
     bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
@@ -836,6 +1066,14 @@ def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks
         "time/floor: ms per step over (bytes moved / bandwidth); '1 pass' reads every parameter,"
         " gradient and state byte once and writes parameters and state once; 'min' adds the"
         " re-reads that the algorithm's reductions force (docs/performance.md).",
+        "",
+        "Factored Adan, Factored Adai and Factored AdaiW are optim_zoo's `factored_adan` and"
+        " `factored_adai` (decoupled=False / True) at Adan's, Adai's and AdaiW's"
+        " hyperparameters. `optim_zoo [bf16 state]` rows keep the state in bfloat16"
+        " (`dtype_momentum` and `dtype_second_moment`; Adafactor's momentum is off here, so"
+        " only its statistics) with float32 parameters; the bytes moved and the re-reads count"
+        " the state leaves at the dtype they are allocated in. Neither kind has peers or"
+        " targets.",
         "",
         markdown_table(rows, trees),
         "## Targets",

@@ -3,9 +3,24 @@
 import json
 import math
 
+import jax.numpy as jnp
+import optax
 import pytest
 
+import optim_zoo
 from benchmarks import step_time
+
+OPTIM_ZOO_ALGORITHMS = (
+    "Adan",
+    "Factored Adan",
+    "Adafactor",
+    "Apollo",
+    "Adai",
+    "Factored Adai",
+    "AdaiW",
+    "Factored AdaiW",
+)
+FACTORED = {"Factored Adan": "Adan", "Factored Adai": "Adai", "Factored AdaiW": "AdaiW"}
 
 
 @pytest.fixture(scope="module")
@@ -15,18 +30,76 @@ def quick_run(tmp_path_factory):
     return out_dir, step_time.main(argv)
 
 
+def _rows_by_key(result):
+    """{(tree, library, algorithm, variant): row} over the timed rows."""
+    return {
+        (row["tree"], row["library"], row["algorithm"], row["variant"]): row
+        for row in result["rows"]
+        if "skipped" not in row
+    }
+
+
 def test_every_optim_zoo_optimizer_and_optax_peer_is_timed(quick_run):
     _, result = quick_run
     for tree in result["config"]["trees"]:
         timed = {
             (row["library"], row["algorithm"])
             for row in result["rows"]
-            if row["tree"] == tree and "skipped" not in row
+            if row["tree"] == tree and "skipped" not in row and not row["variant"]
         }
         for algorithm in ("Adan", "Adafactor", "Apollo", "Adai", "AdaiW"):
             assert ("optim_zoo", algorithm) in timed
         for algorithm in ("AdamW", "Adan", "Adafactor"):
             assert ("optax", algorithm) in timed
+
+
+def test_factored_and_bf16_state_rows_are_timed(quick_run):
+    _, result = quick_run
+    rows = _rows_by_key(result)
+    for tree in result["config"]["trees"]:
+        for algorithm in OPTIM_ZOO_ALGORITHMS:
+            assert (tree, "optim_zoo", algorithm, "") in rows
+            assert (tree, "optim_zoo", algorithm, step_time.BF16_STATE) in rows
+    assert "[bf16 state]" in result["table"]
+    assert "| Factored AdaiW |" in result["table"]
+
+
+def test_bf16_state_rows_count_their_smaller_state(quick_run):
+    _, result = quick_run
+    rows = _rows_by_key(result)
+    for tree in result["config"]["trees"]:
+        for algorithm in OPTIM_ZOO_ALGORITHMS:
+            full = rows[(tree, "optim_zoo", algorithm, "")]
+            half = rows[(tree, "optim_zoo", algorithm, step_time.BF16_STATE)]
+            assert half["param_bytes"] == full["param_bytes"]
+            assert half["state_bytes"] < full["state_bytes"]
+            assert half["state_per_param"] < full["state_per_param"]
+            assert half["bytes_single"] < full["bytes_single"]
+            assert half["bytes_min"] - half["bytes_single"] <= (
+                full["bytes_min"] - full["bytes_single"]
+            )
+            assert half["state_itemsizes"]["second_moment"] == 2
+            assert full["state_itemsizes"]["second_moment"] == 4
+            # Adafactor runs without momentum: no momentum state to read a dtype from.
+            assert half["state_itemsizes"]["momentum"] == (4 if algorithm == "Adafactor" else 2)
+
+
+def test_factored_rows_hold_less_state_where_a_leaf_is_factored(quick_run):
+    _, result = quick_run
+    rows = _rows_by_key(result)
+    for tree, make_shapes in step_time.QUICK_TREES.items():
+        any_factored = any(
+            step_time._is_factored(shape) for shape in step_time.leaf_shapes(make_shapes())
+        )
+        for factored, plain in FACTORED.items():
+            for variant in ("", step_time.BF16_STATE):
+                ours = rows[(tree, "optim_zoo", factored, variant)]["state_bytes"]
+                base = rows[(tree, "optim_zoo", plain, variant)]["state_bytes"]
+                assert ours < base if any_factored else ours == base, (tree, factored, variant)
+    assert any(
+        step_time._is_factored(shape)
+        for shape in step_time.leaf_shapes(step_time.QUICK_TREES["tiny"]())
+    )
 
 
 def test_rows_are_consistent(quick_run):
@@ -35,14 +108,34 @@ def test_rows_are_consistent(quick_run):
     for row in result["rows"]:
         assert row["finite"], row
         assert row["ms_per_step"] > 0 and math.isfinite(row["ms_per_step"])
-        # The forced extra passes only ever add bytes.
+        # The single pass counts the state as allocated; the forced passes only add bytes.
+        assert row["bytes_single"] == 3 * row["param_bytes"] + 2 * row["state_bytes"]
         assert row["bytes_min"] >= row["bytes_single"] > 0
         assert row["floor_min_ms"] >= row["floor_ms"] > 0
         assert row["compile_s"] > 0
         assert row["fusions_per_leaf"] > 0
-        if row["library"] == "optim_zoo" and row["algorithm"] in ("Adan", "Apollo", "Adai"):
+        if (
+            row["library"] == "optim_zoo"
+            and row["algorithm"] in ("Adan", "Apollo", "Adai")
+            and not row["variant"]
+        ):
             # Three full-size state leaves or more per parameter (Adafactor's are factored).
             assert row["state_per_param"] >= 3
+
+
+def test_targets_leave_out_the_new_rows(quick_run):
+    _, result = quick_run
+    published = [
+        row
+        for row in result["rows"]
+        if not row["variant"] and row["algorithm"] in step_time.PUBLISHED
+    ]
+    assert len(published) < len(result["rows"])
+    trees = result["config"]["trees"]
+    # The same targets as from the published algorithms' default rows alone.
+    assert step_time.check_targets(published, trees[0], trees[-1]) == result["targets"]
+    for check in result["targets"]:
+        assert "Factored" not in check["target"]
 
 
 def test_writes_json_and_markdown(quick_run):
@@ -58,10 +151,72 @@ def test_forced_passes_match_the_write_up():
     # A factored 256x512 float32 leaf: Adafactor re-reads g twice and p once.
     shape = (256, 512)
     size = 256 * 512
-    assert step_time.ALGORITHMS["Adafactor"].extra_reads(shape, 4) == 3 * 4 * size
-    assert step_time.ALGORITHMS["Adan"].extra_reads(shape, 4) == 0
-    assert step_time.ALGORITHMS["Apollo"].extra_reads(shape, 4) == 4 * 4 * size
-    assert step_time.ALGORITHMS["AdaiW"].extra_reads(shape, 4) == 2 * 4 * size
+    algorithms = step_time.ALGORITHMS
+    assert algorithms["Adafactor"].extra_reads(shape, 4) == 3 * 4 * size
+    assert algorithms["Adan"].extra_reads(shape, 4) == 0
+    assert algorithms["Apollo"].extra_reads(shape, 4) == 4 * 4 * size
+    assert algorithms["AdaiW"].extra_reads(shape, 4) == 2 * 4 * size
+    # Factored: Adan re-reads two momentum arrays (m and v); Adai g and p; AdaiW g.
+    assert algorithms["Factored Adan"].extra_reads(shape, 4) == 2 * 4 * size
+    assert algorithms["Factored Adai"].extra_reads(shape, 4) == 2 * 4 * size
+    assert algorithms["Factored AdaiW"].extra_reads(shape, 4) == 4 * size
+    # A leaf that is not factored is the unfactored algorithm's.
+    vector = (1000,)
+    for factored, plain in FACTORED.items():
+        assert algorithms[factored].extra_reads(vector, 4) == algorithms[plain].extra_reads(
+            vector, 4
+        )
+
+
+def test_forced_passes_count_the_state_dtype():
+    shape = (256, 512)
+    size = 256 * 512
+    bf16 = step_time.StateItemsizes(momentum=2, second_moment=2)
+    algorithms = step_time.ALGORITHMS
+    # Apollo re-reads g (float32) and m, d, B (bfloat16).
+    assert algorithms["Apollo"].extra_reads(shape, 4, bf16) == (4 + 3 * 2) * size
+    assert algorithms["Adai"].extra_reads(shape, 4, bf16) == (2 * 4 + 2) * size
+    assert algorithms["Factored Adan"].extra_reads(shape, 4, bf16) == 2 * 2 * size
+    # Parameter-side re-reads do not change.
+    assert algorithms["Adafactor"].extra_reads(shape, 4, bf16) == 3 * 4 * size
+    assert algorithms["Factored Adai"].extra_reads(shape, 4, bf16) == 2 * 4 * size
+
+
+def test_state_itemsizes_read_the_allocated_state():
+    params = {"w": jnp.zeros((256, 128), jnp.float32), "b": jnp.zeros((128,), jnp.float32)}
+    bf16 = {"dtype_momentum": jnp.bfloat16, "dtype_second_moment": jnp.bfloat16}
+    cases = [
+        (optim_zoo.adan(1e-3), (4, 4)),
+        (optim_zoo.adan(1e-3, **bf16), (2, 2)),
+        (optim_zoo.factored_adan(1e-3, **bf16), (2, 2)),
+        (optim_zoo.apollo(1e-2, dtype_second_moment=jnp.bfloat16), (4, 2)),
+        (optim_zoo.factored_adai(0.1, dtype_momentum=jnp.bfloat16), (2, 4)),
+        (optim_zoo.adafactor(dtype_second_moment=jnp.bfloat16), (4, 2)),
+        (optim_zoo.adafactor(momentum=0.9, dtype_momentum=jnp.bfloat16), (2, 4)),
+    ]
+    for tx, (momentum, second_moment) in cases:
+        sizes = step_time.state_itemsizes(tx.init(params), 4)
+        assert (sizes.momentum, sizes.second_moment) == (momentum, second_moment)
+    # A state without optim_zoo's fields (optax's AdamW) gets the defaults.
+    sizes = step_time.state_itemsizes(optax.adamw(1e-3).init(params), 4)
+    assert sizes == step_time.StateItemsizes.default(4)
+
+
+def test_only_selects_by_algorithm_word_library_or_variant():
+    contenders = step_time.all_contenders(with_torch=False)
+
+    def names(word):
+        return {c.name for c in contenders if c.matches({word})}
+
+    assert names("adan") == {
+        "optim_zoo Adan",
+        "optim_zoo [bf16 state] Adan",
+        "optax Adan",
+        "optim_zoo Factored Adan",
+        "optim_zoo [bf16 state] Factored Adan",
+    }
+    assert names("bf16") == {c.name for c in contenders if c.variant}
+    assert len(names("factored")) == 6
 
 
 def test_unknown_filter_is_an_error(tmp_path):
