@@ -17,6 +17,7 @@ from optim_zoo.factored import (
     second_moment_parts,
     second_moment_sum,
     unzip_second_moments,
+    upcast,
     update_second_moment,
 )
 
@@ -164,10 +165,12 @@ def scale_by_adaptive_inertia(
                 strict=True,
             )
         ]
-        stats = [
-            update_second_moment(s, g.astype(dtype), beta2, dims)
+        # Everything below reads v as stored (a no-op unless it is stored narrower).
+        stored_stats = [
+            cast_second_moment(update_second_moment(s, g.astype(dtype), beta2, dims), s)
             for g, s, dims, dtype in zip(grads, old_stats, leaf_dims, dtypes, strict=True)
         ]
+        stats = [upcast(s, dtype) for s, dtype in zip(stored_stats, dtypes, strict=True)]
         num_elements = sum(g.size for g in grads)
         mean_dtype = _checks.compute_dtype(*dtypes)
         total = sum(
@@ -187,16 +190,12 @@ def scale_by_adaptive_inertia(
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
             g_ = _tree.unshared(g.astype(dtype), state.count < 0)
-            new_m = beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_
+            new_m = (beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_).astype(m.dtype)
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - new_prod
             safe_correction = jnp.where(bias_correction == 0, 1, bias_correction)
-            direction = new_m / safe_correction * beta0 ** (1 - dampening)
-            return (
-                direction.astype(g.dtype),
-                new_m.astype(m.dtype),
-                new_prod.astype(beta1_prod.dtype),
-            )
+            direction = new_m.astype(dtype) / safe_correction * beta0 ** (1 - dampening)
+            return direction.astype(g.dtype), new_m, new_prod.astype(beta1_prod.dtype)
 
         results = [
             leaf_update(*args)
@@ -213,7 +212,7 @@ def scale_by_adaptive_inertia(
         direction, m, beta1_prod = (
             [list(column) for column in zip(*results, strict=True)] if results else ([],) * 3
         )
-        stats = [cast_second_moment(new, old) for new, old in zip(stats, old_stats, strict=True)]
+        stats = stored_stats
         if factored:
             v = FactoredSecondMoment(*unzip_second_moments(stats))
         else:

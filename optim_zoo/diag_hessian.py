@@ -134,7 +134,8 @@ def scale_by_rectified_diag_hessian(
         decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
 
         def leaf_update(g, m, hessian, direction, p, decayed):
-            dtype = _checks.compute_dtype(g.dtype, m.dtype, hessian.dtype)
+            m_dtype, hessian_dtype = m.dtype, hessian.dtype
+            dtype = _checks.compute_dtype(g.dtype, m_dtype, hessian_dtype)
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
@@ -154,14 +155,15 @@ def scale_by_rectified_diag_hessian(
             hessian = hessian.astype(dtype)
             hessian_dot = jnp.sum(hessian * direction * direction)
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
-            m = m_ + alpha * grad_diff
+            # The direction reads m and B as stored (a no-op unless stored narrower).
+            m = (m_ + alpha * grad_diff).astype(m_dtype)
             unit = direction / norm4
             unit_sq = jnp.square(unit)
-            hessian = hessian + delta * unit_sq
-            curvature = jnp.maximum(jnp.abs(hessian), sigma)
+            hessian = (hessian + delta * unit_sq).astype(hessian_dtype)
+            curvature = jnp.maximum(jnp.abs(hessian.astype(dtype)), sigma)
             if belief:
                 curvature = curvature + e / alpha
-            direction = m / curvature
+            direction = m.astype(dtype) / curvature
             if decayed and not no_decay:
                 decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
                 direction = direction + decay * p.astype(dtype)

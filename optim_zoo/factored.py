@@ -129,7 +129,10 @@ def update_second_moment(
 ) -> tuple[jax.Array | None, ...]:
     """One EMA step of ``x**2 (+ eps)`` for one leaf's statistics ``(v_row, v_col, v)``.
 
-    The results are in the dtype of `x`; the caller casts them to the stored dtype.
+    The results are in the dtype of `x`; the caller casts them to the stored dtype. On XLA:CPU
+    a reduction fuses no elementwise producer, so when `x` is computed rather than read (as
+    Adan's Nesterov gradient) XLA writes it to one temporary buffer as large as the leaf, which
+    both reductions read.
     """
     v_row, v_col, v = stats
     if dims is None:
@@ -156,6 +159,11 @@ def cast_second_moment(
     )
 
 
+def upcast(stats: tuple[jax.Array | None, ...], dtype: jnp.dtype) -> tuple[jax.Array | None, ...]:
+    """One leaf's statistics in the arithmetic's dtype (a no-op when stored in it)."""
+    return tuple(None if x is None else x.astype(dtype) for x in stats)
+
+
 def unzip_second_moments(
     per_leaf: list[tuple[jax.Array | None, ...]],
 ) -> tuple[tuple[jax.Array | None, ...], ...]:
@@ -163,6 +171,17 @@ def unzip_second_moments(
     if not per_leaf:
         return (), (), ()
     return tuple(tuple(column) for column in zip(*per_leaf, strict=True))
+
+
+def broadcastable_stats(
+    stats: tuple[jax.Array | None, ...], dims: tuple[int, int] | None
+) -> list[jax.Array]:
+    """One leaf's statistics, each expanded to broadcast against the leaf (for ordering)."""
+    v_row, v_col, v = stats
+    if dims is None:
+        return [v]
+    small_axis, large_axis = dims
+    return [jnp.expand_dims(v_row, large_axis), jnp.expand_dims(v_col, small_axis)]
 
 
 def second_moment_parts(
@@ -297,10 +316,11 @@ def scale_by_factored_rms(
             step = (state.count - decay_offset + 1).astype(dtype)
             decay = 1 - step ** (-jnp.asarray(decay_rate, dtype))
             g_ = g.astype(dtype)
-            new = update_second_moment(stats, g_, decay, dims, eps)
-            row_factor, col_factor = second_moment_parts(new, dims, jax.lax.rsqrt)
+            # The update reads the statistics as stored (a no-op unless stored narrower).
+            new = cast_second_moment(update_second_moment(stats, g_, decay, dims, eps), stats)
+            row_factor, col_factor = second_moment_parts(upcast(new, dtype), dims, jax.lax.rsqrt)
             new_updates.append((g_ * row_factor * col_factor).astype(g.dtype))
-            new_stats.append(cast_second_moment(new, stats))
+            new_stats.append(new)
         v_row, v_col, v = unzip_second_moments(new_stats)
         new_state = ScaleByFactoredRmsState(
             count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v

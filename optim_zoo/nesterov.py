@@ -11,11 +11,13 @@ import optax
 from optim_zoo import _checks, _tree
 from optim_zoo.factored import (
     FactoredSecondMoment,
+    broadcastable_stats,
     cast_second_moment,
     factored_dims,
     init_second_moment,
     second_moment_parts,
     unzip_second_moments,
+    upcast,
     update_second_moment,
 )
 
@@ -139,6 +141,7 @@ def scale_by_nesterov_moment(
         del params
         count = optax.safe_increment(state.count)
         is_first = state.count == 0
+        never = state.count < 0  # a traced False, for _tree.unshared and _tree.ordered_after
         grads, treedef = jax.tree.flatten(updates)
         if factored:
             n_stats = list(zip(state.n.v_row, state.n.v_col, state.n.v, strict=True))
@@ -152,21 +155,22 @@ def scale_by_nesterov_moment(
             dtype = _checks.compute_dtype(g.dtype, *stored)
             t = count.astype(dtype)
             g_ = g.astype(dtype)
+
             # The official code starts prev_grad at the first gradient: no difference on step 1.
             diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev_grad.astype(dtype))
-            m = b1 * m.astype(dtype) + (1 - b1) * g_
-            v = b2 * v.astype(dtype) + (1 - b2) * diff
+            # The direction reads the state as stored (a no-op unless it is stored narrower).
+            m = (b1 * m.astype(dtype) + (1 - b1) * g_).astype(moment_dtype)
+            v = (b2 * v.astype(dtype) + (1 - b2) * diff).astype(moment_dtype)
             new_stats = update_second_moment(stats, g_ + b2 * diff, b3, dims)
-            row_part, col_part = second_moment_parts(new_stats, dims)
-            n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
-            numerator = m / (1 - b1**t) + b2 * v / (1 - b2**t)
-            direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
-            v = v.astype(moment_dtype)
             new_stats = cast_second_moment(new_stats, stats)
+            row_part, col_part = second_moment_parts(upcast(new_stats, dtype), dims)
+            n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
+            numerator = m.astype(dtype) / (1 - b1**t) + b2 * v.astype(dtype) / (1 - b2**t)
+            direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
             # v and n read the old prev_grad: overwrite it (in place, when donated) only after.
-            late = [x for x in (v, new_stats[2]) if x is not None]
-            prev_grad = _tree.ordered_after(g.astype(moment_dtype), state.count < 0, *late)
-            return direction.astype(g.dtype), m.astype(moment_dtype), v, new_stats, prev_grad
+            late = [v, *broadcastable_stats(new_stats, dims)]
+            prev_grad = _tree.ordered_after(g.astype(moment_dtype), never, *late)
+            return direction.astype(g.dtype), m, v, new_stats, prev_grad
 
         results = [
             leaf_update(*args)
