@@ -7,6 +7,13 @@ belief rebound and stable decay (a per-tensor max, sums and a mean); Adai with L
 (each a global mean). The configurations are factories plus keyword arguments so that
 `optax.inject_hyperparams` can wrap them.
 
+The sharded runs add `SHARDED_ONLY` to `OPTIMIZERS`: the new combinations factored_adan and
+factored_adai, whose factored statistics must be sharded like their matrices minus the reduced
+axis, and Adan with bfloat16 state. The single-device ecosystem tests (`test_wrappers.py` and
+the others) keep per-name tables for the five paper optimizers, so they see those five only.
+To run a sharded file directly with its additions, set `OPTIM_ZOO_SHARDED_TEST_FILE` to its
+name (e.g. `mesh_jax.py`) as well as `XLA_FLAGS`.
+
 `run_pytest_on_host_devices` runs a test file in a fresh interpreter with 8 host CPU devices.
 `--xla_force_host_platform_device_count` is read once, when jax initialises its backends, and
 the main pytest process (or another test module, or a conftest) may already have initialised
@@ -51,6 +58,39 @@ OPTIMIZERS = [
     ("adaiw", optim_zoo.adaiw, {"learning_rate": 0.1, "weight_decay": 1e-3}),
 ]
 
+# Per sharded test file, the configurations it runs besides `OPTIMIZERS`. mesh_nnx.py finds a
+# statistic's name as the first of ("v_row", "v_col", "v") on its path, which for factored
+# Adai's `v.v_row` is the state field `v`, so factored_adai runs in mesh_jax.py only; the
+# bfloat16 state, which changes no sharding, too.
+_FACTORED_ADAN = (
+    "factored_adan",
+    optim_zoo.factored_adan,
+    {"learning_rate": 1e-2, "weight_decay": 1e-2, "min_dim_size_to_factor": 2},
+)
+_FACTORED_ADAI = (
+    "factored_adai",
+    optim_zoo.factored_adai,
+    {"learning_rate": 0.1, "weight_decay": 1e-3, "min_dim_size_to_factor": 2},
+)
+# Elementwise, so the sharded run equals the single-device one bit for bit even in bfloat16.
+_ADAN_BF16_STATE = (
+    "adan_bf16_state",
+    optim_zoo.adan,
+    {
+        "learning_rate": 1e-2,
+        "weight_decay": 1e-2,
+        "dtype_momentum": "bfloat16",
+        "dtype_second_moment": "bfloat16",
+    },
+)
+SHARDED_ONLY = {
+    "mesh_jax.py": [_FACTORED_ADAN, _FACTORED_ADAI, _ADAN_BF16_STATE],
+    "mesh_nnx.py": [_FACTORED_ADAN],
+}
+# Set by `run_pytest_on_host_devices` to the file its subprocess runs.
+_SHARDED_FILE_VARIABLE = "OPTIM_ZOO_SHARDED_TEST_FILE"
+OPTIMIZERS = OPTIMIZERS + SHARDED_ONLY.get(os.environ.get(_SHARDED_FILE_VARIABLE, ""), [])
+
 OPTIMIZER_IDS = [name for name, _, _ in OPTIMIZERS]
 
 NUM_HOST_DEVICES = 8
@@ -75,6 +115,7 @@ def run_pytest_on_host_devices(test_file: str, timeout: float = 600.0) -> str:
     flag = f"--xla_force_host_platform_device_count={NUM_HOST_DEVICES}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env[_SHARDED_FILE_VARIABLE] = test_file
     command = [
         sys.executable,
         "-m",

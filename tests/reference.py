@@ -407,6 +407,172 @@ def adaiw(learning_rate: LearningRate, **kwargs) -> Adai:
 
 
 # --------------------------------------------------------------------------------------------
+# Factored Adan and Adai: optim_zoo's own combinations (no paper, no official code). Written from
+# the rule in the docstrings of optim_zoo.factored_adan / factored_adai: the second moment of
+# each leaf that `factored_dims` factors is kept as EMAs R, C of the mean square over its two
+# largest axes and read as (R / mean(R)) * C, zero where mean(R) = 0; other leaves keep it full.
+# --------------------------------------------------------------------------------------------
+class FactoredSquare:
+    """EMA of ``x**2`` for one leaf, full or factored; ``estimate()`` rebuilds the full array."""
+
+    def __init__(self, shape: tuple[int, ...], min_dim_size_to_factor: int):
+        self.axes = factored_dims(shape, min_dim_size_to_factor)
+        if self.axes is None:
+            self.full = np.zeros(shape)
+        else:
+            second, largest = self.axes
+            # Kept with keepdims: R lacks the largest axis, C the second-largest.
+            self.row = np.zeros([1 if a == largest else d for a, d in enumerate(shape)])
+            self.col = np.zeros([1 if a == second else d for a, d in enumerate(shape)])
+
+    def update(self, x: np.ndarray, decay: float) -> None:
+        if self.axes is None:
+            self.full = decay * self.full + (1 - decay) * x * x
+            return
+        second, largest = self.axes
+        self.row = decay * self.row + (1 - decay) * np.mean(x * x, axis=largest, keepdims=True)
+        self.col = decay * self.col + (1 - decay) * np.mean(x * x, axis=second, keepdims=True)
+
+    def estimate(self) -> np.ndarray:
+        if self.axes is None:
+            return self.full.copy()
+        second, _ = self.axes
+        # mean(R) per batch slice; where it is 0 (no non-zero gradient yet) the estimate is 0.
+        row_mean = np.mean(self.row, axis=second, keepdims=True)
+        ratio = np.where(row_mean > 0, self.row / np.where(row_mean > 0, row_mean, 1.0), 0.0)
+        return ratio * self.col
+
+
+class FactoredAdan:
+    """Adan (as ``Adan`` above) with ``n`` kept by ``FactoredSquare`` (decay b3)."""
+
+    def __init__(
+        self,
+        learning_rate: LearningRate,
+        b1: float = 0.98,
+        b2: float = 0.92,
+        b3: float = 0.99,
+        eps: float = 1e-8,
+        eps_root: float = 0.0,
+        weight_decay: float = 0.0,
+        no_prox: bool = False,
+        weight_decay_mask: Sequence[bool] | None = None,
+        max_grad_norm: float | None = None,
+        min_dim_size_to_factor: int = 128,
+    ):
+        self.learning_rate = learning_rate
+        self.b1, self.b2, self.b3 = b1, b2, b3
+        self.eps, self.eps_root = eps, eps_root
+        self.weight_decay = weight_decay
+        self.no_prox = no_prox
+        self.weight_decay_mask = weight_decay_mask
+        self.max_grad_norm = max_grad_norm
+        self.min_dim_size_to_factor = min_dim_size_to_factor
+        self.count = 0
+        self.m = self.v = self.n = self.prev_grad = None
+
+    def step(self, params: Leaves, grads: Leaves) -> Leaves:
+        b1, b2, b3 = self.b1, self.b2, self.b3
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+            self.n = [FactoredSquare(p.shape, self.min_dim_size_to_factor) for p in params]
+        lr = _lr_at(self.learning_rate, self.count)
+        self.count += 1
+        t = self.count
+
+        if self.max_grad_norm is not None:
+            global_norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
+            factor = min(self.max_grad_norm / (global_norm + self.eps), 1.0)
+            grads = [g * factor for g in grads]
+        if self.prev_grad is None:
+            self.prev_grad = [g.copy() for g in grads]
+
+        decay_mask = _mask_or_all(self.weight_decay_mask, len(params))
+        new_params = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            diff = g - self.prev_grad[i]
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * diff
+            self.n[i].update(g + b2 * diff, b3)
+            n_hat = self.n[i].estimate() / (1 - b3**t)
+            numerator = self.m[i] / (1 - b1**t) + b2 * self.v[i] / (1 - b2**t)
+            direction = numerator / (np.sqrt(n_hat + self.eps_root) + self.eps)
+            self.prev_grad[i] = g.copy()
+
+            wd = self.weight_decay if decay_mask[i] else 0.0
+            if self.no_prox:
+                new_params.append(p * (1 - lr * wd) - lr * direction)
+            else:
+                new_params.append((p - lr * direction) / (1 + lr * wd))
+        return new_params
+
+
+class FactoredAdai:
+    """Adai (as ``Adai`` above) with ``v`` kept by ``FactoredSquare`` (decay beta2).
+
+    The estimate replaces ``v`` everywhere Adai reads it, the global mean ``v_bar`` included.
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate,
+        beta0: float = 0.1,
+        beta2: float = 0.99,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        weight_decay_mask: Sequence[bool] | None = None,
+        dampening: float = 1.0,
+        min_dim_size_to_factor: int = 128,
+    ):
+        self.learning_rate = learning_rate
+        self.beta0, self.beta2, self.eps = beta0, beta2, eps
+        self.weight_decay = weight_decay
+        self.decoupled = decoupled
+        self.weight_decay_mask = weight_decay_mask
+        self.dampening = dampening
+        self.min_dim_size_to_factor = min_dim_size_to_factor
+        self.count = 0
+        self.m = self.v = self.beta1_prod = None
+
+    def step(self, params: Leaves, grads: Leaves) -> Leaves:
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [FactoredSquare(p.shape, self.min_dim_size_to_factor) for p in params]
+            self.beta1_prod = [np.ones_like(p) for p in params]
+        lr = _lr_at(self.learning_rate, self.count)
+        self.count += 1
+        t = self.count
+        beta0, beta2, damp = self.beta0, self.beta2, self.dampening
+        decay_mask = _mask_or_all(self.weight_decay_mask, len(params))
+
+        grads = list(grads)
+        v_hat = []
+        for i, p in enumerate(params):
+            wd = self.weight_decay if decay_mask[i] else 0.0
+            if not self.decoupled:
+                grads[i] = grads[i] + wd * p
+            self.v[i].update(grads[i], beta2)
+            v_hat.append(self.v[i].estimate() / (1 - beta2**t))
+        v_bar = sum(float(np.sum(x)) for x in v_hat) / sum(x.size for x in v_hat)
+
+        new_params = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            ratio = v_hat[i] / v_bar if v_bar != 0.0 else np.zeros_like(v_hat[i])
+            beta1 = np.clip(1 - beta0 * ratio ** (1 / (3 - 2 * damp)), 0.0, 1 - self.eps)
+            self.beta1_prod[i] = self.beta1_prod[i] * beta1
+            self.m[i] = beta1 * self.m[i] + (1 - beta1) ** damp * g
+            direction = self.m[i] / (1 - self.beta1_prod[i]) * beta0 ** (1 - damp)
+            wd = self.weight_decay if decay_mask[i] else 0.0
+            if self.decoupled:
+                new_params.append(p * (1 - lr * wd) - lr * direction)
+            else:
+                new_params.append(p - lr * direction)
+        return new_params
+
+
+# --------------------------------------------------------------------------------------------
 # Driver.
 # --------------------------------------------------------------------------------------------
 GradFn = Callable[[Leaves, int], Leaves]

@@ -67,6 +67,37 @@ OPTIMIZERS = [
     ("adai_l2", optim_zoo.adai, {**_ADAI, "weight_decay": 1e-4}),
     ("adaiw", optim_zoo.adaiw, {**_ADAI, "weight_decay": 1e-4}),
     ("adai_dampening", optim_zoo.adai, {**_ADAI, "dampening": 0.5}),
+    # New combinations, with their matrices factored (min_dim_size_to_factor=2); 16-bit state
+    # spelled as the callable jnp.bfloat16 (which inject_hyperparams takes for a schedule) and as
+    # a string.
+    (
+        "factored_adan_bf16_state",
+        optim_zoo.factored_adan,
+        {
+            **_ADAN,
+            "weight_decay": 1e-4,
+            "min_dim_size_to_factor": 2,
+            "dtype_momentum": jnp.bfloat16,
+            "dtype_second_moment": jnp.bfloat16,
+        },
+    ),
+    (
+        "factored_adai",
+        optim_zoo.factored_adai,
+        {**_ADAI, "weight_decay": 1e-4, "min_dim_size_to_factor": 2},
+    ),
+    (
+        "factored_adaiw_bf16_state",
+        optim_zoo.factored_adai,
+        {
+            **_ADAI,
+            "weight_decay": 1e-4,
+            "decoupled": True,
+            "min_dim_size_to_factor": 2,
+            "dtype_momentum": "bfloat16",
+            "dtype_second_moment": "bfloat16",
+        },
+    ),
 ]
 
 _NUM_STEPS = 10_000
@@ -230,11 +261,17 @@ _FLOAT_OVERRIDES = {
     optim_zoo.apollo: {"beta": 0.8, "eps": 1e-3},
     optim_zoo.adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
     optim_zoo.adaiw: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
+    optim_zoo.factored_adan: {"b1": 0.9, "b2": 0.95, "b3": 0.95, "eps": 1e-6},
+    optim_zoo.factored_adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
 }
 # Only shape-deciding ints are static. `dtype_momentum` (a callable such as `jnp.float32`) is
 # taken for a schedule by inject_hyperparams; optim_zoo.adafactor reads the dtype of the value
 # that schedule yields, so it need not be named here (optax.adafactor needs it to be).
-_STATIC_ARGS = {optim_zoo.adafactor: ("min_dim_size_to_factor",)}
+_STATIC_ARGS = {
+    optim_zoo.adafactor: ("min_dim_size_to_factor",),
+    optim_zoo.factored_adan: ("min_dim_size_to_factor",),
+    optim_zoo.factored_adai: ("min_dim_size_to_factor",),
+}
 
 
 def _injected_and_plain(factory, kwargs):
@@ -497,7 +534,7 @@ def test_weight_decay_mask(name, factory, kwargs):
         for key in ("b", "w"):
             assert not np.allclose(decayed_params[key], undecayed_params[key], rtol=1e-8, atol=0)
 
-        if factory in (optim_zoo.adai, optim_zoo.adaiw):
+        if factory in (optim_zoo.adai, optim_zoo.adaiw, optim_zoo.factored_adai):
             reference = _masked_adai_reference(
                 factory, kwargs, kwargs[decay_key], mask, objective, params, num_steps
             )

@@ -61,6 +61,17 @@ EDGE_OPTIMIZERS = [
     ("adai", optim_zoo.adai, {"learning_rate": 0.05}),
     ("adaiw", optim_zoo.adaiw, {"learning_rate": 0.05, "weight_decay": 1e-4}),
     ("adai_dampening", optim_zoo.adai, {"learning_rate": 0.05, "dampening": 0.5}),
+    # Factored second moments on every matrix, the (0, 5) one excepted (never factored).
+    (
+        "factored_adan",
+        optim_zoo.factored_adan,
+        {"learning_rate": 0.01, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
+    ),
+    (
+        "factored_adai",
+        optim_zoo.factored_adai,
+        {"learning_rate": 0.05, "min_dim_size_to_factor": 2},
+    ),
 ]
 
 _ALL = pytest.mark.parametrize(

@@ -14,6 +14,9 @@ _BASE = {
     "apollo": {"learning_rate": 0.01},
     "adai": {"learning_rate": 0.1},
     "adaiw": {"learning_rate": 0.1},
+    # The 2 x 2 matrix of the tests below is factored.
+    "factored_adan": {"learning_rate": 0.01, "min_dim_size_to_factor": 2},
+    "factored_adai": {"learning_rate": 0.1, "min_dim_size_to_factor": 2},
 }
 _ALIASES = tuple(_BASE)
 
@@ -54,6 +57,20 @@ _INVALID = [
     ("adafactor", "decay_rate", 0.0),
     ("adafactor", "decay_rate", -0.5),
     ("adafactor", "decay_rate", 1.5),
+    # factored_adan and factored_adai: their own argument, and those they share.
+    *[(alias, "min_dim_size_to_factor", -1) for alias in ("factored_adan", "factored_adai")],
+    *[("factored_adan", b, 1.0) for b in ("b1", "b2", "b3")],
+    ("factored_adan", "eps_root", -1e-9),
+    ("factored_adai", "beta0", -0.1),
+    ("factored_adai", "beta2", 1.0),
+    *[(alias, "dampening", v) for alias in ("adai", "factored_adai") for v in (-0.1, 1.5)],
+    # State dtypes, on every optimizer: None or a floating-point dtype.
+    *[
+        (alias, argument, value)
+        for alias in _ALIASES
+        for argument in ("dtype_momentum", "dtype_second_moment")
+        for value in (jnp.int32, "not-a-dtype", jnp.bool_, "complex64")
+    ],
 ]
 
 
@@ -100,6 +117,15 @@ _VALID = [
     ("adai", {"learning_rate": 0.0, "weight_decay": 0.0}),
     ("adaiw", {"beta0": 50.0, "beta2": 0.0}),
     ("adaiw", {"weight_decay": 0.0}),
+    ("factored_adan", {"min_dim_size_to_factor": 0}),
+    ("factored_adan", {"b1": 0.0, "b2": 0.0, "b3": 0.0, "weight_decay": 0.1, "no_prox": True}),
+    ("factored_adai", {"min_dim_size_to_factor": 0, "dampening": 0.0}),
+    ("factored_adai", {"beta2": 0.0, "decoupled": True, "weight_decay": 0.1}),
+    *[
+        (alias, {"dtype_momentum": momentum, "dtype_second_moment": second})
+        for alias in _ALIASES
+        for momentum, second in ((None, None), ("bfloat16", jnp.float16), (jnp.float32, "float32"))
+    ],
 ]
 
 
@@ -136,6 +162,8 @@ _ARRAY_CASES = [
     ("adafactor", "clipping_threshold", 0.5),
     ("adafactor", "momentum", 1.0),
     ("adafactor", "decay_rate", 0.0),
+    ("factored_adan", "b3", 1.0),
+    ("factored_adai", "beta2", 1.5),
 ]
 
 
@@ -166,6 +194,10 @@ _TRACED_CASES = [
     ("adai", "learning_rate", 0.05),
     ("adai", "beta0", 0.2),
     ("adaiw", "weight_decay", 0.01),
+    ("factored_adan", "b3", 0.9),
+    ("factored_adan", "weight_decay", 0.01),
+    ("factored_adai", "beta2", 0.9),
+    ("factored_adai", "beta0", 0.2),
 ]
 
 
