@@ -97,11 +97,12 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
     if value is None:
         return None
     if isinstance(value, jax.Array):
-        return value.dtype
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
+        dtype = value.dtype
+    else:
+        try:
+            dtype = jnp.dtype(value)
+        except TypeError:
+            dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
     return dtype

@@ -85,7 +85,7 @@ _ADAN_BF16_STATE = (
 )
 SHARDED_ONLY = {
     "mesh_jax.py": [_FACTORED_ADAN, _FACTORED_ADAI, _ADAN_BF16_STATE],
-    "mesh_nnx.py": [_FACTORED_ADAN],
+    "mesh_nnx.py": [_FACTORED_ADAN, _FACTORED_ADAI],
 }
 # Set by `run_pytest_on_host_devices` to the file its subprocess runs.
 _SHARDED_FILE_VARIABLE = "OPTIM_ZOO_SHARDED_TEST_FILE"

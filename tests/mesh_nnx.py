@@ -102,8 +102,9 @@ def _expected_spec(path, leaf, param_keys) -> tuple:
     if keys[-2:] in SPECS:  # A full-size leaf mapped from a parameter.
         return _padded(SPECS[keys[-2:]], leaf.ndim)
     attrs = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
-    statistic = next((a for a in attrs if a in ("v_row", "v_col", "v")), None)
-    if statistic is not None:  # Adafactor's per-leaf tuples.
+    # The last name on the path: factored Adai's statistics sit at `v.v_row`, under `v`.
+    statistic = next((a for a in reversed(attrs) if a in ("v_row", "v_col", "v")), None)
+    if statistic is not None:  # Per-leaf tuples of factored statistics.
         index = next(k.idx for k in reversed(path) if isinstance(k, jax.tree_util.SequenceKey))
         key = param_keys[index]
         spec = list(_padded(SPECS[key], 2 if key[1] == "kernel" else 1))

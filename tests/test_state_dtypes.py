@@ -348,11 +348,6 @@ def test_primitives_reject_non_floating_dtypes(primitive, argument, value):
         factory(**{argument: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_dtype returns the dtype of any jax array without checking that it is a "
-    "floating-point dtype, so an injected integer dtype is accepted",
-)
 def test_inject_hyperparams_rejects_an_integer_dtype():
     tx = optax.inject_hyperparams(optim_zoo.adan)(learning_rate=0.1, dtype_momentum=jnp.int32)
     with pytest.raises(ValueError, match="dtype_momentum"):
