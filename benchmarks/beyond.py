@@ -1,0 +1,900 @@
+"""Beyond the papers: factored Adan and Adai, and bfloat16 optimizer state, on the study's tasks.
+
+Three pieces of evidence for options of optim_zoo that no paper tested, all on the problems and
+under the protocol of the study (`benchmarks/study.py`, results in `results/study/`):
+
+1. Factored variants under the study's full protocol (a learning-rate grid on seed 0, the chosen
+   rate on seeds 1, 2 and 3) on all six tasks: `optim_zoo.factored_adan`,
+   `optim_zoo.factored_adai`, and `optim_zoo.factored_adai(decoupled=True)` (factored AdaiW),
+   each with its original's main-job hyperparameters and grid, and `min_dim_size_to_factor=8`
+   like the Adafactor contender, so that every weight matrix is factored. Compared with the
+   originals and AdamW of the committed study (`results/study/study.json`).
+2. bfloat16 state storage: each of the five optimizers with its moments stored in bfloat16
+   (float32 params), at the original's chosen learning rate in the committed study and the same
+   four seeds, against the same runs with float32 state: an A/B of the storage alone.
+3. The public golden problem (`tests/test_goldens.py`, every package configuration) for 5 and
+   200 steps with float32 params: bfloat16 against float32 state, and float32 against float64
+   for scale.
+
+    python benchmarks/beyond.py            # full: writes results/beyond/ (~20 min, 2 shared cores)
+    python benchmarks/beyond.py --quick    # every code path at tiny sizes (used by the tests)
+
+Part 3 imports `tests/test_goldens.py`, so it needs the test extras (pytest, chex).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optim_zoo
+from benchmarks import _study_tasks as tasks_lib
+from benchmarks import compare, study
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS_DIR / "beyond"
+QUICK_OUT_DIR = RESULTS_DIR / "beyond_quick"
+STUDY_JSON = RESULTS_DIR / "study" / "study.json"
+
+SEEDS = (study.SELECTION_SEED, *study.REPORT_SEEDS)
+# As the Adafactor contender: every weight matrix of the study's models has both axes >= 8.
+MIN_DIM_SIZE_TO_FACTOR = 8
+BF16 = jnp.dtype(jnp.bfloat16)
+GOLDEN_STEPS = {"full": (5, 200), "quick": (5, 20)}
+# Quick mode runs every code path once: one neural task (with the Hessian, factored matrices) and
+# one landscape (nothing to factor), and the first golden configuration of each optimizer.
+QUICK_TASKS = ("digits_mlp", "quadratic")
+BASELINE = study.BASELINE
+
+# name -> (factory, the study's optimizer it varies, extra keyword arguments)
+FACTORED = {
+    "optim_zoo.factored_adan": (optim_zoo.factored_adan, "optim_zoo.adan", {}),
+    "optim_zoo.factored_adai": (optim_zoo.factored_adai, "optim_zoo.adai", {}),
+    "optim_zoo.factored_adai(decoupled=True)": (
+        optim_zoo.factored_adai,
+        "optim_zoo.adaiw",
+        {"decoupled": True},
+    ),
+}
+BF16_SUFFIX = " [bf16 state]"
+
+
+def _study_method(name: str) -> study.Method:
+    return next(m for m in study.METHODS if m.name == name)
+
+
+def factored_methods() -> tuple[study.Method, ...]:
+    """The factored variants: the original's main-job arguments, its grid centre, factoring."""
+    methods = []
+    for name, (factory, original, extra) in FACTORED.items():
+        base = _study_method(original)
+        kwargs = {
+            **base.contender.kwargs,
+            **extra,
+            "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR,
+        }
+        methods.append(study.Method(compare.Contender(name, factory, kwargs), base.center_lr))
+    return tuple(methods)
+
+
+def original_methods() -> tuple[study.Method, ...]:
+    """The study's five optim_zoo optimizers, unchanged (float32 state for float32 params)."""
+    return tuple(m for m in study.METHODS if m.name.startswith("optim_zoo."))
+
+
+def bf16_state_method(method: study.Method) -> study.Method:
+    """`method` with its moments stored in bfloat16; Adafactor's contender has no momentum."""
+    if method.contender.factory is optim_zoo.adafactor:
+        dtypes = {"dtype_second_moment": BF16}
+    else:
+        dtypes = {"dtype_momentum": BF16, "dtype_second_moment": BF16}
+    contender = method.contender
+    return study.Method(
+        compare.Contender(
+            contender.name + BF16_SUFFIX, contender.factory, {**contender.kwargs, **dtypes}
+        ),
+        method.center_lr,
+    )
+
+
+# --- Which leaves are factored ------------------------------------------------------------------
+
+
+def _factored_statistics(state: Any) -> list[Any]:
+    """Every FactoredSecondMoment or ScaleByFactoredRmsState inside an optimizer state."""
+    if isinstance(state, optim_zoo.FactoredSecondMoment | optim_zoo.ScaleByFactoredRmsState):
+        return [state]
+    if isinstance(state, tuple):
+        return [found for child in state for found in _factored_statistics(child)]
+    return []
+
+
+def factored_leaves(task: tasks_lib.Task, method: study.Method) -> dict[str, Any]:
+    """The parameter leaves whose second moment the method keeps as a row and a column."""
+    params, state = study._state_shapes(task, method)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    found = _factored_statistics(state)
+    factored = []
+    for stats in found:
+        for i, (path, leaf) in enumerate(leaves):
+            if stats.v_row[i] is not None:
+                floats = int(math.prod(stats.v_row[i].shape) + math.prod(stats.v_col[i].shape))
+                factored.append(
+                    {
+                        "param": jax.tree_util.keystr(path),
+                        "shape": [int(d) for d in leaf.shape],
+                        "second_moment_floats": floats,
+                        "full_floats": int(math.prod(leaf.shape)),
+                    }
+                )
+    return {
+        "factored": len(factored),
+        "leaves": len(leaves),
+        "matrices": sum(len(leaf.shape) == 2 for _, leaf in leaves),
+        "details": factored,
+    }
+
+
+# --- Comparing final metrics over seeds ---------------------------------------------------------
+
+
+def compare_finals(variant: dict[str, Any], reference: dict[str, Any], higher: bool) -> dict:
+    """Variant against reference on one final metric, each a `study._summary` over seeds.
+
+    "worse" (or "better") when the means differ by more than the larger of the two seed
+    standard deviations in the worse (better) direction, as in the study's Apollo claim;
+    otherwise "level". A diverged run is worse than any finite one. `paired` is the mean and
+    standard deviation of the per-seed differences (variant - reference) when both ran the same
+    seeds.
+    """
+    v_finite, r_finite = variant["finite"], reference["finite"]
+    result: dict[str, Any] = {"difference": None, "tolerance": None, "paired": None}
+    if not (v_finite and r_finite):
+        if v_finite == r_finite:
+            result["verdict"] = "both diverged"
+        else:
+            result["verdict"] = "worse" if not v_finite else "better"
+        return result
+    difference = variant["mean"] - reference["mean"]
+    gain = difference if higher else -difference
+    tolerance = max(variant["std"], reference["std"])
+    result["difference"] = difference
+    result["tolerance"] = tolerance
+    result["verdict"] = "worse" if gain < -tolerance else "better" if gain > tolerance else "level"
+    pairs = np.asarray(variant["per_seed"], np.float64) - np.asarray(
+        reference["per_seed"], np.float64
+    )
+    result["paired"] = {
+        "mean": float(pairs.mean()),
+        "std": float(pairs.std(ddof=1)) if len(pairs) > 1 else 0.0,
+    }
+    return result
+
+
+def _compare_all(variant: dict, reference: dict, task: dict[str, Any]) -> dict[str, Any]:
+    higher = set(task["higher_is_better"])
+    return {
+        metric: compare_finals(
+            variant["final"][metric], reference["final"][metric], metric in higher
+        )
+        for metric in task["metric_labels"]
+    }
+
+
+def _max_seed_difference(row: dict, reference: dict, metrics: Sequence[str]) -> float | None:
+    """Largest |row - reference| over seeds and metrics (None if either diverged anywhere)."""
+    worst = 0.0
+    for metric in metrics:
+        a = np.asarray(row["final"][metric]["per_seed"], np.float64)
+        b = np.asarray(reference["final"][metric]["per_seed"], np.float64)
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+            return None
+        worst = max(worst, float(np.max(np.abs(a - b))))
+    return worst
+
+
+# --- Training at one fixed learning rate --------------------------------------------------------
+
+
+def run_fixed_rate(
+    runner: Any, method: study.Method, learning_rate: float, progress: bool
+) -> dict[str, Any]:
+    """The four seeds side by side at one learning rate (no selection); a study-like row."""
+    started = time.perf_counter()
+    task = runner.task
+    curves, _ = runner.trainer(method).run(
+        [learning_rate] * len(SEEDS),
+        SEEDS,
+        f"{task.name} {method.name.split('.')[-1]} lr {learning_rate:g}",
+        progress,
+    )
+    _, state = study._state_shapes(task, method)
+    return {
+        "optimizer": method.name,
+        "fixed_hyperparameters": method.fixed_hyperparameters(task.steps),
+        "lr": learning_rate,
+        "seeds": list(SEEDS),
+        "curves": {
+            "step": list(range(0, task.steps + 1, task.eval_every)),
+            **{
+                name: {
+                    "mean": curve.mean(axis=0).tolist(),
+                    "min": curve.min(axis=0).tolist(),
+                    "max": curve.max(axis=0).tolist(),
+                }
+                for name, curve in curves.items()
+            },
+        },
+        "final": {
+            name: study._summary(study._final(curve, task.final_window))
+            for name, curve in curves.items()
+        },
+        "state_bytes": study._nbytes(state),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# --- One task -----------------------------------------------------------------------------------
+
+
+def run_task(name: str, mode: str, originals: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Parts 1 and 2 on one task; `originals` is the committed study's entry for the task."""
+    sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
+    task = tasks_lib.TASK_BUILDERS[name](sizes)
+    runner = study._TaskRunner(task, mode)
+
+    methods = factored_methods()
+    result = study.run_task(task, methods, mode, progress, runner=runner)
+    for method in methods:
+        row = result["results"][method.name]
+        original = FACTORED[method.name][1]
+        row["original"] = original
+        row["factored_leaves"] = factored_leaves(task, method)
+        row["vs_original"] = _compare_all(row, originals["results"][original], result)
+        row["vs_adamw"] = _compare_all(row, originals["results"][BASELINE], result)
+        # On the landscapes nothing is factored: the variant must repeat its original's runs.
+        row["max_difference_from_original"] = _max_seed_difference(
+            row, originals["results"][original], task.metric_labels
+        )
+    result["factored"] = result.pop("results")
+
+    storage = {}
+    for method in original_methods():
+        learning_rate = originals["results"][method.name]["best_lr"]
+        float32 = run_fixed_rate(runner, method, learning_rate, progress)
+        bfloat16 = run_fixed_rate(runner, bf16_state_method(method), learning_rate, progress)
+        storage[method.name] = {
+            "lr": learning_rate,
+            "float32": float32,
+            "bfloat16": bfloat16,
+            "bf16_vs_f32": _compare_all(bfloat16, float32, result),
+            "bytes_saved": float32["state_bytes"] - bfloat16["state_bytes"],
+            # The float32 rerun against the committed study's four runs (meaningful in full
+            # mode only): its seed 0 ran in a batch of four rather than in the grid's batch.
+            "f32_max_difference_from_study": _max_seed_difference(
+                float32, originals["results"][method.name], task.metric_labels
+            ),
+        }
+    result["bf16_state"] = storage
+    return result
+
+
+# --- Part 3: the golden problem -----------------------------------------------------------------
+
+
+class _StateDtypes:
+    """`optim_zoo` as the golden cases see it, with every state dtype forced.
+
+    Every factory that takes `dtype_second_moment` (and `dtype_momentum`, where it has one) is
+    called with the given dtypes, overriding a case's own choice; everything else is optim_zoo's.
+    """
+
+    def __init__(self, momentum: jnp.dtype, second_moment: jnp.dtype):
+        self._dtypes = {"dtype_momentum": momentum, "dtype_second_moment": second_moment}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(optim_zoo, name)
+        if not callable(attr) or inspect.isclass(attr):
+            return attr
+        accepted = inspect.signature(attr).parameters
+        if "dtype_second_moment" not in accepted:
+            return attr
+        forced = {k: v for k, v in self._dtypes.items() if k in accepted}
+        return lambda *args, **kwargs: attr(*args, **{**kwargs, **forced})
+
+
+@contextlib.contextmanager
+def _state_dtypes(goldens: Any, momentum: jnp.dtype, second_moment: jnp.dtype) -> Iterator[None]:
+    with mock.patch.object(goldens, "_zoo", lambda: _StateDtypes(momentum, second_moment)):
+        yield
+
+
+def _golden_trajectory(
+    goldens: Any,
+    make_tx: Callable[[], optax.GradientTransformation],
+    names: Sequence[str],
+    dtype: jnp.dtype,
+    steps: int,
+    compiler_options: dict | None,
+) -> list[dict[str, np.ndarray]]:
+    """Params after each of `steps` steps; the golden's gradient formula from the current params.
+
+    The gradient is evaluated in float64 (`test_goldens.leaf_grad`) and rounded to `dtype`.
+    """
+    tx = make_tx()
+    params = {n: jnp.asarray(p, dtype) for n, p in goldens.initial_params(names).items()}
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, compiler_options=compiler_options)
+    trajectory = []
+    for t in range(1, steps + 1):
+        grads = {
+            n: jnp.asarray(goldens.leaf_grad(n, np.asarray(p, np.float64), t), dtype)
+            for n, p in params.items()
+        }
+        params, state = step(params, state, grads)
+        trajectory.append({n: np.asarray(p, np.float64) for n, p in params.items()})
+    return trajectory
+
+
+def _max_abs(tree: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(v))) for v in tree.values())
+
+
+def _max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(a[n] - b[n]))) for n in a)
+
+
+def golden_deviations(mode: str, progress: bool) -> dict[str, Any]:
+    """Every package configuration of the golden tests: bf16 vs float32 state, float32 params."""
+    from tests import test_goldens as goldens  # the cases themselves, not a copy
+
+    steps = GOLDEN_STEPS[mode]
+    options = study.COMPILER_OPTIONS[mode]
+    golden_cases = goldens.load_golden()["cases"]
+    f32, f64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
+    configurations = [param.values for param in goldens.PACKAGE_CASES]
+    if mode == "quick":
+        # The first configuration of each optimizer: a case name's first word names it.
+        firsts: dict[str, tuple[str, str]] = {}
+        for case, variant in configurations:
+            firsts.setdefault(case.split("_")[0], (case, variant))
+        configurations = list(firsts.values())
+    rows = []
+    for case, variant in configurations:
+        names, variants, _ = goldens.CASES[case]
+        make_tx = variants[variant]
+        with jax.enable_x64(True), _state_dtypes(goldens, f64, f64):
+            # Built inside the x64 context, or the float64 dtypes would become float32.
+            exact = _golden_trajectory(goldens, make_tx, names, f64, max(steps), options)
+        with _state_dtypes(goldens, f32, f32):
+            single = _golden_trajectory(goldens, make_tx, names, f32, max(steps), options)
+        with _state_dtypes(goldens, BF16, BF16):
+            half = _golden_trajectory(goldens, make_tx, names, f32, max(steps), options)
+        expected = goldens.golden_values(golden_cases[case], names)
+        row = {
+            "case": case,
+            "variant": variant,
+            # The float64 run is the golden configuration: it must reproduce the 5-step golden.
+            "float64_vs_golden_5_steps": _max_abs_difference(
+                exact[goldens.NUM_STEPS - 1], expected
+            ),
+            "steps": {},
+        }
+        for count in steps:
+            scale = _max_abs(exact[count - 1])
+            f32_dev = _max_abs_difference(single[count - 1], exact[count - 1])
+            bf16_dev = _max_abs_difference(half[count - 1], single[count - 1])
+            row["steps"][str(count)] = {
+                "max_abs_p": scale,
+                "f32_vs_f64": f32_dev,
+                "f32_vs_f64_relative": f32_dev / scale,
+                "bf16_vs_f32": bf16_dev,
+                "bf16_vs_f32_relative": bf16_dev / scale,
+            }
+        rows.append(row)
+        if progress:
+            print(f"golden {case} {variant}: done", file=sys.stderr, flush=True)
+    return {"steps": list(steps), "cases": rows}
+
+
+# --- Reports ------------------------------------------------------------------------------------
+
+
+def _headline(task: dict[str, Any]) -> str:
+    """The metric each task is judged by here: test accuracy, validation loss, or f."""
+    return next(m for m in ("test_accuracy", "val_loss", "loss") if m in task["metric_labels"])
+
+
+def _fmt_range(summary: dict[str, Any], metric: str) -> str:
+    text = study._fmt(summary, metric)
+    if not summary["finite"]:
+        return text
+    if metric.endswith("accuracy"):
+        return f"{text} [{summary['min']:.2%}, {summary['max']:.2%}]"
+    return f"{text} [{summary['min']:.3g}, {summary['max']:.3g}]"
+
+
+def _fmt_delta(value: float | None, metric: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.2%}" if metric.endswith("accuracy") else f"{value:+.3g}"
+
+
+def factored_table(task: dict[str, Any], originals: dict[str, Any]) -> str:
+    metrics = list(task["metric_labels"])
+    rows = [(BASELINE, originals["results"][BASELINE], "study")]
+    for name, row in task["factored"].items():
+        original = row["original"]
+        rows.append((original, originals["results"][original], "study"))
+        rows.append((name, row, "here"))
+    has_hessian = "hessian_top_eigenvalue" in rows[-1][1]
+    header = ["optimizer", "run", "chosen lr", *(f"final {m}" for m in metrics)]
+    header += ["top Hessian eig."] if has_hessian else []
+    header += ["state bytes", "factored leaves"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "--:|" * (len(header) - 2)]
+    for name, row, source in rows:
+        cells = [name, source]
+        cells.append(f"{row['best_lr']:g}" + (" (edge)" if row["best_lr_at_grid_edge"] else ""))
+        cells += [_fmt_range(row["final"][m], m) for m in metrics]
+        if has_hessian:
+            cells.append(study._fmt(row["hessian_top_eigenvalue"], "eig"))
+        cells.append(f"{row['state_bytes']:,}")
+        leaves = row.get("factored_leaves")
+        cells.append(
+            "" if leaves is None else f"{leaves['factored']} of {leaves['matrices']} matrices"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def factored_verdicts(tasks: dict[str, Any]) -> str:
+    lines = [
+        "| task | variant | vs original: worse | vs original: better | headline vs original "
+        "| headline vs AdamW |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in tasks.values():
+        headline = _headline(task)
+        for name, row in task["factored"].items():
+            comparison = row["vs_original"]
+            worse = [m for m, c in comparison.items() if c["verdict"] == "worse"]
+            better = [m for m, c in comparison.items() if c["verdict"] == "better"]
+            head = comparison[headline]
+            vs_adamw = row["vs_adamw"][headline]
+            lines.append(
+                f"| {task['name']} | {name} | {', '.join(worse) or '-'} | "
+                f"{', '.join(better) or '-'} | {headline} {head['verdict']} "
+                f"({_fmt_delta(head['difference'], headline)}) | {vs_adamw['verdict']} "
+                f"({_fmt_delta(vs_adamw['difference'], headline)}) |"
+            )
+    return "\n".join(lines)
+
+
+def storage_table(task: dict[str, Any]) -> str:
+    lines = [
+        "| optimizer | lr | metric | float32 state | bfloat16 state | paired Δ (bf16 - f32) "
+        "| verdict |",
+        "|---|--:|---|--:|--:|--:|---|",
+    ]
+    for name, entry in task["bf16_state"].items():
+        for metric in task["metric_labels"]:
+            comparison = entry["bf16_vs_f32"][metric]
+            paired = comparison["paired"]
+            delta = (
+                "n/a"
+                if paired is None
+                else f"{_fmt_delta(paired['mean'], metric)} ± "
+                + (
+                    f"{paired['std']:.2%}"
+                    if metric.endswith("accuracy")
+                    else f"{paired['std']:.2g}"
+                )
+            )
+            lines.append(
+                f"| {name} | {entry['lr']:g} | {metric} | "
+                f"{_fmt_range(entry['float32']['final'][metric], metric)} | "
+                f"{_fmt_range(entry['bfloat16']['final'][metric], metric)} | {delta} | "
+                f"{comparison['verdict']} |"
+            )
+    return "\n".join(lines)
+
+
+def storage_bytes_table(tasks: dict[str, Any]) -> str:
+    names = [m.name for m in original_methods()]
+    lines = [
+        "| task | " + " | ".join(names) + " |",
+        "|---|" + "--:|" * len(names),
+    ]
+    for task in tasks.values():
+        cells = []
+        for name in names:
+            entry = task["bf16_state"][name]
+            f32, bf16 = entry["float32"]["state_bytes"], entry["bfloat16"]["state_bytes"]
+            cells.append(f"{f32:,} → {bf16:,} (-{entry['bytes_saved'] / f32:.0%})")
+        lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def storage_verdicts(tasks: dict[str, Any]) -> str:
+    lines = [
+        "| task | optimizer | worse | better | f32 rerun vs study (max abs) |",
+        "|---|---|---|---|--:|",
+    ]
+    for task in tasks.values():
+        for name, entry in task["bf16_state"].items():
+            comparison = entry["bf16_vs_f32"]
+            worse = [m for m, c in comparison.items() if c["verdict"] == "worse"]
+            better = [m for m, c in comparison.items() if c["verdict"] == "better"]
+            repro = entry["f32_max_difference_from_study"]
+            lines.append(
+                f"| {task['name']} | {name} | {', '.join(worse) or '-'} | "
+                f"{', '.join(better) or '-'} | {'n/a' if repro is None else f'{repro:.2g}'} |"
+            )
+    return "\n".join(lines)
+
+
+def golden_table(golden: dict[str, Any]) -> str:
+    steps = [str(s) for s in golden["steps"]]
+    header = ["case", "variant", "f64 vs golden"]
+    for s in steps:
+        header += [
+            f"{s} steps: max abs p",
+            f"{s}: f32 vs f64",
+            f"{s}: bf16 vs f32",
+            f"{s}: bf16 vs f32 / max abs p",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "--:|" * (len(header) - 2)]
+    for row in golden["cases"]:
+        cells = [row["case"], row["variant"], f"{row['float64_vs_golden_5_steps']:.1e}"]
+        for s in steps:
+            d = row["steps"][s]
+            cells += [
+                f"{d['max_abs_p']:.3g}",
+                f"{d['f32_vs_f64']:.1e}",
+                f"{d['bf16_vs_f32']:.1e}",
+                f"{d['bf16_vs_f32_relative']:.1e}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _worse_list(tasks: dict[str, Any]) -> tuple[list[str], list[str]]:
+    factored, storage = [], []
+    for task in tasks.values():
+        for name, row in task["factored"].items():
+            for metric, c in row["vs_original"].items():
+                if c["verdict"] == "worse":
+                    factored.append(
+                        f"{name} on {task['name']}, {metric}: "
+                        f"{_fmt_delta(c['difference'], metric)} against {row['original']} "
+                        f"(one std: {_fmt_delta(c['tolerance'], metric).lstrip('+')})"
+                    )
+        for name, entry in task["bf16_state"].items():
+            for metric, c in entry["bf16_vs_f32"].items():
+                if c["verdict"] == "worse":
+                    storage.append(
+                        f"{name} on {task['name']}, {metric}: "
+                        f"{_fmt_delta(c['difference'], metric)} against float32 state"
+                    )
+    return factored, storage
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    tasks = results["tasks"]
+    factored_worse, storage_worse = _worse_list(tasks)
+    parts = [
+        f"# Beyond the papers: factored Adan and Adai, bfloat16 state ({results['mode']} mode)",
+        "",
+        f"Total time {results['runtime_seconds']:.0f} s on {env['cpu_count']} CPU cores (jax "
+        f"{env['jax']}, optax {env['optax']}, Python {env['python']}). Seeds "
+        f"{', '.join(map(str, SEEDS))}; values are mean ± standard deviation [min, max] over "
+        "them. Originals and AdamW are the committed study's (`results/study/study.json`).",
+        "",
+    ]
+    if results["mode"] == "quick":
+        parts += [
+            "**Quick mode**: tiny models and a few dozen steps, compared with the full study's "
+            "numbers; the comparisons below exercise the code and mean nothing.",
+            "",
+        ]
+    parts += [
+        "A variant is **worse** (better) on a metric when its mean is worse (better) than the "
+        "reference's by more than the larger of the two seed standard deviations; otherwise "
+        "level. A diverged run is worse than a finite one.",
+        "",
+        "## 1. Factored variants, the study's full protocol",
+        "",
+        factored_verdicts(tasks),
+        "",
+        "Worse than the original by more than one seed std: "
+        + ("; ".join(factored_worse) if factored_worse else "none")
+        + ".",
+        "",
+    ]
+    for task in tasks.values():
+        originals = results["study_tasks"][task["name"]]
+        parts += [f"### {task['name']}", "", factored_table(task, originals), ""]
+    parts += [
+        "## 2. bfloat16 state storage at the original's chosen rate (A/B of storage alone)",
+        "",
+        "State bytes, float32 state → bfloat16 state:",
+        "",
+        storage_bytes_table(tasks),
+        "",
+        storage_verdicts(tasks),
+        "",
+        "Worse with bfloat16 state by more than one seed std: "
+        + ("; ".join(storage_worse) if storage_worse else "none")
+        + ".",
+        "",
+    ]
+    for task in tasks.values():
+        parts += [f"### {task['name']}", "", storage_table(task), ""]
+    if results["golden"] is not None:
+        parts += [
+            "## 3. The golden problem: bfloat16 against float32 state, float32 params",
+            "",
+            "Max |Δp| over all elements after the given number of steps; `f32 vs f64` is the "
+            "float32 run (float32 params and state) against the float64 run of the same "
+            "configuration, for scale. `f64 vs golden`: the float64 run against the committed "
+            "5-step golden.",
+            "",
+            golden_table(results["golden"]),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+# --- Figure -------------------------------------------------------------------------------------
+
+
+def make_figure(results: dict[str, Any], path: Path) -> Path:
+    """Per task, the headline final metric: original, bfloat16 state, factored; AdamW's band."""
+    plt = study._pyplot()
+    tasks = results["tasks"]
+    columns = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5.4 * columns, 4.0 * rows), constrained_layout=True, squeeze=False
+    )
+    for ax in axes.flat[len(tasks) :]:
+        ax.set_axis_off()
+    names = [m.name for m in original_methods()]
+    variant_of = {
+        row["original"]: name for name, row in next(iter(tasks.values()))["factored"].items()
+    }
+    series = (
+        ("original (study)", "o", "C0", -0.2),
+        ("float32 state (rerun)", "D", "C7", -0.07),
+        ("bfloat16 state", "s", "C3", 0.07),
+        ("factored", "^", "C2", 0.2),
+    )
+    for ax, task in zip(axes.flat, tasks.values(), strict=False):
+        metric = _headline(task)
+        originals = results["study_tasks"][task["name"]]["results"]
+        scale = 100.0 if metric.endswith("accuracy") else 1.0
+        for label, marker, color, offset in series:
+            xs, means, spans = [], [], []
+            for i, name in enumerate(names):
+                if label == "original (study)":
+                    summary = originals[name]["final"][metric]
+                elif label == "float32 state (rerun)":
+                    summary = task["bf16_state"][name]["float32"]["final"][metric]
+                elif label == "bfloat16 state":
+                    summary = task["bf16_state"][name]["bfloat16"]["final"][metric]
+                elif name in variant_of:
+                    summary = task["factored"][variant_of[name]]["final"][metric]
+                else:
+                    continue
+                if summary["finite"]:  # a diverged seed leaves the point out
+                    xs.append(i + offset)
+                    means.append(summary["mean"] * scale)
+                    # Min to max over seeds: on a log axis a mean - std can be negative.
+                    spans.append(
+                        (
+                            (summary["mean"] - summary["min"]) * scale,
+                            (summary["max"] - summary["mean"]) * scale,
+                        )
+                    )
+            ax.errorbar(
+                xs,
+                means,
+                yerr=np.asarray(spans, np.float64).reshape(-1, 2).T,
+                fmt=marker,
+                color=color,
+                label=label,
+                capsize=3,
+                ms=5,
+            )
+        adamw = originals[BASELINE]["final"][metric]
+        if adamw["finite"]:
+            ax.axhspan(
+                adamw["min"] * scale,
+                adamw["max"] * scale,
+                color="gray",
+                alpha=0.2,
+                label="AdamW (study), min to max",
+            )
+        if task["family"] == "landscape":
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(names)), [n.split(".")[-1] for n in names])
+        ylabel = "test accuracy (%)" if metric == "test_accuracy" else f"final {metric}"
+        ax.set(ylabel=ylabel, title=task["name"])
+        ax.grid(True, axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize="x-small")
+    fig.suptitle(
+        "Final headline metric over the 4 seeds (mean, bars min to max): originals, bfloat16 "
+        "state, factored variants"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- Entry points -------------------------------------------------------------------------------
+
+
+def _package_version() -> dict[str, Any]:
+    """The commit the package ran at, and whether optim_zoo/ differed from it (None: no git)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "optim_zoo_modified": bool(git("status", "--porcelain", "--", "optim_zoo")),
+        }
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "optim_zoo_modified": None}
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it."""
+    root = Path(__file__).resolve().parent.parent
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def run_beyond(
+    mode: str = "quick",
+    out_dir: Path | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    golden: bool = True,
+    study_json: Path = STUDY_JSON,
+    progress: bool = True,
+    figure: bool = True,
+) -> dict[str, Any]:
+    """Runs the three parts; writes beyond.json, beyond.md and (with figure) finals.png.
+
+    Args:
+      mode: "full" or "quick" (the study's tiny sizes; every code path in seconds).
+      out_dir: default benchmarks/results/beyond (full) or .../beyond_quick (quick).
+      tasks: names from `_study_tasks.TASK_BUILDERS`; default all of them in full mode and
+        `QUICK_TASKS` in quick mode.
+      golden: also run part 3, the golden problem.
+      study_json: the committed study, source of the originals and their chosen rates.
+      progress: progress bars and tables on stderr.
+      figure: also write the PNG.
+    """
+    if mode not in ("quick", "full"):
+        raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+    out_dir = Path(out_dir or (DEFAULT_OUT_DIR if mode == "full" else QUICK_OUT_DIR))
+    committed = json.loads(Path(study_json).read_text())
+    if tasks is None:
+        tasks = QUICK_TASKS if mode == "quick" else tuple(tasks_lib.TASK_BUILDERS)
+    task_names = list(tasks)
+    unknown = set(task_names) - set(committed["tasks"])
+    if unknown:
+        raise ValueError(f"tasks {sorted(unknown)} are not in {study_json}")
+
+    version = _package_version()  # before the runs: the code they import
+    started = time.perf_counter()
+    task_results = {}
+    for name in task_names:
+        task_results[name] = run_task(name, mode, committed["tasks"][name], progress)
+        if progress:
+            print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    golden_results = golden_deviations(mode, progress) if golden else None
+    results = {
+        "mode": mode,
+        "config": {
+            "seeds": list(SEEDS),
+            "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR,
+            "factored": {
+                m.name: {"original": FACTORED[m.name][1], "kwargs": m.fixed_hyperparameters(1)}
+                for m in factored_methods()
+            },
+            "bf16_state": {
+                m.name: bf16_state_method(m).fixed_hyperparameters(1) for m in original_methods()
+            },
+            "neural_lr_factors": list(study.NEURAL_LR_FACTORS[mode]),
+            "golden_steps": list(GOLDEN_STEPS[mode]),
+            "study_json": _display_path(study_json),
+            "study_runtime_seconds": committed.get("runtime_seconds"),
+        },
+        "environment": {**compare.environment(), "git": version},
+        "tasks": task_results,
+        # The committed originals' rows this report cites (finals and chosen rates only).
+        "study_tasks": {
+            name: {
+                "results": {
+                    method: {
+                        key: row[key]
+                        for key in (
+                            "best_lr",
+                            "best_lr_at_grid_edge",
+                            "final",
+                            "state_bytes",
+                            "hessian_top_eigenvalue",
+                        )
+                        if key in row
+                    }
+                    for method, row in committed["tasks"][name]["results"].items()
+                }
+            }
+            for name in task_names
+        },
+        "golden": golden_results,
+    }
+    results["runtime_seconds"] = time.perf_counter() - started
+    results = study._json_safe(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figure:
+        results["figures"] = [make_figure(results, out_dir / "finals.png").name]
+    (out_dir / "beyond.json").write_text(json.dumps(results, allow_nan=False) + "\n")
+    (out_dir / "beyond.md").write_text(markdown_report(results))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: every code path")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated task names (default: all; quick: two)"
+    )
+    parser.add_argument("--no-golden", action="store_true", help="skip part 3")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    results = run_beyond(
+        "quick" if args.quick else "full",
+        args.out_dir,
+        tasks=args.tasks.split(",") if args.tasks else None,
+        golden=not args.no_golden,
+        progress=not args.no_progress,
+    )
+    print(markdown_report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
