@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import chex
@@ -24,6 +23,8 @@ import pytest
 
 import optim_zoo
 from tests import reference
+from tests.test_reference import make_problem as make_reference_problem
+from tests.test_reference import mask_list, package_trajectory, reference_trajectory
 
 NUM_STEPS = 50
 SEEDS = (0, 1, 2)
@@ -47,38 +48,13 @@ ONLY_MATRICES_DECAY = {n: len(LEAVES[n][0]) >= 2 for n in NAMES}
 
 
 def make_problem(seed: int, zero_steps: int = 0) -> dict:
-    """Initial params, per-element curvature, per-step noise and per-step gate, all float64."""
-    rng = np.random.default_rng(seed)
-    params0, curv, noise = {}, {}, {}
-    for name in NAMES:
-        shape, scale, feels_params = LEAVES[name]
-        params0[name] = scale * rng.standard_normal(shape)
-        curv[name] = rng.uniform(0.2, 1.5, shape) if feels_params else np.zeros(shape)
-        noise[name] = 0.3 * scale * rng.standard_normal((NUM_STEPS, *shape))
-    # One row whose gradient is always zero: its R stays 0 while mean(R) does not.
+    """The reference tests' problem on these leaves, with one row that never gets a gradient."""
+    problem = make_reference_problem(seed, zero_steps, LEAVES, NUM_STEPS)
+    # Its R stays 0 while mean(R) does not.
     name, row = ZERO_ROW
-    curv[name][row] = 0.0
-    noise[name][:, row] = 0.0
-    gate = np.ones(NUM_STEPS)
-    gate[:zero_steps] = 0.0  # all-zero gradients on the first steps: mean(R) = 0 there
-    return dict(params0=params0, curv=curv, noise=noise, gate=gate)
-
-
-def reference_trajectory(optimizer, problem: dict) -> dict[str, np.ndarray]:
-    curv, noise, gate = problem["curv"], problem["noise"], problem["gate"]
-
-    def grad_fn(leaves, t):
-        return [
-            gate[t - 1] * (curv[n] * p + noise[n][t - 1])
-            for n, p in zip(NAMES, leaves, strict=True)
-        ]
-
-    steps = reference.run(optimizer, problem["params0"], grad_fn, NUM_STEPS)
-    return {n: np.stack([step[n] for step in steps]) for n in NAMES}
-
-
-def _mask_list(mask: dict) -> list[bool]:
-    return [mask[n] for n in NAMES]
+    problem["curv"][name][row] = 0.0
+    problem["noise"][name][:, row] = 0.0
+    return problem
 
 
 zoo = optim_zoo
@@ -124,7 +100,7 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
         lambda: reference.FactoredAdan(
             0.01,
             weight_decay=0.1,
-            weight_decay_mask=_mask_list(ONLY_MATRICES_DECAY),
+            weight_decay_mask=mask_list(ONLY_MATRICES_DECAY),
             max_grad_norm=1.0,
             min_dim_size_to_factor=MIN_DIM,
         ),
@@ -160,7 +136,7 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
         lambda: reference.FactoredAdai(
             0.1,
             weight_decay=0.05,
-            weight_decay_mask=_mask_list(ONLY_MATRICES_DECAY),
+            weight_decay_mask=mask_list(ONLY_MATRICES_DECAY),
             min_dim_size_to_factor=MIN_DIM,
         ),
         0,
@@ -192,32 +168,6 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
 }
 
 
-@functools.cache
-def _jitted_runner(config: str) -> Callable:
-    # One compilation per configuration, shared by the seeds; built under x64.
-    tx = CONFIGS[config][0]()
-
-    def run(params0, curv, noise, gate):
-        def body(carry, inputs):
-            params, state = carry
-            noise_t, gate_t = inputs
-            grads = jax.tree.map(lambda c, p, n: gate_t * (c * p + n), curv, params, noise_t)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, state), params
-
-        _, trajectory = jax.lax.scan(body, (params0, tx.init(params0)), (noise, gate))
-        return trajectory
-
-    # Compiling dominates; LLVM's optimisation level changes float64 results at rounding only.
-    return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def package_trajectory(config: str, problem: dict) -> dict[str, np.ndarray]:
-    args = [problem[k] for k in ("params0", "curv", "noise", "gate")]
-    return jax.tree.map(np.asarray, _jitted_runner(config)(*jax.tree.map(jnp.asarray, args)))
-
-
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_package_matches_reference(config):
     _, make_reference, zero_steps = CONFIGS[config]
@@ -225,7 +175,7 @@ def test_package_matches_reference(config):
         for seed in SEEDS:
             problem = make_problem(seed, zero_steps)
             expected = reference_trajectory(make_reference(), problem)
-            got = package_trajectory(config, problem)
+            got = package_trajectory(CONFIGS[config][0], problem)
             assert all(np.all(np.isfinite(v)) for v in expected.values())
             # Compare each leaf in units of its own magnitude (1e-3..10).
             scaled_got = {n: got[n] / LEAVES[n][1] for n in NAMES}

@@ -41,38 +41,46 @@ NAMES = sorted(LEAVES)  # jax.tree.leaves order of a dict
 ONLY_MATRIX_DECAYS = {n: n in ("a_matrix", "b_tensor") for n in NAMES}
 
 
-def make_problem(seed: int, zero_steps: int = 0) -> dict:
-    """Initial params, per-element curvature, per-step noise and per-step gate, all float64."""
+def make_problem(
+    seed: int, zero_steps: int = 0, leaves: dict = LEAVES, num_steps: int = NUM_STEPS
+) -> dict:
+    """Initial params, per-element curvature, per-step noise and per-step gate, all float64.
+
+    `leaves` maps a name to (shape, magnitude of parameters and gradient noise, whether the
+    gradient depends on the parameters); the gradient of step t is
+    ``gate[t] * (curv * p + noise[t])``.
+    """
     rng = np.random.default_rng(seed)
     params0, curv, noise = {}, {}, {}
-    for name in NAMES:
-        shape, scale, feels_params = LEAVES[name]
+    for name in sorted(leaves):
+        shape, scale, feels_params = leaves[name]
         params0[name] = scale * rng.standard_normal(shape)
         curv[name] = rng.uniform(0.2, 1.5, shape) if feels_params else np.zeros(shape)
-        noise[name] = 0.3 * scale * rng.standard_normal((NUM_STEPS, *shape))
-    gate = np.ones(NUM_STEPS)
+        noise[name] = 0.3 * scale * rng.standard_normal((num_steps, *shape))
+    gate = np.ones(num_steps)
     gate[:zero_steps] = 0.0  # all-zero gradients on the first steps
     return dict(params0=params0, curv=curv, noise=noise, gate=gate)
 
 
 def reference_trajectory(optimizer, problem: dict) -> dict[str, np.ndarray]:
     curv, noise, gate = problem["curv"], problem["noise"], problem["gate"]
+    names = sorted(problem["params0"])  # jax.tree.leaves order of a dict
 
     def grad_fn(leaves, t):
         return [
             gate[t - 1] * (curv[n] * p + noise[n][t - 1])
-            for n, p in zip(NAMES, leaves, strict=True)
+            for n, p in zip(names, leaves, strict=True)
         ]
 
-    steps = reference.run(optimizer, problem["params0"], grad_fn, NUM_STEPS)
-    return {n: np.stack([step[n] for step in steps]) for n in NAMES}
+    steps = reference.run(optimizer, problem["params0"], grad_fn, len(gate))
+    return {n: np.stack([step[n] for step in steps]) for n in names}
 
 
 @functools.cache
-def _jitted_runner(config: str) -> Callable:
-    # One compilation per configuration: both seeds share the shapes. Built under x64 so that
+def _jitted_runner(make_tx: Callable[[], optax.GradientTransformation]) -> Callable:
+    # One compilation per configuration: the seeds share the shapes. Built under x64 so that
     # float64 dtype arguments survive optax's dtype canonicalisation.
-    tx = CONFIGS[config][0]()
+    tx = make_tx()
 
     def run(params0, curv, noise, gate):
         def body(carry, inputs):
@@ -91,14 +99,18 @@ def _jitted_runner(config: str) -> Callable:
     return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def package_trajectory(config: str, problem: dict) -> dict[str, np.ndarray]:
+def package_trajectory(
+    make_tx: Callable[[], optax.GradientTransformation], problem: dict
+) -> dict[str, np.ndarray]:
+    """The package's trajectory on `problem`; `make_tx` builds the optimizer (cached per one)."""
     args = [problem[k] for k in ("params0", "curv", "noise", "gate")]
     args = jax.tree.map(jnp.asarray, args)
-    return jax.tree.map(np.asarray, _jitted_runner(config)(*args))
+    return jax.tree.map(np.asarray, _jitted_runner(make_tx)(*args))
 
 
 def mask_list(mask: dict) -> list[bool]:
-    return [mask[n] for n in NAMES]
+    """A mask over a problem's leaves, as a list in their order."""
+    return [mask[n] for n in sorted(mask)]
 
 
 def _lr_schedule_optax():
@@ -341,7 +353,7 @@ def test_package_matches_reference(config):
         for seed in SEEDS:
             problem = make_problem(seed, zero_steps)
             expected = reference_trajectory(make_reference(), problem)
-            got = package_trajectory(config, problem)
+            got = package_trajectory(CONFIGS[config][0], problem)
             assert all(np.all(np.isfinite(v)) for v in expected.values())
             # Rounding differences scale with a leaf's own magnitude (1e-3..1e3), not with its
             # individual elements, so compare each leaf in units of its magnitude.
@@ -359,7 +371,7 @@ def max_errors() -> dict[str, float]:
             for seed in SEEDS:
                 problem = make_problem(seed, zero_steps)
                 expected = reference_trajectory(make_reference(), problem)
-                got = package_trajectory(config, problem)
+                got = package_trajectory(CONFIGS[config][0], problem)
                 for n in NAMES:
                     err = np.max(np.abs(got[n] - expected[n])) / LEAVES[n][1]
                     worst = max(worst, float(err))
