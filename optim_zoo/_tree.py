@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optim_zoo import _checks
+
 
 def map_leaves(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest: Any) -> tuple:
     """Maps `fn` over the leaves of `tree` (and matching leaves of `rest`), unzipping results.
@@ -19,8 +21,28 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest: Any
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
     results = [fn(*args) for args in zip(leaves, *rest_leaves, strict=True)]
-    columns = list(zip(*results, strict=True)) if results else [()] * num_outputs
-    return tuple(treedef.unflatten(column) for column in columns)
+    return tuple(treedef.unflatten(column) for column in unzip(results, num_outputs))
+
+
+def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
+    """The columns of `rows` as tuples; `num_columns` empty tuples when `rows` is empty."""
+    if not rows:
+        return ((),) * num_columns
+    return tuple(tuple(column) for column in zip(*rows, strict=True))
+
+
+def first_moment_zeros(params: Any, dtype_momentum: jnp.dtype | None) -> Any:
+    """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype."""
+    return jax.tree.map(
+        lambda p: jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum)), params
+    )
+
+
+def second_moment_zeros(params: Any, dtype_second_moment: jnp.dtype | None) -> Any:
+    """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32."""
+    return jax.tree.map(
+        lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)), params
+    )
 
 
 def resolve_mask(mask: Any, params: Any) -> Any:

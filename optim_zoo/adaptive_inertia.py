@@ -13,10 +13,11 @@ from optim_zoo.factored import (
     FactoredSecondMoment,
     cast_second_moment,
     factored_dims,
-    init_second_moment,
+    init_moment_state,
+    moment_state_from_leaves,
+    moment_state_leaves,
     second_moment_parts,
     second_moment_sum,
-    unzip_second_moments,
     upcast,
     update_second_moment,
 )
@@ -121,21 +122,10 @@ def scale_by_adaptive_inertia(
     dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
-        if factored:
-            v = FactoredSecondMoment(
-                *init_second_moment(params, True, min_dim_size_to_factor, dtype_second_moment)
-            )
-        else:
-            v = jax.tree.map(
-                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
-                params,
-            )
         return ScaleByAdaptiveInertiaState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(
-                lambda p: jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum)), params
-            ),
-            v=v,
+            m=_tree.first_moment_zeros(params, dtype_momentum),
+            v=init_moment_state(params, factored, min_dim_size_to_factor, dtype_second_moment),
             beta1_prod=jax.tree.map(
                 lambda p: jnp.ones_like(p, _checks.compute_dtype(p.dtype, dtype_second_moment)),
                 params,
@@ -148,10 +138,7 @@ def scale_by_adaptive_inertia(
         del params
         count = optax.safe_increment(state.count)
         grads, treedef = jax.tree.flatten(updates)
-        if factored:
-            old_stats = list(zip(state.v.v_row, state.v.v_col, state.v.v, strict=True))
-        else:
-            old_stats = [(None, None, v) for v in treedef.flatten_up_to(state.v)]
+        old_stats = moment_state_leaves(state.v, treedef, factored)
         leaf_dims = [factored_dims(g.shape, factored, min_dim_size_to_factor) for g in grads]
         dtypes = [
             _checks.compute_dtype(
@@ -209,18 +196,11 @@ def scale_by_adaptive_inertia(
                 strict=True,
             )
         ]
-        direction, m, beta1_prod = (
-            [list(column) for column in zip(*results, strict=True)] if results else ([],) * 3
-        )
-        stats = stored_stats
-        if factored:
-            v = FactoredSecondMoment(*unzip_second_moments(stats))
-        else:
-            v = treedef.unflatten([s[2] for s in stats])
+        direction, m, beta1_prod = _tree.unzip(results, 3)
         new_state = ScaleByAdaptiveInertiaState(
             count=count,
             m=treedef.unflatten(m),
-            v=v,
+            v=moment_state_from_leaves(stored_stats, treedef, factored),
             beta1_prod=treedef.unflatten(beta1_prod),
         )
         return treedef.unflatten(direction), new_state

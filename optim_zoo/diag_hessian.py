@@ -108,17 +108,11 @@ def scale_by_rectified_diag_hessian(
     dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
-        def first_moment(p):
-            return jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum))
-
         return ScaleByRectifiedDiagHessianState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(first_moment, params),
-            hessian_diag=jax.tree.map(
-                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
-                params,
-            ),
-            direction=jax.tree.map(first_moment, params),
+            m=_tree.first_moment_zeros(params, dtype_momentum),
+            hessian_diag=_tree.second_moment_zeros(params, dtype_second_moment),
+            direction=_tree.first_moment_zeros(params, dtype_momentum),
         )
 
     def update_fn(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _checks
+from optim_zoo import _checks, _tree
 
 
 class ScaleByFactoredRmsState(NamedTuple):
@@ -164,15 +164,6 @@ def upcast(stats: tuple[jax.Array | None, ...], dtype: jnp.dtype) -> tuple[jax.A
     return tuple(None if x is None else x.astype(dtype) for x in stats)
 
 
-def unzip_second_moments(
-    per_leaf: list[tuple[jax.Array | None, ...]],
-) -> tuple[tuple[jax.Array | None, ...], ...]:
-    """``(v_row, v_col, v)`` tuples from a list of per-leaf ``(v_row, v_col, v)`` statistics."""
-    if not per_leaf:
-        return (), (), ()
-    return tuple(tuple(column) for column in zip(*per_leaf, strict=True))
-
-
 def broadcastable_stats(
     stats: tuple[jax.Array | None, ...], dims: tuple[int, int] | None
 ) -> list[jax.Array]:
@@ -223,6 +214,38 @@ def second_moment_sum(
         jnp.sum(row_part, axis=small_axis, keepdims=True)
         * jnp.sum(col_part, axis=large_axis, keepdims=True)
     )
+
+
+def init_moment_state(
+    params: optax.Params,
+    factored: bool,
+    min_dim_size_to_factor: int,
+    dtype_second_moment: jnp.dtype | None,
+) -> optax.Params | FactoredSecondMoment:
+    """A zero second moment: a :class:`FactoredSecondMoment` when factored, else like params."""
+    if not factored:
+        return _tree.second_moment_zeros(params, dtype_second_moment)
+    return FactoredSecondMoment(
+        *init_second_moment(params, True, min_dim_size_to_factor, dtype_second_moment)
+    )
+
+
+def moment_state_leaves(
+    moment: optax.Params | FactoredSecondMoment, treedef: Any, factored: bool
+) -> list[tuple[jax.Array | None, ...]]:
+    """Per parameter leaf, its ``(v_row, v_col, v)``: ``(None, None, v)`` when not factored."""
+    if factored:
+        return list(zip(moment.v_row, moment.v_col, moment.v, strict=True))
+    return [(None, None, v) for v in treedef.flatten_up_to(moment)]
+
+
+def moment_state_from_leaves(
+    per_leaf: list[tuple[jax.Array | None, ...]], treedef: Any, factored: bool
+) -> optax.Params | FactoredSecondMoment:
+    """The inverse of :func:`moment_state_leaves`."""
+    if factored:
+        return FactoredSecondMoment(*_tree.unzip(per_leaf, 3))
+    return treedef.unflatten([v for _, _, v in per_leaf])
 
 
 def scale_by_factored_rms(
@@ -321,7 +344,7 @@ def scale_by_factored_rms(
             row_factor, col_factor = second_moment_parts(upcast(new, dtype), dims, jax.lax.rsqrt)
             new_updates.append((g_ * row_factor * col_factor).astype(g.dtype))
             new_stats.append(new)
-        v_row, v_col, v = unzip_second_moments(new_stats)
+        v_row, v_col, v = _tree.unzip(new_stats, 3)
         new_state = ScaleByFactoredRmsState(
             count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v
         )

@@ -14,9 +14,10 @@ from optim_zoo.factored import (
     broadcastable_stats,
     cast_second_moment,
     factored_dims,
-    init_second_moment,
+    init_moment_state,
+    moment_state_from_leaves,
+    moment_state_leaves,
     second_moment_parts,
-    unzip_second_moments,
     upcast,
     update_second_moment,
 )
@@ -115,24 +116,12 @@ def scale_by_nesterov_moment(
     dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:
-        def first_moment(p):
-            return jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum))
-
-        if factored:
-            n = FactoredSecondMoment(
-                *init_second_moment(params, True, min_dim_size_to_factor, dtype_second_moment)
-            )
-        else:
-            n = jax.tree.map(
-                lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)),
-                params,
-            )
         return ScaleByNesterovMomentState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(first_moment, params),
-            v=jax.tree.map(first_moment, params),
-            n=n,
-            prev_grad=jax.tree.map(first_moment, params),
+            m=_tree.first_moment_zeros(params, dtype_momentum),
+            v=_tree.first_moment_zeros(params, dtype_momentum),
+            n=init_moment_state(params, factored, min_dim_size_to_factor, dtype_second_moment),
+            prev_grad=_tree.first_moment_zeros(params, dtype_momentum),
         )
 
     def update_fn(
@@ -143,10 +132,7 @@ def scale_by_nesterov_moment(
         is_first = state.count == 0
         never = state.count < 0  # a traced False, for _tree.unshared and _tree.ordered_after
         grads, treedef = jax.tree.flatten(updates)
-        if factored:
-            n_stats = list(zip(state.n.v_row, state.n.v_col, state.n.v, strict=True))
-        else:
-            n_stats = [(None, None, n) for n in treedef.flatten_up_to(state.n)]
+        n_stats = moment_state_leaves(state.n, treedef, factored)
 
         def leaf_update(g, m, v, stats, prev_grad):
             dims = factored_dims(g.shape, factored, min_dim_size_to_factor)
@@ -183,18 +169,12 @@ def scale_by_nesterov_moment(
                 strict=True,
             )
         ]
-        direction, m, v, n_stats, prev_grad = (
-            (list(column) for column in zip(*results, strict=True)) if results else ([],) * 5
-        )
-        if factored:
-            n = FactoredSecondMoment(*unzip_second_moments(n_stats))
-        else:
-            n = treedef.unflatten([stats[2] for stats in n_stats])
+        direction, m, v, n_stats, prev_grad = _tree.unzip(results, 5)
         new_state = ScaleByNesterovMomentState(
             count=count,
             m=treedef.unflatten(m),
             v=treedef.unflatten(v),
-            n=n,
+            n=moment_state_from_leaves(n_stats, treedef, factored),
             prev_grad=treedef.unflatten(prev_grad),
         )
         return treedef.unflatten(direction), new_state
