@@ -232,21 +232,7 @@ def run_fixed_rate(
         "fixed_hyperparameters": method.fixed_hyperparameters(task.steps),
         "lr": learning_rate,
         "seeds": list(SEEDS),
-        "curves": {
-            "step": list(range(0, task.steps + 1, task.eval_every)),
-            **{
-                name: {
-                    "mean": curve.mean(axis=0).tolist(),
-                    "min": curve.min(axis=0).tolist(),
-                    "max": curve.max(axis=0).tolist(),
-                }
-                for name, curve in curves.items()
-            },
-        },
-        "final": {
-            name: study._summary(study._final(curve, task.final_window))
-            for name, curve in curves.items()
-        },
+        **study.summarise_curves(task, curves, per_seed=False),
         "state_bytes": study._nbytes(state),
         "seconds": time.perf_counter() - started,
     }

@@ -227,6 +227,34 @@ def _score(value: float, higher_is_better: bool) -> float:
     return -value if higher_is_better else value
 
 
+def summarise_curves(
+    task: tasks_lib.Task, curves: dict[str, np.ndarray], *, per_seed: bool
+) -> dict[str, Any]:
+    """A row's "curves" (mean, min, max over seeds per evaluation) and "final" summaries.
+
+    `curves` maps a metric to its (seeds, evaluations) array; `per_seed` also keeps each
+    seed's curve.
+    """
+
+    def curve_summary(curve: np.ndarray) -> dict[str, list]:
+        summary = {
+            "mean": curve.mean(axis=0).tolist(),
+            "min": curve.min(axis=0).tolist(),
+            "max": curve.max(axis=0).tolist(),
+        }
+        return {**summary, "per_seed": curve.tolist()} if per_seed else summary
+
+    return {
+        "curves": {
+            "step": list(range(0, task.steps + 1, task.eval_every)),
+            **{name: curve_summary(curve) for name, curve in curves.items()},
+        },
+        "final": {
+            name: _summary(_final(curve, task.final_window)) for name, curve in curves.items()
+        },
+    }
+
+
 def _summary(values: np.ndarray) -> dict[str, Any]:
     values = np.asarray(values, np.float64)
     finite = bool(np.all(np.isfinite(values)))
@@ -384,21 +412,7 @@ def run_task(
             "best_lr": best_lr,
             "best_lr_at_grid_edge": len(grid) > 1 and best in (0, len(grid) - 1),
             "seeds": list(seeds),
-            "curves": {
-                "step": list(range(0, task.steps + 1, task.eval_every)),
-                **{
-                    name: {
-                        "mean": curve.mean(axis=0).tolist(),
-                        "min": curve.min(axis=0).tolist(),
-                        "max": curve.max(axis=0).tolist(),
-                        "per_seed": curve.tolist(),
-                    }
-                    for name, curve in curves.items()
-                },
-            },
-            "final": {
-                name: _summary(_final(curve, task.final_window)) for name, curve in curves.items()
-            },
+            **summarise_curves(task, curves, per_seed=True),
         }
         row["train_seconds"] = time.perf_counter() - started
         if runner.hessian is not None:
