@@ -83,7 +83,9 @@ def stats_dtype(
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def momentum_dtype(dtype: jax.typing.DTypeLike, dtype_momentum: jnp.dtype | None = None):
+def momentum_dtype(
+    dtype: jax.typing.DTypeLike, dtype_momentum: jnp.dtype | None = None
+) -> jnp.dtype:
     """The dtype first-moment-like state is kept in: `dtype_momentum`, else the parameter's."""
     return jnp.dtype(dtype if dtype_momentum is None else dtype_momentum)
 
