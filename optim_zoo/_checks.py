@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
+import sys
 from collections.abc import Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _is_concrete_number(value: Any) -> bool:
-    """True for Python and NumPy scalars; False for jax arrays, tracers and schedules.
+class HyperparameterTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong kind: a string, a bool, a list or a callable for a number.
+
+    It is a `TypeError`, as Python raises for a value of the wrong type, and also a `ValueError`,
+    the error every other invalid hyperparameter raises, so either `except` clause catches it.
+    """
+
+
+def is_concrete_number(value: Any) -> bool:
+    """True for Python and NumPy real scalars (bools excluded); False for jax arrays and tracers.
 
     Values passed by `optax.inject_hyperparams` are jax arrays (tracers under `jax.jit`), so they
     are deliberately left unchecked: checking them would force a host sync or fail under tracing.
     """
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | jax.Array)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_ | jax.Array)
+
+
+def is_literal_zero(value: Any) -> bool:
+    """True when `value` is a concrete number equal to 0: the option it sets does nothing."""
+    return is_concrete_number(value) and value == 0
+
+
+def _as_number(name: str, value: Any) -> float | None:
+    """`value` as a float to check; None for jax arrays and tracers, which pass unchecked.
+
+    Raises `HyperparameterTypeError` for anything that is not a number: strings (as YAML
+    configs produce), bools, callables, containers.
+    """
+    if isinstance(value, jax.Array):
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if is_concrete_number(value):
+        return float(value)
+    hint = ""
+    if isinstance(value, str | bytes):
+        hint = " (a string, e.g. from a config file: convert it with float() first)"
+    elif callable(value):
+        hint = " (only learning_rate takes a schedule)"
+    raise HyperparameterTypeError(
+        f"{name} must be a number, got {value!r} of type {type(value).__name__}{hint}."
+    )
 
 
 def check_interval(
@@ -30,11 +68,14 @@ def check_interval(
     high_open: bool = True,
     allow_none: bool = False,
 ) -> None:
-    """Raises `ValueError` naming `name` when a concrete `value` lies outside the interval.
+    """Raises `ValueError` naming `name` unless a concrete `value` is finite and in the interval.
+
+    Strings, bools, callables and containers raise `HyperparameterTypeError` (a `TypeError` and
+    a `ValueError`); NaN and infinities are never valid. Jax arrays and tracers pass unchecked.
 
     Args:
       name: argument name, as the user wrote it.
-      value: the argument's value; arrays, tracers and callables pass unchecked.
+      value: the argument's value.
       low: lower bound, or None for no lower bound.
       high: upper bound, or None for no upper bound.
       low_open: exclude `low` itself.
@@ -44,30 +85,83 @@ def check_interval(
     if value is None:
         if allow_none:
             return
-        raise ValueError(f"{name} must be a number, got None.")
-    if not _is_concrete_number(value):
+        raise HyperparameterTypeError(f"{name} must be a number, got None.")
+    number = _as_number(name, value)
+    if number is None:
         return
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high or value != value:  # value != value catches NaN.
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if too_low or too_high or not math.isfinite(number):
         left = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
         right = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
-        interval = f"{'None or ' if allow_none else ''}in {left}, {right}"
+        interval = f"{'None or ' if allow_none else ''}finite and in {left}, {right}"
         raise ValueError(f"{name} must be {interval}, got {value!r}.")
 
 
 def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
     """Raises `ValueError` naming `name` when `value` is not one of `choices`."""
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {{{allowed}}}, got {value!r}.")
 
 
+def check_flag(name: str, value: Any) -> None:
+    """Raises `HyperparameterTypeError` naming `name` unless `value` is a bool (a mode switch)."""
+    if not isinstance(value, bool | np.bool_):
+        raise HyperparameterTypeError(
+            f"{name} must be True or False, got {value!r} of type {type(value).__name__}."
+        )
+
+
 def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
-    """A learning rate is a number >= 0 or a schedule (callable); schedules pass unchecked."""
-    if callable(value):
+    """A learning rate is a finite number >= 0 or a schedule (callable); schedules pass."""
+    if callable(value) and not isinstance(value, jax.Array):
         return
     check_interval(name, value, 0.0)
+
+
+def _injected_number(name: str) -> Any:
+    """The number `optax.inject_hyperparams` was given for `name`, when it is tracing our init.
+
+    `inject_hyperparams` turns every number into an array inside its own ``init``, which is a
+    tracer there under `jax.jit` or `jax.eval_shape` (optax issue #412). It keeps the numbers it
+    was given in a local mapping of that ``init``, ``numeric_hps``, which this reads from the
+    calling frames. None when no such frame holds a Python number for `name`.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "init_fn" and "optax" in code.co_filename:
+            numbers_given = frame.f_locals.get("numeric_hps")
+            if isinstance(numbers_given, dict) and is_concrete_number(numbers_given.get(name)):
+                return numbers_given[name]
+        frame = frame.f_back
+    return None
+
+
+def static_int(name: str, value: Any) -> int:
+    """`value`, a shape-deciding hyperparameter, as a Python int; called by `init`.
+
+    A concrete jax array (as `optax.inject_hyperparams` passes it to an eager `init`) is read
+    back to Python. A tracer (an injected value in an `init` traced by `jax.jit` or
+    `jax.eval_shape`) is replaced by the Python number `inject_hyperparams` was given, so that
+    no ``static_args`` are needed; only where there is none (a traced array given by the user)
+    does it raise, saying what to do instead. `update` never needs the value: it reads each
+    leaf's layout from the state.
+    """
+    check_interval(name, value, 0)
+    if isinstance(value, jax.core.Tracer):
+        value = _injected_number(name)
+        if value is None:
+            raise ValueError(
+                f"{name} decides the shapes of the optimizer state, so init cannot take it as a "
+                "traced value: call init outside jax.jit, or give optax.inject_hyperparams "
+                f"static_args=('{name}',)."
+            )
+    number = float(np.asarray(value))
+    if number != int(number):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    return int(number)
 
 
 def stats_dtype(
@@ -107,6 +201,23 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
+    return dtype
+
+
+# Second moments hold squares: float16 (largest 65504, smallest normal 6e-5) cannot hold the
+# g**2 of ordinary gradients, and 8-bit floats even less; bfloat16 has float32's range.
+SECOND_MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float64))
+
+
+def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
+    """None, or `value` as float32, bfloat16 or float64; raises `ValueError` otherwise."""
+    dtype = check_dtype("dtype_second_moment", value)
+    if dtype is not None and dtype not in SECOND_MOMENT_DTYPES:
+        raise ValueError(
+            "dtype_second_moment must be None, float32, bfloat16 or float64, got "
+            f"{value!r}: {dtype.name} cannot hold the squares of ordinary gradients "
+            "(bfloat16 keeps float32's range in half the bytes)."
+        )
     return dtype
 
 

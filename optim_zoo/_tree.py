@@ -2,24 +2,202 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from optim_zoo import _checks
 
 
-def map_leaves(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest: Any) -> tuple:
+def is_params_placeholder(params: Any) -> bool:
+    """True for the stand-in tree that :func:`optax.tree_map_params` calls ``init`` with.
+
+    That stand-in has no leaves; ``init`` must return it wherever the state holds a tree like
+    the params, and :class:`PerLeaf` fields then hold :data:`PER_LEAF_PLACEHOLDER`.
+    """
+    return type(params).__name__ == "_ParamsPlaceholder"
+
+
+# What a PerLeaf field holds in the state `init` builds for optax.tree_map_params: a single
+# leaf, so that the real field (a PerLeaf) counts as one non-parameter subtree there.
+PER_LEAF_PLACEHOLDER = 0
+
+
+def leaf_keys(tree: Any) -> tuple[str, ...]:
+    """The key path of each leaf of `tree`, in ``jax.tree.leaves`` order, as strings.
+
+    Attribute keys are left out: Flax NNX hands ``init`` its parameters wrapped in variables
+    (``['kernel'].value``) and ``update`` the bare arrays (``['kernel']``), so only dict keys and
+    sequence positions identify a leaf.
+    """
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return tuple(
+        jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)))
+        for path in paths
+    )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PerLeaf(tuple):
+    """A tuple with one entry per parameter leaf, in ``jax.tree.leaves`` order.
+
+    It remembers the leaves' keys (:func:`leaf_keys`) as static data, so that ``update`` can
+    refuse a gradient tree other than the one ``init`` saw, as optax's own states do by their
+    structure. Entries are arrays, or None where a leaf does not use the field.
+    """
+
+    keys: tuple[str, ...]
+
+    def __new__(cls, entries: Iterable[Any], keys: Iterable[str]) -> PerLeaf:
+        obj = super().__new__(cls, entries)
+        obj.keys = tuple(keys)
+        return obj
+
+    def __reduce__(self):
+        return (PerLeaf, (tuple(self), self.keys))
+
+    def tree_flatten_with_keys(self):
+        return [(jax.tree_util.SequenceKey(i), x) for i, x in enumerate(self)], self.keys
+
+    def tree_flatten(self):
+        return tuple(self), self.keys
+
+    @classmethod
+    def tree_unflatten(cls, keys, children):
+        return cls(children, keys)
+
+
+def check_leaf_keys(keys: tuple[str, ...], expected: tuple[str, ...], name: str) -> None:
+    """Raises `ValueError` when a gradient tree's leaf `keys` are not the `expected` ones."""
+    if keys == expected:
+        return
+    missing = [k for k in expected if k not in keys]
+    extra = [k for k in keys if k not in expected]
+    detail = f"missing {missing}, unexpected {extra}" if missing or extra else "another order"
+    raise ValueError(
+        f"{name}: the updates do not have the tree structure the state was initialised with "
+        f"({detail})."
+    )
+
+
+def leaves_like(tree: Any, like: Any, name: str) -> list[Any]:
+    """The leaves of `like`, a tree with the structure of `tree` (state fields like the params).
+
+    Raises `ValueError` naming `name` when the structures differ.
+    """
+    treedef = jax.tree.structure(tree)
+    try:
+        return treedef.flatten_up_to(like)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name}: the updates do not have the tree structure the state was initialised "
+            f"with: {error}"
+        ) from None
+
+
+def _to_real_pair(x: jax.Array) -> jax.Array:
+    """A complex array of shape S as the real array of shape (2, *S): its real, imaginary parts."""
+    return jnp.stack([jnp.real(x), jnp.imag(x)])
+
+
+def _is_complex(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.complexfloating)
+
+
+def _as_array(x: Any) -> Any:
+    """A leaf as a real array: Python and NumPy scalars converted, complex as real pairs.
+
+    Abstract leaves (``jax.ShapeDtypeStruct``, for an abstract ``init``) stay abstract.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not _is_complex(x):
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((2, *x.shape), jnp.finfo(x.dtype).dtype)
+    return _to_real_pair(x)
+
+
+def _needs_conversion(tree: Any) -> bool:
+    return any(
+        not hasattr(x, "shape") or not hasattr(x, "dtype") or _is_complex(x)
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def _as_arrays(tree: Any) -> Any:
+    return jax.tree.map(_as_array, tree) if _needs_conversion(tree) else tree
+
+
+def _check_trainable(params: Any, name: str) -> None:
+    """Raises `TypeError` naming the first integer or boolean leaf of `params`."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves:
+        dtype = np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{name} cannot train the {jnp.dtype(dtype).name} leaf "
+                f"{jax.tree_util.keystr(path) or '(the root)'}: gradient steps do not move "
+                "integers or bools. Keep it out of the optimizer (optax.masked, or "
+                "optax.multi_transform with optax.set_to_zero), or make it floating-point."
+            )
+
+
+def on_real_arrays(
+    transform: optax.GradientTransformation, name: str
+) -> optax.GradientTransformation:
+    """`transform`, made to take every kind of leaf a parameter tree can hold.
+
+    * Python and NumPy scalars become jax arrays, as in :func:`optax.adam` (``{"t": 1.0}``).
+    * Integer and boolean leaves are refused at ``init`` with a `TypeError` naming the leaf.
+    * A complex leaf of shape ``S`` is trained as the real array of shape ``(2, *S)`` holding
+      its real and imaginary parts, the convention of PyTorch's optimizers
+      (``torch.view_as_real``): every elementwise statistic is kept per part, every norm, mean
+      or RMS counts the two parts as two real numbers, and its state is that real array's
+      state. Its update is complex again.
+
+    A tree of jax arrays none of which is complex goes through untouched, so this costs
+    nothing there; `name` is the transform's, for error messages.
+    """
+
+    def init_fn(params):
+        if is_params_placeholder(params):
+            return transform.init(params)
+        _check_trainable(params, name)
+        return transform.init(_as_arrays(params))
+
+    def update_fn(updates, state, params=None):
+        if not _needs_conversion(updates) and not _needs_conversion(params):
+            return transform.update(updates, state, params)
+        params = None if params is None else _as_arrays(params)
+        real_updates, state = transform.update(_as_arrays(updates), state, params)
+
+        def restore(new, old):
+            if jnp.iscomplexobj(old):  # a complex jax array, or a Python complex
+                return jax.lax.complex(new[0], new[1]).astype(jnp.result_type(old))
+            return new
+
+        return jax.tree.map(restore, real_updates, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def map_leaves(
+    fn: Callable[..., tuple], num_outputs: int, name: str, tree: Any, *rest: Any
+) -> tuple:
     """Maps `fn` over the leaves of `tree` (and matching leaves of `rest`), unzipping results.
 
     `fn` returns a tuple of `num_outputs` arrays per leaf; the result is a tuple of
     `num_outputs` trees, each with the structure of `tree`. Unlike `jax.tree.map` returning
     tuples, this works for empty trees and never confuses a result tuple with tree structure.
+    A tree of `rest` unlike `tree` raises `ValueError` naming `name`.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    rest_leaves = [leaves_like(tree, r, name) for r in rest]
     results = [fn(*args) for args in zip(leaves, *rest_leaves, strict=True)]
     return tuple(treedef.unflatten(column) for column in unzip(results, num_outputs))
 

@@ -12,12 +12,12 @@ from optim_zoo import _checks, _tree
 from optim_zoo.factored import (
     FactoredSecondMoment,
     cast_second_moment,
-    factored_dims,
     init_moment_state,
     moment_state_from_leaves,
     moment_state_leaves,
     second_moment_parts,
     second_moment_sum,
+    stored_dims,
     upcast,
     update_second_moment,
 )
@@ -118,8 +118,9 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
 
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    _checks.check_flag("factored", factored)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
+    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
         return ScaleByAdaptiveInertiaState(
@@ -138,19 +139,16 @@ def scale_by_adaptive_inertia(
         del params
         count = optax.safe_increment(state.count)
         grads, treedef = jax.tree.flatten(updates)
-        old_stats = moment_state_leaves(state.v, treedef, factored)
-        leaf_dims = [factored_dims(g.shape, factored, min_dim_size_to_factor) for g in grads]
+        name = "scale_by_adaptive_inertia"
+        old_stats = moment_state_leaves(state.v, updates, factored, name)
+        leaf_dims = [stored_dims(s, g.shape) for g, s in zip(grads, old_stats, strict=True)]
+        moments = _tree.leaves_like(updates, state.m, name)
+        beta1_prods = _tree.leaves_like(updates, state.beta1_prod, name)
         dtypes = [
             _checks.compute_dtype(
                 g.dtype, m.dtype, prod.dtype, *(x.dtype for x in s if x is not None)
             )
-            for g, m, prod, s in zip(
-                grads,
-                treedef.flatten_up_to(state.m),
-                treedef.flatten_up_to(state.beta1_prod),
-                old_stats,
-                strict=True,
-            )
+            for g, m, prod, s in zip(grads, moments, beta1_prods, old_stats, strict=True)
         ]
         # Everything below reads v as stored (a no-op unless it is stored narrower).
         stored_stats = [
@@ -170,8 +168,9 @@ def scale_by_adaptive_inertia(
         def leaf_update(g, m, stats, beta1_prod, dims, dtype):
             row_part, col_part = second_moment_parts(stats, dims)
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
-            # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia.
-            ratio = jnp.where(v_bar > 0, v_hat / jnp.where(v_bar > 0, v_bar, 1), 0).astype(dtype)
+            # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
+            # NaN v_bar (a NaN gradient anywhere) stays NaN: it must not pass for zero.
+            ratio = jnp.where(v_bar == 0, 0, v_hat / jnp.where(v_bar == 0, 1, v_bar)).astype(dtype)
             beta1 = jnp.clip(1 - beta0 * ratio ** (1 / (3 - 2 * dampening)), 0, 1 - eps)
             new_prod = beta1_prod.astype(dtype) * beta1
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
@@ -188,9 +187,9 @@ def scale_by_adaptive_inertia(
             leaf_update(*args)
             for args in zip(
                 grads,
-                treedef.flatten_up_to(state.m),
+                moments,
                 stats,
-                treedef.flatten_up_to(state.beta1_prod),
+                beta1_prods,
                 leaf_dims,
                 dtypes,
                 strict=True,
@@ -200,9 +199,11 @@ def scale_by_adaptive_inertia(
         new_state = ScaleByAdaptiveInertiaState(
             count=count,
             m=treedef.unflatten(m),
-            v=moment_state_from_leaves(stored_stats, treedef, factored),
+            v=moment_state_from_leaves(stored_stats, state.v, treedef, factored),
             beta1_prod=treedef.unflatten(beta1_prod),
         )
         return treedef.unflatten(direction), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(init_fn, update_fn), "scale_by_adaptive_inertia"
+    )

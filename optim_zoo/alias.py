@@ -20,6 +20,27 @@ from optim_zoo.nesterov import (
 )
 
 
+def _decayed_weights(
+    weight_decay: jax.typing.ArrayLike, weight_decay_mask: Any
+) -> optax.GradientTransformation:
+    """:func:`optax.add_decayed_weights`, which a literal zero decay lets run without params.
+
+    A decay of exactly zero adds nothing, so ``update`` may then be called without params, as
+    for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes. A
+    jax array (as ``inject_hyperparams`` passes) always needs them.
+    """
+    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    if not _checks.is_literal_zero(weight_decay):
+        return decay
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            return updates, state
+        return decay.update(updates, state, params)
+
+    return optax.GradientTransformation(decay.init, update_fn)
+
+
 def _keep_update_dtype(
     transform: optax.GradientTransformation,
 ) -> optax.GradientTransformation:
@@ -135,11 +156,12 @@ def _adan_chain(
     """Adan's chain around a Nesterov moment estimate: clip, decay, learning rate."""
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
+    _checks.check_flag("no_prox", no_prox)
     transforms = []
     if max_grad_norm is not None:
         transforms.append(clip_by_global_norm(max_grad_norm, eps))
     transforms.append(moment)
-    transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    transforms.append(_decayed_weights(weight_decay, weight_decay_mask))
     if no_prox:
         transforms.append(optax.scale_by_learning_rate(learning_rate))
     else:
@@ -228,9 +250,12 @@ def adafactor(
       placeholder state, and zero-size leaves are never factored. From tensor2tensor: the two
       largest axes are factored rather than the last two (the same for matrices).
     """
-    _checks.check_interval("clipping_threshold", clipping_threshold, 1.0, allow_none=True)
+    _checks.check_interval(
+        "clipping_threshold", clipping_threshold, 0.0, low_open=True, allow_none=True
+    )
     _checks.check_interval("momentum", momentum, 0.0, 1.0, allow_none=True)
     _checks.check_interval("weight_decay_rate", weight_decay_rate, 0.0, allow_none=True)
+    _checks.check_flag("multiply_by_parameter_scale", multiply_by_parameter_scale)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     if learning_rate is None:
         learning_rate = relative_step_size(multiply_by_parameter_scale)
@@ -333,14 +358,14 @@ def apollo(
     _checks.check_interval("warmup", warmup, 0)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     if init_lr is not None:
-        high = learning_rate if _checks._is_concrete_number(learning_rate) else None
+        high = learning_rate if _checks.is_concrete_number(learning_rate) else None
         _checks.check_interval("init_lr", init_lr, 0.0, high, high_open=False)
     if weight_decay_type is None:
         weight_decay_type = "L2" if rebound == "constant" else "decoupled"
     l2 = weight_decay_type == "L2"
     transforms = []
     if l2:
-        transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+        transforms.append(_decayed_weights(weight_decay, weight_decay_mask))
     transforms.append(
         scale_by_rectified_diag_hessian(
             beta,
@@ -444,7 +469,8 @@ def _adai_chain(
     """Adai's chain around an adaptive-inertia momentum: L2 or decoupled decay, learning rate."""
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
-    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    _checks.check_flag("decoupled", decoupled)
+    decay = _decayed_weights(weight_decay, weight_decay_mask)
     transforms = [inertia, decay] if decoupled else [decay, inertia]
     return optax.chain(*transforms, optax.scale_by_learning_rate(learning_rate))
 

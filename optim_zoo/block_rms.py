@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim_zoo import _checks, _tree
+
 # Leaves at least this large are clipped one after another (see clip_by_block_rms).
 _SEQUENTIAL_CLIP_MIN_SIZE = 2**16
 
@@ -35,20 +37,25 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
         clipped = []
         previous = None  # Sum of squares of the last large leaf measured.
         for u in leaves:
-            measured = u
+            # Squares summed in at least float32: a float16 sum overflows long before 2**16
+            # elements of RMS 1 (optax accumulates in float32 too).
+            measured = u.astype(_checks.stats_dtype(u.dtype))
             if u.size >= _SEQUENTIAL_CLIP_MIN_SIZE:
                 if previous is not None:
                     # A sum of squares is never negative: `u`, measured after `previous`.
-                    measured = jnp.where(previous < 0, jnp.zeros_like(u), u)
+                    measured = jnp.where(previous < 0, jnp.zeros_like(measured), measured)
                 previous = jnp.sum(jnp.square(measured))
                 mean_square = previous / u.size
             else:
-                mean_square = jnp.mean(jnp.square(u))
+                mean_square = jnp.mean(jnp.square(measured))
             clip_denom = jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
-            clipped.append(u / clip_denom)
+            clipped.append((u / clip_denom).astype(u.dtype))
         return treedef.unflatten(clipped), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "clip_by_block_rms",
+    )
 
 
 def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.GradientTransformation:
@@ -71,9 +78,12 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
             raise ValueError("scale_by_param_rms needs params.")
 
         def scale(u, p):
-            rms = jnp.sqrt(jnp.mean(jnp.square(p)))
-            return u * jnp.maximum(rms, min_scale)
+            rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_checks.stats_dtype(p.dtype)))))
+            return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
 
         return jax.tree.map(scale, updates, params), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "scale_by_param_rms",
+    )

@@ -103,9 +103,9 @@ def scale_by_rectified_diag_hessian(
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
     # A literal zero decay needs neither params nor a read of them.
-    no_decay = _checks._is_concrete_number(weight_decay) and weight_decay == 0
+    no_decay = _checks.is_literal_zero(weight_decay)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
+    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
         return ScaleByRectifiedDiagHessianState(
@@ -169,6 +169,7 @@ def scale_by_rectified_diag_hessian(
         out, m, hessian, direction = _tree.map_leaves(
             leaf_update,
             4,
+            "scale_by_rectified_diag_hessian",
             updates,
             state.m,
             state.hessian_diag,
@@ -184,7 +185,9 @@ def scale_by_rectified_diag_hessian(
         )
         return out, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(init_fn, update_fn), "scale_by_rectified_diag_hessian"
+    )
 
 
 def linear_warmup(

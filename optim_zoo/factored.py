@@ -56,11 +56,25 @@ def factored_dims(
     """
     if not factored or len(shape) < 2 or 0 in shape:
         return None
-    order = np.argsort(shape, kind="stable")  # stable: among equal sizes, later axes sort last.
-    small_axis, large_axis = int(order[-2]), int(order[-1])
+    small_axis, large_axis = _largest_axes(shape)
     if shape[small_axis] < min_dim_size_to_factor:
         return None
     return small_axis, large_axis
+
+
+def _largest_axes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(small_axis, large_axis)``: the two largest axes of `shape`, ties to the later axis."""
+    order = np.argsort(shape, kind="stable")  # stable: among equal sizes, later axes sort last.
+    return int(order[-2]), int(order[-1])
+
+
+def stored_dims(stats: tuple[jax.Array | None, ...], shape: tuple[int, ...]):
+    """The factored axes of a leaf of `shape` whose statistics are `stats`, or None.
+
+    ``update`` reads the layout ``init`` chose from the state itself (a full ``v`` or a row and
+    a column), so a traced ``min_dim_size_to_factor`` never reaches a Python ``if`` there.
+    """
+    return None if stats[2] is not None else _largest_axes(shape)
 
 
 def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
@@ -95,15 +109,20 @@ def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
 def init_second_moment(
     params: optax.Params,
     factored: bool,
-    min_dim_size_to_factor: int,
+    min_dim_size_to_factor: Any,
     dtype_second_moment: jnp.dtype | None = None,
-) -> tuple[tuple[jax.Array | None, ...], ...]:
-    """Zero statistics ``(v_row, v_col, v)`` for each leaf of `params`, as three tuples.
+) -> tuple[_tree.PerLeaf, ...]:
+    """Zero statistics ``(v_row, v_col, v)`` for the leaves of `params`, as three PerLeafs.
 
     A leaf that :func:`factored_dims` factors gets a row and a column statistic, each sharded
     like the leaf minus the reduced axis; any other leaf gets a full array. The dtype is
     `dtype_second_moment`, or at least float32 when it is None.
     """
+    if _tree.is_params_placeholder(params):
+        return (_tree.PER_LEAF_PLACEHOLDER,) * 3
+    min_dim_size_to_factor = (
+        _checks.static_int("min_dim_size_to_factor", min_dim_size_to_factor) if factored else 0
+    )
     v_row, v_col, v = [], [], []
     for p in jax.tree.leaves(params):
         dims = factored_dims(p.shape, factored, min_dim_size_to_factor)
@@ -117,7 +136,8 @@ def init_second_moment(
             v_row.append(_zeros_without_axis(p, large_axis, dtype))
             v_col.append(_zeros_without_axis(p, small_axis, dtype))
             v.append(None)
-    return tuple(v_row), tuple(v_col), tuple(v)
+    keys = _tree.leaf_keys(params)
+    return tuple(_tree.PerLeaf(stat, keys) for stat in (v_row, v_col, v))
 
 
 def update_second_moment(
@@ -184,7 +204,10 @@ def second_moment_parts(
 
     For a factored leaf the estimate is :math:`V = (R / \mathrm{mean}(R)) \otimes C`, the
     rank-one reconstruction of Adafactor, taken as zero where :math:`\mathrm{mean}(R) = 0`
-    (every gradient seen so far is zero). The factors are ``fn`` of the two vectors, expanded:
+    (every gradient seen so far is zero), and as infinite where :math:`\mathrm{mean}(R)`
+    overflowed to infinity (instead of tensor2tensor's :math:`\infty / \infty` = NaN), so that
+    a step divided by :math:`\sqrt V` is zero there, as it is for a full second moment that
+    overflows. A NaN statistic stays NaN. The factors are ``fn`` of the two vectors, expanded:
     right for any ``fn`` with ``fn(a b) = fn(a) fn(b)``, such as the identity or ``rsqrt``.
     For an unfactored leaf they are ``fn(v)`` and 1.
     """
@@ -194,10 +217,14 @@ def second_moment_parts(
     small_axis, large_axis = dims
     # `v_row` lost `large_axis`: find `small_axis` among its remaining axes.
     row_mean = jnp.mean(v_row, axis=small_axis - (small_axis > large_axis), keepdims=True)
-    row_ratio = jnp.where(row_mean > 0, v_row / jnp.where(row_mean > 0, row_mean, 1), 0)
+    overflow = jnp.isinf(row_mean)
+    row_ratio = jnp.where(row_mean == 0, 0, v_row / jnp.where(row_mean == 0, 1, row_mean))
+    row_ratio = jnp.where(overflow, jnp.inf, row_ratio)
+    # `overflow` has v_row's axes; as v_col's: back to the leaf's axes, then drop small_axis.
+    col = jnp.where(jnp.squeeze(jnp.expand_dims(overflow, large_axis), small_axis), 1, v_col)
     return (
         jnp.expand_dims(fn(row_ratio), large_axis),
-        jnp.expand_dims(fn(v_col), small_axis),
+        jnp.expand_dims(fn(col), small_axis),
     )
 
 
@@ -231,20 +258,35 @@ def init_moment_state(
 
 
 def moment_state_leaves(
-    moment: optax.Params | FactoredSecondMoment, treedef: Any, factored: bool
+    moment: optax.Params | FactoredSecondMoment, updates: optax.Updates, factored: bool, name: str
 ) -> list[tuple[jax.Array | None, ...]]:
-    """Per parameter leaf, its ``(v_row, v_col, v)``: ``(None, None, v)`` when not factored."""
+    """Per leaf of `updates`, its ``(v_row, v_col, v)``: ``(None, None, v)`` when not factored.
+
+    Raises `ValueError` when `updates` is not the tree the state was made for.
+    """
     if factored:
-        return list(zip(moment.v_row, moment.v_col, moment.v, strict=True))
-    return [(None, None, v) for v in treedef.flatten_up_to(moment)]
+        return per_leaf_stats(moment, updates, name)
+    return [(None, None, v) for v in _tree.leaves_like(updates, moment, name)]
+
+
+def per_leaf_stats(
+    stats: ScaleByFactoredRmsState | FactoredSecondMoment, updates: optax.Updates, name: str
+) -> list[tuple[jax.Array | None, ...]]:
+    """Per leaf of `updates`, its ``(v_row, v_col, v)`` from the PerLeaf fields of `stats`."""
+    _tree.check_leaf_keys(_tree.leaf_keys(updates), stats.v.keys, name)
+    return list(zip(stats.v_row, stats.v_col, stats.v, strict=True))
 
 
 def moment_state_from_leaves(
-    per_leaf: list[tuple[jax.Array | None, ...]], treedef: Any, factored: bool
+    per_leaf: list[tuple[jax.Array | None, ...]],
+    like: optax.Params | FactoredSecondMoment,
+    treedef: Any,
+    factored: bool,
 ) -> optax.Params | FactoredSecondMoment:
-    """The inverse of :func:`moment_state_leaves`."""
+    """The inverse of :func:`moment_state_leaves`, with the keys of `like`, the old state."""
     if factored:
-        return FactoredSecondMoment(*_tree.unzip(per_leaf, 3))
+        columns = _tree.unzip(per_leaf, 3)
+        return FactoredSecondMoment(*(_tree.PerLeaf(c, like.v.keys) for c in columns))
     return treedef.unflatten([v for _, _, v in per_leaf])
 
 
@@ -313,10 +355,11 @@ def scale_by_factored_rms(
       is computed in the arithmetic's dtype, and unfactored leaves carry no placeholder state.
     """
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
-    _checks.check_interval("decay_rate", decay_rate, 0.0, 1.0, low_open=True, high_open=False)
+    _checks.check_interval("decay_rate", decay_rate, 0.0, low_open=True)
+    _checks.check_interval("decay_offset", decay_offset, 0)
     _checks.check_interval("eps", eps, 0.0)
-
-    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
+    _checks.check_flag("factored", factored)
+    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
         v_row, v_col, v = init_second_moment(
@@ -332,11 +375,14 @@ def scale_by_factored_rms(
         del params
         grads, treedef = jax.tree.flatten(updates)
         new_updates, new_stats = [], []
-        for g, *stats in zip(grads, state.v_row, state.v_col, state.v, strict=True):
-            dims = factored_dims(g.shape, factored, min_dim_size_to_factor)
+        for g, stats in zip(
+            grads, per_leaf_stats(state, updates, "scale_by_factored_rms"), strict=True
+        ):
+            dims = stored_dims(stats, g.shape)
             stored = [x.dtype for x in stats if x is not None]
             dtype = _checks.compute_dtype(g.dtype, *stored)
-            step = (state.count - decay_offset + 1).astype(dtype)
+            # Steps before decay_offset (a fresh state with an offset) count as the first.
+            step = (jnp.maximum(state.count - decay_offset, 0) + 1).astype(dtype)
             decay = 1 - step ** (-jnp.asarray(decay_rate, dtype))
             g_ = g.astype(dtype)
             # The update reads the statistics as stored (a no-op unless stored narrower).
@@ -344,13 +390,15 @@ def scale_by_factored_rms(
             row_factor, col_factor = second_moment_parts(upcast(new, dtype), dims, jax.lax.rsqrt)
             new_updates.append((g_ * row_factor * col_factor).astype(g.dtype))
             new_stats.append(new)
-        v_row, v_col, v = _tree.unzip(new_stats, 3)
+        v_row, v_col, v = (_tree.PerLeaf(c, state.v.keys) for c in _tree.unzip(new_stats, 3))
         new_state = ScaleByFactoredRmsState(
             count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v
         )
         return treedef.unflatten(new_updates), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(init_fn, update_fn), "scale_by_factored_rms"
+    )
 
 
 def relative_step_size(multiply_by_parameter_scale: bool = True) -> optax.Schedule:

@@ -13,11 +13,11 @@ from optim_zoo.factored import (
     FactoredSecondMoment,
     broadcastable_stats,
     cast_second_moment,
-    factored_dims,
     init_moment_state,
     moment_state_from_leaves,
     moment_state_leaves,
     second_moment_parts,
+    stored_dims,
     upcast,
     update_second_moment,
 )
@@ -112,8 +112,9 @@ def scale_by_nesterov_moment(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("eps_root", eps_root, 0.0)
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    _checks.check_flag("factored", factored)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_dtype("dtype_second_moment", dtype_second_moment)
+    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
 
     def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:
         return ScaleByNesterovMomentState(
@@ -132,10 +133,10 @@ def scale_by_nesterov_moment(
         is_first = state.count == 0
         never = state.count < 0  # a traced False, for _tree.unshared and _tree.ordered_after
         grads, treedef = jax.tree.flatten(updates)
-        n_stats = moment_state_leaves(state.n, treedef, factored)
+        n_stats = moment_state_leaves(state.n, updates, factored, "scale_by_nesterov_moment")
 
         def leaf_update(g, m, v, stats, prev_grad):
-            dims = factored_dims(g.shape, factored, min_dim_size_to_factor)
+            dims = stored_dims(stats, g.shape)
             moment_dtype = m.dtype  # m, v and prev_grad share it.
             stored = [x.dtype for x in (m, *stats) if x is not None]
             dtype = _checks.compute_dtype(g.dtype, *stored)
@@ -162,10 +163,10 @@ def scale_by_nesterov_moment(
             leaf_update(*args)
             for args in zip(
                 grads,
-                treedef.flatten_up_to(state.m),
-                treedef.flatten_up_to(state.v),
+                _tree.leaves_like(updates, state.m, "scale_by_nesterov_moment"),
+                _tree.leaves_like(updates, state.v, "scale_by_nesterov_moment"),
                 n_stats,
-                treedef.flatten_up_to(state.prev_grad),
+                _tree.leaves_like(updates, state.prev_grad, "scale_by_nesterov_moment"),
                 strict=True,
             )
         ]
@@ -174,12 +175,14 @@ def scale_by_nesterov_moment(
             count=count,
             m=treedef.unflatten(m),
             v=treedef.unflatten(v),
-            n=moment_state_from_leaves(n_stats, treedef, factored),
+            n=moment_state_from_leaves(n_stats, state.n, treedef, factored),
             prev_grad=treedef.unflatten(prev_grad),
         )
         return treedef.unflatten(direction), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(init_fn, update_fn), "scale_by_nesterov_moment"
+    )
 
 
 def clip_by_global_norm(
@@ -209,7 +212,10 @@ def clip_by_global_norm(
         factor = jnp.minimum(max_norm / (norm + eps), 1.0)
         return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "clip_by_global_norm",
+    )
 
 
 class ScaleByProximalLearningRateState(NamedTuple):

@@ -264,25 +264,18 @@ _FLOAT_OVERRIDES = {
     optim_zoo.factored_adan: {"b1": 0.9, "b2": 0.95, "b3": 0.95, "eps": 1e-6},
     optim_zoo.factored_adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
 }
-# Only shape-deciding ints are static. `dtype_momentum` (a callable such as `jnp.float32`) is
-# taken for a schedule by inject_hyperparams; optim_zoo.adafactor reads the dtype of the value
-# that schedule yields, so it need not be named here (optax.adafactor needs it to be).
-_STATIC_ARGS = {
-    optim_zoo.adafactor: ("min_dim_size_to_factor",),
-    optim_zoo.factored_adan: ("min_dim_size_to_factor",),
-    optim_zoo.factored_adai: ("min_dim_size_to_factor",),
-}
+# Nothing is static: every number, shape-deciding `min_dim_size_to_factor` included, is
+# injected (factoring is decided at an eager `init`, and `update` reads it from the state).
+# `dtype_momentum` (a callable such as `jnp.float32`) is taken for a schedule by
+# inject_hyperparams; optim_zoo.adafactor reads the dtype of the value that schedule yields.
 
 
 def _injected_and_plain(factory, kwargs):
     kwargs = {**kwargs, **_FLOAT_OVERRIDES[factory]}
-    static_args = _STATIC_ARGS.get(factory, ())
-    injected = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    injected = optax.inject_hyperparams(factory)(**kwargs)
     # Every number the caller passes, and every float override, is injected: a traced value.
     numbers = {
-        k
-        for k, v in kwargs.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k not in static_args
+        k for k, v in kwargs.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     return injected, factory(**kwargs), numbers
 
@@ -313,7 +306,9 @@ def test_inject_hyperparams_state_dtypes(name, factory, kwargs, dtype):
     grads = jax.grad(objective)(params)
 
     def step(tx):
-        return lambda: tx.update(grads, tx.init(params), params)
+        # An eager init (where an injected min_dim_size_to_factor can be read), a traced update.
+        state = tx.init(params)
+        return lambda: tx.update(grads, state, params)
 
     # Abstract evaluation traces the injected optimizer with array hyperparameters (no compile).
     injected_updates, injected_state = jax.eval_shape(step(injected))
@@ -544,3 +539,58 @@ def test_weight_decay_mask(name, factory, kwargs):
             # masked-out leaf follows the decay-free run, the masked-in leaf the decayed one.
             chex.assert_trees_all_close(masked_params["b"], undecayed_params["b"], rtol=1e-10)
             chex.assert_trees_all_close(masked_params["w"], decayed_params["w"], rtol=1e-10)
+
+
+_FACTORING = [case for case in OPTIMIZERS if "min_dim_size_to_factor" in case[2]]
+
+
+@pytest.mark.parametrize(("name", "factory", "kwargs"), _FACTORING, ids=[c[0] for c in _FACTORING])
+def test_inject_hyperparams_traced_init_needs_no_static_args(name, factory, kwargs):
+    # Under jax.jit and jax.eval_shape an injected min_dim_size_to_factor is a tracer in init,
+    # which decides the state's shapes from it (optax issue #412): the same state as an eager
+    # init, and as with static_args.
+    params, _ = _tree_problem()
+    injected = optax.inject_hyperparams(factory)(**kwargs)
+    static = optax.inject_hyperparams(factory, static_args=("min_dim_size_to_factor",))(**kwargs)
+    eager = injected.init(params).inner_state
+    for state in (jax.jit(injected.init)(params), jax.eval_shape(injected.init, params)):
+        chex.assert_trees_all_equal_shapes_and_dtypes(state.inner_state, eager)
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.jit(static.init)(params).inner_state, eager)
+
+
+def test_traced_min_dim_size_from_the_user_says_what_to_do():
+    params, _ = _tree_problem()
+
+    @jax.jit
+    def init(size):
+        return optim_zoo.adafactor(min_dim_size_to_factor=size).init(params)
+
+    with pytest.raises(ValueError, match="min_dim_size_to_factor.*static_args"):
+        init(jnp.asarray(2))
+
+
+@_ALL
+def test_tree_map_params(name, factory, kwargs):
+    # optax's own battery: a no-op map over the state, and deriving one value per state leaf
+    # that is like the params (as sharding specs are derived), the rest by transform_non_params.
+    tx = factory(**kwargs)
+    params, objective = _tree_problem()
+    state = tx.init(params)
+    _, state = tx.update(jax.grad(objective)(params), state, params)
+    same = optax.tree_map_params(tx, lambda v: v, state)
+    chex.assert_trees_all_equal(same, state)
+    labels = jax.tree.map(lambda p: str(p.shape), params)
+    mapped = optax.tree_map_params(
+        tx,
+        lambda leaf, label: str(leaf.shape) == label,
+        state,
+        labels,
+        transform_non_params=lambda _: "other",
+    )
+    # Every state leaf like the params got its parameter's label (a factored statistic, with
+    # an axis fewer, never does), and the rest went to transform_non_params.
+    marks = jax.tree.leaves(mapped)
+    assert set(marks) <= {True, "other"}, marks
+    # Adafactor keeps its statistics per leaf (a PerLeaf field), so only its momentum is like
+    # the params.
+    assert (True in marks) == (not name.startswith("adafactor") or "momentum" in name), marks

@@ -1,5 +1,8 @@
 """Construction-time validation of hyperparameters (SPEC.md, "Validation and errors")."""
 
+import inspect
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,13 +53,14 @@ _INVALID = [
     *[(alias, "beta0", -0.1) for alias in ("adai", "adaiw")],
     *[(alias, "beta2", value) for alias in ("adai", "adaiw") for value in (-0.1, 1.0)],
     # Adafactor.
-    ("adafactor", "clipping_threshold", 0.5),
+    ("adafactor", "clipping_threshold", 0.0),
+    ("adafactor", "clipping_threshold", -1.0),
+    ("adafactor", "decay_offset", -1),
     ("adafactor", "momentum", 1.0),
     ("adafactor", "momentum", -0.1),
     ("adafactor", "min_dim_size_to_factor", -1),
     ("adafactor", "decay_rate", 0.0),
     ("adafactor", "decay_rate", -0.5),
-    ("adafactor", "decay_rate", 1.5),
     # factored_adan and factored_adai: their own argument, and those they share.
     *[(alias, "min_dim_size_to_factor", -1) for alias in ("factored_adan", "factored_adai")],
     *[("factored_adan", b, 1.0) for b in ("b1", "b2", "b3")],
@@ -70,6 +74,12 @@ _INVALID = [
         for alias in _ALIASES
         for argument in ("dtype_momentum", "dtype_second_moment")
         for value in (jnp.int32, "not-a-dtype", jnp.bool_, "complex64")
+    ],
+    # float16 (and 8-bit floats) cannot hold g**2 of ordinary gradients.
+    *[
+        (alias, "dtype_second_moment", value)
+        for alias in _ALIASES
+        for value in (jnp.float16, "float16", jnp.float8_e4m3fn)
     ],
 ]
 
@@ -97,8 +107,11 @@ _VALID = [
     ("adafactor", {"momentum": 0.0}),
     ("adafactor", {"momentum": None}),
     ("adafactor", {"clipping_threshold": 1.0}),
+    ("adafactor", {"clipping_threshold": 0.5}),  # below 1, as tensor2tensor and optax accept
     ("adafactor", {"clipping_threshold": None}),
     ("adafactor", {"decay_rate": 1.0}),
+    ("adafactor", {"decay_rate": 1.5}),  # above 1, as tensor2tensor and optax accept
+    ("adafactor", {"decay_offset": 3}),  # on a fresh state: finite, not NaN
     ("adafactor", {"min_dim_size_to_factor": 0}),
     ("adafactor", {"eps": 0.0, "weight_decay_rate": 0.0}),
     ("apollo", {"init_lr": 0.01}),  # == learning_rate
@@ -124,9 +137,86 @@ _VALID = [
     *[
         (alias, {"dtype_momentum": momentum, "dtype_second_moment": second})
         for alias in _ALIASES
-        for momentum, second in ((None, None), ("bfloat16", jnp.float16), (jnp.float32, "float32"))
+        for momentum, second in (
+            (None, None),
+            ("bfloat16", jnp.bfloat16),
+            (jnp.float16, "float32"),
+            (jnp.float32, "float32"),
+        )
     ],
 ]
+
+
+# Optional numeric arguments whose default is None (so the signature does not show a number).
+_OPTIONAL_NUMBERS = {
+    "adafactor": ("learning_rate", "momentum", "clipping_threshold", "weight_decay_rate"),
+    "adan": ("max_grad_norm",),
+    "factored_adan": ("max_grad_norm",),
+    "apollo": ("init_lr",),
+}
+
+
+def _numeric_arguments(alias):
+    """Every numeric hyperparameter of `alias`: those with a number as default, and the rest."""
+    names = ["learning_rate"]
+    for name, parameter in inspect.signature(getattr(optim_zoo, alias)).parameters.items():
+        default = parameter.default
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            names.append(name)
+    names.extend(_OPTIONAL_NUMBERS.get(alias, ()))
+    return sorted(set(names))
+
+
+# Strings (as YAML configs produce), bools, NaN and infinities are never a valid number.
+_NOT_NUMBERS = ["0.01", True, False, math.nan, math.inf, -math.inf]
+_WRONG_KIND = [
+    (alias, argument, value)
+    for alias in _ALIASES
+    for argument in _numeric_arguments(alias)
+    for value in _NOT_NUMBERS
+]
+
+
+def test_numeric_arguments_are_found():
+    # The enumeration above sees the arguments it must (a rename would silently shrink it).
+    assert {"b1", "b2", "b3", "eps", "eps_root", "weight_decay", "max_grad_norm"} <= set(
+        _numeric_arguments("adan")
+    )
+    assert {"decay_rate", "decay_offset", "min_dim_size_to_factor", "momentum"} <= set(
+        _numeric_arguments("adafactor")
+    )
+    assert {"beta", "warmup", "init_lr", "weight_decay"} <= set(_numeric_arguments("apollo"))
+    assert {"beta0", "beta2", "dampening"} <= set(_numeric_arguments("factored_adai"))
+
+
+@pytest.mark.parametrize(
+    ("alias", "argument", "value"), _WRONG_KIND, ids=[f"{a}-{g}={v!r}" for a, g, v in _WRONG_KIND]
+)
+def test_strings_bools_and_nonfinite_values_raise(alias, argument, value):
+    with pytest.raises(ValueError) as excinfo:
+        _make(alias, **{argument: value})
+    message = str(excinfo.value)
+    assert argument in message
+    assert repr(value) in message
+    if isinstance(value, str | bool):
+        assert isinstance(excinfo.value, TypeError)  # the wrong kind of value, not a bad number
+
+
+@pytest.mark.parametrize(
+    ("alias", "argument"),
+    [("adan", "no_prox"), ("adai", "decoupled"), ("adafactor", "factored")]
+    + [("adafactor", "multiply_by_parameter_scale"), ("factored_adai", "decoupled")],
+)
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_mode_switches_must_be_bools(alias, argument, value):
+    with pytest.raises(TypeError, match=argument):
+        _make(alias, **{argument: value})
+
+
+def test_positional_bool_is_not_a_size():
+    # A bool where a size is expected is refused, not read as 1.
+    with pytest.raises(TypeError, match="min_dim_size_to_factor"):
+        optim_zoo.scale_by_factored_rms(True, 0.8)
 
 
 @pytest.mark.parametrize(("alias", "overrides"), _VALID, ids=[f"{a}-{o}" for a, o in _VALID])
