@@ -109,8 +109,12 @@ def scale_by_adaptive_inertia(
 
     Differences:
       Matches the official code, including its global mean over all parameters (the paper
-      writes a mean without fixing its scope), except that an all-zero gradient history gives
-      zero inertia ratio instead of NaN. optax has no Adai.
+      writes a mean without fixing its scope), except at the edges of :math:`\bar v_t`: an
+      all-zero gradient history gives a zero inertia ratio instead of NaN, and an infinite
+      :math:`\bar v_t` (an infinite gradient anywhere) gives NaN everywhere, where the official
+      code silently gives every other element the largest inertia for the rest of the run. A
+      NaN gradient likewise makes every update NaN. A complex leaf is trained as its real and
+      imaginary parts (PyTorch's convention), each counted in the mean. optax has no Adai.
     """
     _checks.check_interval("beta0", beta0, 0.0)
     _checks.check_interval("beta2", beta2, 0.0, 1.0)
@@ -164,6 +168,9 @@ def scale_by_adaptive_inertia(
         )
         bias_correction = 1 - beta2 ** count.astype(mean_dtype)
         v_bar = total / bias_correction / max(num_elements, 1)
+        # An infinite mean (an infinite gradient anywhere) would set every other ratio to 0,
+        # the largest inertia, silently and for good: NaN instead, so that it shows.
+        v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
         def leaf_update(g, m, stats, beta1_prod, dims, dtype):
             row_part, col_part = second_moment_parts(stats, dims)

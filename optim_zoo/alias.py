@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks
+from optim_zoo import _checks, _tree
 from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
 from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
 from optim_zoo.diag_hessian import linear_warmup, scale_by_rectified_diag_hessian
@@ -98,7 +98,9 @@ def adan(
       no_prox: use decoupled decay instead of the proximal step.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one; True
         where decay applies.
-      max_grad_norm: if given, the official global-norm clip (> 0).
+      max_grad_norm: if given, the official global-norm clip (> 0). As in the official code, an
+        infinite gradient makes the norm infinite and scales every gradient of that step by 0
+        (the infinite element itself becomes NaN, so the step is not finite).
       dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
         the parameter's.
       dtype_second_moment: dtype the squared moment ``n`` is stored in; None means
@@ -209,10 +211,12 @@ def adafactor(
       learning_rate: a float >= 0, an optax schedule, or None for the relative step size.
       min_dim_size_to_factor: factor only leaves whose second-largest axis has at least this
         size; 0 factors every leaf with two or more axes (tensor2tensor).
-      decay_rate: second-moment decay exponent, in (0, 1].
-      decay_offset: step at which the decay schedule restarts.
+      decay_rate: second-moment decay exponent, > 0.
+      decay_offset: step at which the decay schedule restarts, >= 0 (earlier steps count as
+        the first).
       multiply_by_parameter_scale: scale the step by :math:`\max(10^{-3}, \mathrm{rms}(p))`.
-      clipping_threshold: None or >= 1: clip each update's RMS to this.
+      clipping_threshold: None or > 0: clip each update's RMS to this (values below 1 are
+        accepted, as tensor2tensor and optax do).
       momentum: None or in [0, 1): EMA of the scaled step.
       dtype_momentum: dtype the momentum is stored in (float32 by default, as in optax and
         tensor2tensor; None means the parameter's); updates keep the gradient dtype.
@@ -278,7 +282,8 @@ def adafactor(
         transforms.append(scale_by_param_rms())
     if momentum is not None:
         momentum_ema = optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum)
-        transforms.append(_keep_update_dtype(momentum_ema))
+        # On real pairs, so that a float32 accumulator keeps both parts of a complex step.
+        transforms.append(_tree.on_real_arrays(_keep_update_dtype(momentum_ema), "adafactor"))
     if weight_decay_rate is not None:
         transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
     transforms.append(optax.scale(-1.0))

@@ -93,7 +93,9 @@ def scale_by_rectified_diag_hessian(
       :math:`\max(|B|, \sigma)` for a fixed :math:`\sigma = 1`; this follows the official code
       (running bias-corrected average, :math:`\sigma = 0.01`, ``eps`` folded into the 4-norm, the
       belief variant, and decay stored in the direction). Not the 2024 low-rank "APOLLO" of Zhu
-      et al., a different algorithm. optax has no Apollo.
+      et al., a different algorithm. optax has no Apollo. A complex leaf is trained as its
+      real and imaginary parts (PyTorch's convention): its norms and sums count each part as
+      one real number.
     """
     _checks.check_interval("beta", beta, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)

@@ -321,8 +321,10 @@ def scale_by_factored_rms(
     Args:
       min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
         many elements; 0 factors every leaf with two or more axes, as tensor2tensor does.
-      decay_rate: exponent of the second-moment decay schedule, in (0, 1].
-      decay_offset: step at which the decay schedule restarts (for fine-tuning).
+      decay_rate: exponent of the second-moment decay schedule, > 0 (0.8 in the paper; values
+        above 1 are accepted, as tensor2tensor and optax do).
+      decay_offset: step at which the decay schedule restarts (for fine-tuning), >= 0; earlier
+        steps, as on a fresh state with a positive offset, count as the first.
       eps: added to the squared gradient; >= 0.
       factored: whether to factor at all.
       dtype_second_moment: dtype the statistics are stored in; None means float32, or the
@@ -353,6 +355,13 @@ def scale_by_factored_rms(
       factors the two largest (identical for matrices, and the factored update is symmetric in
       the two axes). Unlike optax, statistics stay in float64 for float64 parameters, the decay
       is computed in the arithmetic's dtype, and unfactored leaves carry no placeholder state.
+      Steps before ``decay_offset`` count as the first (decay 0) where tensor2tensor and optax
+      raise a negative number to a fractional power (NaN). Row statistics whose mean overflows
+      to infinity give an infinite estimate and a zero update (tensor2tensor: inf / inf =
+      NaN); in float32, as in the official code, ``g**2`` overflows at ``|g|`` ~ 1e19. A
+      complex leaf is trained as its real and imaginary parts (PyTorch's convention; optax
+      keeps one statistic of ``|g|**2`` per complex element), stacked on a new first axis, so
+      a complex vector is a two-row matrix here.
     """
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     _checks.check_interval("decay_rate", decay_rate, 0.0, low_open=True)

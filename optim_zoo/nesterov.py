@@ -106,6 +106,10 @@ def scale_by_nesterov_moment(
       ``optax.scale_by_adan`` weights the difference inside ``n`` by ``1 - b2`` instead of
       ``b2`` (and bias-corrects it accordingly), so it does not follow the official algorithm;
       this transform does. From the paper: the betas are complemented, as in the official code.
+      As in the official code, :math:`(g + b_2 \Delta)^2` overflows float32 at ``|g|`` ~ 1e19:
+      ``n`` is then infinite and the step zero (as Adam's); the factored estimate is infinite
+      there too, not NaN. A complex leaf is trained as its real and imaginary parts (PyTorch's
+      convention), each with its own moments.
     """
     for name, value in (("b1", b1), ("b2", b2), ("b3", b3)):
         _checks.check_interval(name, value, 0.0, 1.0)

@@ -315,3 +315,198 @@ def test_mixed_float32_and_bfloat16_leaves(name, factory, kwargs):
             assert leaf.dtype == jnp.float32, (field, leaf.dtype)
     for field in param_dtype_fields:
         chex.assert_trees_all_equal_dtypes(getattr(primitive, field), params)
+
+
+# --- Inputs a user can pass: each works, or is refused with an error that says why. ---------
+
+
+def _fixed_grads(params, t):
+    """Gradients that do not depend on the params, so two runs can be compared step by step."""
+    return jax.tree.map(
+        lambda p: (
+            jnp.cos(jnp.arange(p.size, dtype=jnp.float32) + t).reshape(p.shape) + 0.1
+        ).astype(p.dtype),
+        params,
+    )
+
+
+def _params_wb():
+    return {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.array([0.5, -1.0, 2.0])}
+
+
+@_ALL
+def test_python_float_leaf(name, factory, kwargs):
+    # As optax.adam accepts {"t": 1.0}: the same run as with a jax scalar there.
+    tx = factory(**kwargs)
+    as_python = {"t": 1.0, "w": jnp.ones((2, 3))}
+    as_array = {"t": jnp.asarray(1.0), "w": jnp.ones((2, 3))}
+    grads = {"t": 0.5, "w": jnp.full((2, 3), 0.25)}
+    array_grads = {"t": jnp.asarray(0.5), "w": grads["w"]}
+    updates, state = tx.update(grads, tx.init(as_python), as_python)
+    expected, expected_state = tx.update(array_grads, tx.init(as_array), as_array)
+    chex.assert_trees_all_equal(updates, expected)
+    chex.assert_trees_all_equal(state, expected_state)
+
+
+@_ALL
+@pytest.mark.parametrize(
+    "leaf",
+    [jnp.array([1, 2], jnp.int32), jnp.array([True, False]), 3],
+    ids=["int32", "bool", "int"],
+)
+def test_integer_and_bool_leaves_are_refused_at_init(name, factory, kwargs, leaf):
+    tx = factory(**kwargs)
+    with pytest.raises(TypeError, match=r"\['count'\]"):
+        tx.init({"count": leaf, "w": jnp.ones(3)})
+
+
+def _complex_params():
+    re = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    return {"c": jax.lax.complex(re, 0.5 - re[::-1]), "b": jnp.array([0.5, -1.0, 2.0])}
+
+
+def _as_real(tree):
+    return jax.tree.map(lambda x: jnp.stack([x.real, x.imag]) if jnp.iscomplexobj(x) else x, tree)
+
+
+@_ALL
+def test_complex_leaf_is_its_real_and_imaginary_parts(name, factory, kwargs):
+    # PyTorch's convention: a complex leaf trains as the real array of its two parts, stacked.
+    tx = factory(**kwargs)
+    params = _complex_params()
+    real_params = _as_real(params)
+    state, real_state = tx.init(params), tx.init(real_params)
+    for t in range(5):
+        grads = jax.tree.map(lambda p, t=t: p * (1.0 + 0.1 * t) + 0.3, params)
+        updates, state = tx.update(grads, state, params)
+        real_updates, real_state = tx.update(_as_real(grads), real_state, real_params)
+        chex.assert_trees_all_equal_dtypes(updates, params)
+        chex.assert_trees_all_close(_as_real(updates), real_updates, rtol=1e-6, atol=1e-7)
+        params = optax.apply_updates(params, updates)
+        real_params = optax.apply_updates(real_params, real_updates)
+    assert _all_finite(_as_real(params))
+
+
+@_ALL
+def test_complex_least_squares_converges(name, factory, kwargs):
+    # JAX's gradient of a real loss in a complex parameter is the conjugate of the steepest
+    # ascent direction; its conjugate is the gradient of the two real parts, (d/dre + i d/dim).
+    target = jnp.array([1.0 + 2.0j, -0.5j, 0.25 - 1.0j])
+    loss = lambda p: jnp.sum(jnp.abs(p["z"] - target) ** 2)  # noqa: E731
+    tx = factory(**kwargs)
+    params = {"z": jnp.zeros(3, jnp.complex64)}
+    state = tx.init(params)
+    for _ in range(300):
+        grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(loss(params)) < float(loss({"z": jnp.zeros(3, jnp.complex64)}))
+
+
+# A bad gradient with an infinite global norm makes the official Adan clip scale every gradient
+# by zero for that step (documented in optim_zoo.adan); the infinite element itself turns NaN.
+_CLIPPED = {"adan_clip_decay"}
+
+
+@_ALL
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_bad_gradient_is_never_hidden(name, factory, kwargs, bad_value):
+    """After one non-finite gradient element, every later update of the other elements is either
+    the one a clean run gives, or non-finite: the bad value may stay in its own element (which
+    may then freeze, as Adam's does once its second moment is infinite) or spread as NaN, but it
+    never changes how the rest of the model trains while looking finite."""
+    if bad_value == np.inf and name in _CLIPPED:
+        pytest.skip("the official clip zeroes the whole step for an infinite norm")
+    tx = factory(**kwargs)
+    params = _params_wb()
+    clean_state, bad_state = tx.init(params), tx.init(params)
+    for t in range(4):
+        grads = _fixed_grads(params, t)
+        bad_grads = {**grads, "b": grads["b"].at[0].set(bad_value)} if t == 0 else grads
+        clean, clean_state = tx.update(grads, clean_state, params)
+        bad, bad_state = tx.update(bad_grads, bad_state, params)
+        if t == 0:
+            assert not bool(jnp.isfinite(bad["b"][0]))
+        bad, clean = ({**u, "b": u["b"][1:]} for u in (bad, clean))  # the other elements
+        for got, want in zip(jax.tree.leaves(bad), jax.tree.leaves(clean), strict=True):
+            finite = jnp.isfinite(got)
+            np.testing.assert_allclose(
+                np.where(finite, got, 0), np.where(finite, want, 0), rtol=1e-5, atol=1e-7
+            )
+
+
+@_ALL
+def test_gradient_tree_unlike_the_state_is_refused(name, factory, kwargs):
+    tx = factory(**kwargs)
+    params = _params_wb()
+    state = tx.init(params)
+    renamed = {"x": params["w"], "y": params["b"]}  # same shapes, other keys
+    with pytest.raises(ValueError, match="tree structure"):
+        tx.update(_fixed_grads(renamed, 0), state, renamed)
+
+
+@_ALL
+def test_update_without_params_when_nothing_needs_them(name, factory, kwargs):
+    # As optax.adam: no params needed unless weight decay or the parameter scale reads them.
+    tx = factory(**kwargs)
+    params = _params_wb()
+    needs_params = _has_decay(kwargs) or (
+        factory is optim_zoo.adafactor and kwargs.get("multiply_by_parameter_scale", True)
+    )
+    state = tx.init(params)
+    if needs_params:
+        with pytest.raises(ValueError, match="params"):
+            tx.update(_fixed_grads(params, 0), state)
+        return
+    updates, _ = tx.update(_fixed_grads(params, 0), state)
+    expected, _ = tx.update(_fixed_grads(params, 0), state, params)
+    chex.assert_trees_all_equal(updates, expected)
+
+
+@pytest.mark.parametrize("factored", [False, True], ids=["adan", "factored_adan"])
+def test_adan_freezes_on_huge_gradients(factored):
+    # (g + b2 diff)**2 overflows float32 at |g| ~ 1e19, as in the official code: Adan's n is then
+    # inf and its step 0 (Adam does the same). The factored estimate must freeze too, not give
+    # inf / inf = NaN.
+    if factored:
+        tx = optim_zoo.factored_adan(0.01, min_dim_size_to_factor=2)
+    else:
+        tx = optim_zoo.adan(0.01)
+    params = {"w": jnp.ones((3, 4))}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.full((3, 4), 1e30)}, state, params)
+        assert _all_finite(updates)
+        params = optax.apply_updates(params, updates)
+    assert _all_finite(params)
+
+
+def test_adafactor_large_float16_leaf():
+    # 2**16 + elements: the block-RMS clip sums squares in float32, not float16.
+    params = {"w": jnp.full((300, 300), 0.5, jnp.float16)}
+    grads = {"w": jnp.full((300, 300), 0.01, jnp.float16)}
+    for factored in (True, False):
+        tx = optim_zoo.adafactor(factored=factored)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, grads))
+        expected, _ = tx.update(f32[1], tx.init(f32[0]), f32[0])
+        assert _all_finite(updates)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x: x.astype(jnp.float32), updates), expected, rtol=2e-3
+        )
+
+
+def test_adafactor_decay_offset_on_a_fresh_state():
+    # Steps before the offset count as the first (decay 0); from the offset on, the schedule
+    # restarts, so step `offset + c` of an offset run is step `c` of a run without one.
+    params = _params_wb()
+    offset_tx = optim_zoo.scale_by_factored_rms(min_dim_size_to_factor=2, decay_offset=3)
+    plain_tx = optim_zoo.scale_by_factored_rms(min_dim_size_to_factor=2)
+    offset_state, plain_state = offset_tx.init(params), plain_tx.init(params)
+    for t in range(3):
+        _, offset_state = offset_tx.update(_fixed_grads(params, 100 + t), offset_state)
+    for t in range(4):
+        offset_updates, offset_state = offset_tx.update(_fixed_grads(params, t), offset_state)
+        plain_updates, plain_state = plain_tx.update(_fixed_grads(params, t), plain_state)
+        assert _all_finite(offset_updates)
+        chex.assert_trees_all_close(offset_updates, plain_updates, rtol=1e-6)
