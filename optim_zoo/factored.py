@@ -16,8 +16,10 @@ from optim_zoo import _checks, _tree
 class ScaleByFactoredRmsState(NamedTuple):
     """State of :func:`scale_by_factored_rms`.
 
-    The statistics are tuples with one entry per parameter leaf, in ``jax.tree.leaves`` order,
-    and ``None`` where a leaf does not use that statistic. A factored n x m matrix holds n + m
+    The statistics are tuples (``PerLeaf``, which also remember the leaves' keys, so that
+    ``update`` refuses a gradient tree other than the one ``init`` saw) with one entry per
+    parameter leaf, in ``jax.tree.leaves`` order, and ``None`` where a leaf does not use that
+    statistic. A factored n x m matrix holds n + m
     floats; nothing is allocated for the statistics a leaf does not need. Keeping them out of the
     params' tree structure also keeps wrappers that carry a parameter's sharding metadata (as
     Flax NNX variables do) off the reduced statistics, which have one axis fewer. On a device
