@@ -78,7 +78,11 @@ def check_leaf_keys(keys: tuple[str, ...], expected: tuple[str, ...], name: str)
     missing = [k for k in expected if k not in keys]
     extra = [k for k in keys if k not in expected]
     detail = f"missing {missing}, unexpected {extra}" if missing or extra else "another order"
-    raise ValueError(
+    raise _structure_mismatch(name, detail)
+
+
+def _structure_mismatch(name: str, detail: Any) -> ValueError:
+    return ValueError(
         f"{name}: the updates do not have the tree structure the state was initialised with "
         f"({detail})."
     )
@@ -93,10 +97,7 @@ def leaves_like(tree: Any, like: Any, name: str) -> list[Any]:
     try:
         return treedef.flatten_up_to(like)
     except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"{name}: the updates do not have the tree structure the state was initialised "
-            f"with: {error}"
-        ) from None
+        raise _structure_mismatch(name, error) from None
 
 
 def _to_real_pair(x: jax.Array) -> jax.Array:

@@ -70,7 +70,9 @@ def _largest_axes(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(order[-2]), int(order[-1])
 
 
-def stored_dims(stats: tuple[jax.Array | None, ...], shape: tuple[int, ...]):
+def stored_dims(
+    stats: tuple[jax.Array | None, ...], shape: tuple[int, ...]
+) -> tuple[int, int] | None:
     """The factored axes of a leaf of `shape` whose statistics are `stats`, or None.
 
     ``update`` reads the layout ``init`` chose from the state itself (a full ``v`` or a row and
@@ -279,6 +281,14 @@ def per_leaf_stats(
     return list(zip(stats.v_row, stats.v_col, stats.v, strict=True))
 
 
+def stats_from_leaves(
+    per_leaf: list[tuple[jax.Array | None, ...]], keys: tuple[str, ...]
+) -> tuple[_tree.PerLeaf, _tree.PerLeaf, _tree.PerLeaf]:
+    """The inverse of :func:`per_leaf_stats`: the fields ``(v_row, v_col, v)``, with `keys`."""
+    v_row, v_col, v = (_tree.PerLeaf(column, keys) for column in _tree.unzip(per_leaf, 3))
+    return v_row, v_col, v
+
+
 def moment_state_from_leaves(
     per_leaf: list[tuple[jax.Array | None, ...]],
     like: optax.Params | FactoredSecondMoment,
@@ -287,8 +297,7 @@ def moment_state_from_leaves(
 ) -> optax.Params | FactoredSecondMoment:
     """The inverse of :func:`moment_state_leaves`, with the keys of `like`, the old state."""
     if factored:
-        columns = _tree.unzip(per_leaf, 3)
-        return FactoredSecondMoment(*(_tree.PerLeaf(c, like.v.keys) for c in columns))
+        return FactoredSecondMoment(*stats_from_leaves(per_leaf, like.v.keys))
     return treedef.unflatten([v for _, _, v in per_leaf])
 
 
@@ -401,7 +410,7 @@ def scale_by_factored_rms(
             row_factor, col_factor = second_moment_parts(upcast(new, dtype), dims, jax.lax.rsqrt)
             new_updates.append((g_ * row_factor * col_factor).astype(g.dtype))
             new_stats.append(new)
-        v_row, v_col, v = (_tree.PerLeaf(c, state.v.keys) for c in _tree.unzip(new_stats, 3))
+        v_row, v_col, v = stats_from_leaves(new_stats, state.v.keys)
         new_state = ScaleByFactoredRmsState(
             count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v
         )

@@ -137,7 +137,8 @@ def scale_by_nesterov_moment(
         is_first = state.count == 0
         never = state.count < 0  # a traced False, for _tree.unshared and _tree.ordered_after
         grads, treedef = jax.tree.flatten(updates)
-        n_stats = moment_state_leaves(state.n, updates, factored, "scale_by_nesterov_moment")
+        name = "scale_by_nesterov_moment"
+        n_stats = moment_state_leaves(state.n, updates, factored, name)
 
         def leaf_update(g, m, v, stats, prev_grad):
             dims = stored_dims(stats, g.shape)
@@ -167,10 +168,10 @@ def scale_by_nesterov_moment(
             leaf_update(*args)
             for args in zip(
                 grads,
-                _tree.leaves_like(updates, state.m, "scale_by_nesterov_moment"),
-                _tree.leaves_like(updates, state.v, "scale_by_nesterov_moment"),
+                _tree.leaves_like(updates, state.m, name),
+                _tree.leaves_like(updates, state.v, name),
                 n_stats,
-                _tree.leaves_like(updates, state.prev_grad, "scale_by_nesterov_moment"),
+                _tree.leaves_like(updates, state.prev_grad, name),
                 strict=True,
             )
         ]
