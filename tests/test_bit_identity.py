@@ -1,0 +1,201 @@
+"""Every optimizer's trajectory, bit for bit, against the one recorded in tests/data.
+
+A restructuring of the package must not change a single bit of any update. This test replays
+every optimizer, in float32, bfloat16 and float64 parameters, factored and with bfloat16 state,
+for 25 jitted steps on a small tree, and compares each trajectory with the one recorded in
+``tests/data/trajectories.json``.
+
+XLA compiles for the host CPU: a machine with other vector units may sum in another order. On
+the machine and jax version the record was made with (both are in the file), every trajectory
+must hash to the recorded one; elsewhere the final parameters must agree to a few ulps of
+their dtype, and the test says which comparison it made.
+
+``python -m tests.test_bit_identity --record`` writes the record anew; do that only for a
+change that is meant to change the numbers, and say so in its commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+import json
+import pathlib
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optim_zoo
+
+RECORD_PATH = pathlib.Path(__file__).parent / "data" / "trajectories.json"
+NUM_STEPS = 25
+BF16 = jnp.bfloat16
+_BF16_STATE = {"dtype_momentum": BF16, "dtype_second_moment": BF16}
+
+# name -> (factory, kwargs). Every optimizer with each code path its options open: decay types,
+# clipping, momentum, factoring, the belief rebound, dampening.
+CONFIGS = {
+    "adan": (optim_zoo.adan, {"learning_rate": 0.01}),
+    "adan_proximal": (optim_zoo.adan, {"learning_rate": 0.01, "weight_decay": 0.02}),
+    "adan_no_prox_clip": (
+        optim_zoo.adan,
+        {"learning_rate": 0.01, "weight_decay": 0.02, "no_prox": True, "max_grad_norm": 1.0},
+    ),
+    "adafactor": (optim_zoo.adafactor, {"learning_rate": 0.01, "min_dim_size_to_factor": 2}),
+    "adafactor_relative_step": (optim_zoo.adafactor, {"min_dim_size_to_factor": 2}),
+    "adafactor_momentum_decay": (
+        optim_zoo.adafactor,
+        {
+            "learning_rate": 0.01,
+            "min_dim_size_to_factor": 2,
+            "momentum": 0.9,
+            "weight_decay_rate": 1e-3,
+            "multiply_by_parameter_scale": False,
+        },
+    ),
+    "adafactor_unfactored": (optim_zoo.adafactor, {"learning_rate": 0.01, "factored": False}),
+    "apollo": (optim_zoo.apollo, {"learning_rate": 0.01, "warmup": 5, "weight_decay": 0.01}),
+    "apollo_belief_decoupled": (
+        optim_zoo.apollo,
+        {"learning_rate": 0.01, "warmup": 5, "rebound": "belief", "weight_decay": 0.01},
+    ),
+    "apollo_stable": (
+        optim_zoo.apollo,
+        {"learning_rate": 0.01, "warmup": 5, "weight_decay": 0.01, "weight_decay_type": "stable"},
+    ),
+    "adai": (optim_zoo.adai, {"learning_rate": 0.1, "weight_decay": 0.01}),
+    "adai_dampening": (optim_zoo.adai, {"learning_rate": 0.1, "dampening": 0.5}),
+    "adaiw": (optim_zoo.adaiw, {"learning_rate": 0.1, "weight_decay": 0.01}),
+    "factored_adan": (
+        optim_zoo.factored_adan,
+        {"learning_rate": 0.01, "weight_decay": 0.02, "min_dim_size_to_factor": 2},
+    ),
+    "factored_adai": (
+        optim_zoo.factored_adai,
+        {"learning_rate": 0.1, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
+    ),
+    "factored_adaiw": (
+        optim_zoo.factored_adai,
+        {"learning_rate": 0.1, "weight_decay": 0.01, "decoupled": True, "min_dim_size_to_factor": 2},
+    ),
+}
+# Parameter dtype per run; bfloat16 state on float32 parameters for every configuration.
+RUNS = [
+    (name, param_dtype, state)
+    for name in CONFIGS
+    for param_dtype, state in (("float32", ""), ("bfloat16", ""), ("float64", ""))
+    + (("float32", "bf16_state"),)
+]
+_SHAPES = {"conv": (2, 3, 3, 4), "w": (8, 5), "tall": (3, 9), "b": (5,), "s": ()}
+
+
+def _initial_params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(12)
+    return {name: rng.normal(size=shape) for name, shape in _SHAPES.items()}
+
+
+def _gradient(name: str, p: np.ndarray, t: int) -> np.ndarray:
+    """A fixed, curved objective's gradient, in float64 NumPy from the current parameters."""
+    i = np.arange(p.size, dtype=np.float64).reshape(p.shape)
+    return (1 + 0.3 * (i % 4)) * p + 0.2 * p**3 / (1 + p**2) + 0.5 * np.sin(0.7 * t + i + len(name))
+
+
+def trajectory(name: str, param_dtype: str, state: str) -> tuple[str, dict[str, list[float]]]:
+    """The sha256 of every step's parameters, and the final parameters (as float64)."""
+    factory, kwargs = CONFIGS[name]
+    with jax.enable_x64(param_dtype == "float64"):
+        dtype = jnp.dtype(param_dtype)
+        tx = factory(**kwargs, **(_BF16_STATE if state else {}))
+        params = {n: jnp.asarray(p, dtype) for n, p in _initial_params().items()}
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def step(params, opt_state, grads):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        digest = hashlib.sha256()
+        for t in range(1, NUM_STEPS + 1):
+            grads = {
+                n: jnp.asarray(_gradient(n, np.asarray(p, np.float64), t), dtype)
+                for n, p in params.items()
+            }
+            params, opt_state = step(params, opt_state, grads)
+            for n in sorted(params):
+                digest.update(np.asarray(params[n]).tobytes())
+        final = {n: np.asarray(p, np.float64).ravel().tolist() for n, p in params.items()}
+    return digest.hexdigest(), final
+
+
+def _run_id(name: str, param_dtype: str, state: str) -> str:
+    return "/".join(part for part in (name, param_dtype, state) if part)
+
+
+def machine() -> dict[str, str]:
+    """What decides the bits XLA:CPU produces: the jax version and the host's vector units."""
+    flags = ""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                found = set(line.split(":", 1)[1].split())
+                flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in found)
+                break
+    return {
+        "jax": jax.__version__,
+        "jaxlib": metadata.version("jaxlib"),
+        "machine": platform.machine(),
+        "vector_units": flags,
+    }
+
+
+def _load_record() -> dict:
+    with open(RECORD_PATH) as f:
+        return json.load(f)
+
+
+# A few ulps of each dtype, for a machine other than the recording one.
+_RTOL = {"float32": 1e-5, "bfloat16": 3e-2, "float64": 1e-12}
+
+
+@pytest.mark.parametrize(
+    ("name", "param_dtype", "state"), RUNS, ids=[_run_id(*run) for run in RUNS]
+)
+def test_trajectory_is_the_recorded_one(name, param_dtype, state):
+    record = _load_record()
+    expected = record["runs"][_run_id(name, param_dtype, state)]
+    digest, final = trajectory(name, param_dtype, state)
+    if record["machine"] == machine():
+        assert digest == expected["sha256"], "a bit of the trajectory changed"
+        return
+    # Another machine: the record's bits need not be this machine's; the values must agree.
+    for leaf, values in expected["final"].items():
+        np.testing.assert_allclose(
+            final[leaf], values, rtol=_RTOL[param_dtype], atol=_RTOL[param_dtype], err_msg=leaf
+        )
+
+
+def test_the_record_covers_every_run():
+    assert set(_load_record()["runs"]) == {_run_id(*run) for run in RUNS}
+
+
+def _record() -> None:
+    runs = {}
+    for run in RUNS:
+        digest, final = trajectory(*run)
+        runs[_run_id(*run)] = {"sha256": digest, "final": final}
+        print(_run_id(*run), digest[:16], file=sys.stderr)
+    # One run a line, so that a change shows in a diff as the runs it changed.
+    lines = [f"  {json.dumps(run_id)}: {json.dumps(value)}" for run_id, value in runs.items()]
+    header = f'{{"machine": {json.dumps(machine())}, "steps": {NUM_STEPS}, "runs": {{\n'
+    RECORD_PATH.write_text(header + ",\n".join(lines) + "\n}}\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python -m tests.test_bit_identity --record")
+    _record()
