@@ -16,8 +16,8 @@ It checks that
   column of the "## Optimizers" and "## Primitives" tables, their "primitive" and "state"
   columns, the building blocks paragraph and the "## New combinations" bullets) is both an
   attribute of optim_zoo and in __all__;
-- the sdist holds README.md, pyproject.toml and every tracked file under optim_zoo/ and tests/
-  (so tests/data/golden_5step.json and optim_zoo/py.typed among them);
+- the sdist holds README.md, pyproject.toml and every tracked file under optim_zoo/, tests/ and
+  fixtures/ (so tests/data/golden_5step.json and optim_zoo/py.typed among them);
 - the installed version is optim_zoo.__version__.
 
 Every failure is listed, then the script exits 1.
@@ -38,7 +38,7 @@ import zipfile
 
 PACKAGE = "optim_zoo"
 # Tracked files under these folders must all be in the sdist: what building and testing need.
-SDIST_FOLDERS = ("optim_zoo/", "tests/")
+SDIST_FOLDERS = ("optim_zoo/", "tests/", "fixtures/")
 SDIST_FILES = ("README.md", "pyproject.toml")
 # Names the README gives in prose that no table or bullet holds (FactoredSecondMoment is named in
 # the Primitives section's text). Each must still appear in README.md in backticks.

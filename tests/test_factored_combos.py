@@ -22,9 +22,8 @@ import optax
 import pytest
 
 import optim_zoo
-from tests import reference
-from tests.test_reference import make_problem as make_reference_problem
-from tests.test_reference import mask_list, package_trajectory, reference_trajectory
+from fixtures import reference, trajectories
+from fixtures.trajectories import mask_list, package_trajectory, reference_trajectory
 
 NUM_STEPS = 50
 SEEDS = (0, 1, 2)
@@ -49,7 +48,7 @@ ONLY_MATRICES_DECAY = {n: len(LEAVES[n][0]) >= 2 for n in NAMES}
 
 def make_problem(seed: int, zero_steps: int = 0) -> dict:
     """The reference tests' problem on these leaves, with one row that never gets a gradient."""
-    problem = make_reference_problem(seed, zero_steps, LEAVES, NUM_STEPS)
+    problem = trajectories.make_problem(seed, zero_steps, LEAVES, NUM_STEPS)
     # Its R stays 0 while mean(R) does not.
     name, row = ZERO_ROW
     problem["curv"][name][row] = 0.0

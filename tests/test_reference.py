@@ -9,7 +9,6 @@ steps. 60 steps, the whole trajectory is compared.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import chex
@@ -20,7 +19,8 @@ import optax
 import pytest
 
 import optim_zoo
-from tests import reference
+from fixtures import reference, trajectories
+from fixtures.trajectories import mask_list, package_trajectory, reference_trajectory
 
 NUM_STEPS = 60
 SEEDS = (0, 1)
@@ -41,76 +41,9 @@ NAMES = sorted(LEAVES)  # jax.tree.leaves order of a dict
 ONLY_MATRIX_DECAYS = {n: n in ("a_matrix", "b_tensor") for n in NAMES}
 
 
-def make_problem(
-    seed: int, zero_steps: int = 0, leaves: dict = LEAVES, num_steps: int = NUM_STEPS
-) -> dict:
-    """Initial params, per-element curvature, per-step noise and per-step gate, all float64.
-
-    `leaves` maps a name to (shape, magnitude of parameters and gradient noise, whether the
-    gradient depends on the parameters); the gradient of step t is
-    ``gate[t] * (curv * p + noise[t])``.
-    """
-    rng = np.random.default_rng(seed)
-    params0, curv, noise = {}, {}, {}
-    for name in sorted(leaves):
-        shape, scale, feels_params = leaves[name]
-        params0[name] = scale * rng.standard_normal(shape)
-        curv[name] = rng.uniform(0.2, 1.5, shape) if feels_params else np.zeros(shape)
-        noise[name] = 0.3 * scale * rng.standard_normal((num_steps, *shape))
-    gate = np.ones(num_steps)
-    gate[:zero_steps] = 0.0  # all-zero gradients on the first steps
-    return dict(params0=params0, curv=curv, noise=noise, gate=gate)
-
-
-def reference_trajectory(optimizer, problem: dict) -> dict[str, np.ndarray]:
-    curv, noise, gate = problem["curv"], problem["noise"], problem["gate"]
-    names = sorted(problem["params0"])  # jax.tree.leaves order of a dict
-
-    def grad_fn(leaves, t):
-        return [
-            gate[t - 1] * (curv[n] * p + noise[n][t - 1])
-            for n, p in zip(names, leaves, strict=True)
-        ]
-
-    steps = reference.run(optimizer, problem["params0"], grad_fn, len(gate))
-    return {n: np.stack([step[n] for step in steps]) for n in names}
-
-
-@functools.cache
-def _jitted_runner(make_tx: Callable[[], optax.GradientTransformation]) -> Callable:
-    # One compilation per configuration: the seeds share the shapes. Built under x64 so that
-    # float64 dtype arguments survive optax's dtype canonicalisation.
-    tx = make_tx()
-
-    def run(params0, curv, noise, gate):
-        def body(carry, inputs):
-            params, state = carry
-            noise_t, gate_t = inputs
-            grads = jax.tree.map(lambda c, p, n: gate_t * (c * p + n), curv, params, noise_t)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, state), params
-
-        _, trajectory = jax.lax.scan(body, (params0, tx.init(params0)), (noise, gate))
-        return trajectory
-
-    # Compilation, not running, dominates this file's time; LLVM's optimisation level changes
-    # the compile time by ~40% and the float64 results only at rounding level.
-    return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def package_trajectory(
-    make_tx: Callable[[], optax.GradientTransformation], problem: dict
-) -> dict[str, np.ndarray]:
-    """The package's trajectory on `problem`; `make_tx` builds the optimizer (cached per one)."""
-    args = [problem[k] for k in ("params0", "curv", "noise", "gate")]
-    args = jax.tree.map(jnp.asarray, args)
-    return jax.tree.map(np.asarray, _jitted_runner(make_tx)(*args))
-
-
-def mask_list(mask: dict) -> list[bool]:
-    """A mask over a problem's leaves, as a list in their order."""
-    return [mask[n] for n in sorted(mask)]
+def make_problem(seed: int, zero_steps: int = 0) -> dict:
+    """This file's problem: `LEAVES` over `NUM_STEPS` steps (``trajectories.make_problem``)."""
+    return trajectories.make_problem(seed, zero_steps, LEAVES, NUM_STEPS)
 
 
 def _lr_schedule_optax():
