@@ -1,31 +1,23 @@
 """optim_zoo: published deep-learning optimizers for JAX, exact to their authors' code.
 
 Each optimizer is an `optax.chain` of a primitive transform (exported here, composable on its
-own) and optax building blocks.
+own) and building blocks. `docs/architecture.md` maps the modules.
 """
 
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
 from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo, factored_adai, factored_adan
-from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
-from optim_zoo.diag_hessian import (
-    ScaleByRectifiedDiagHessianState,
-    linear_warmup,
-    scale_by_rectified_diag_hessian,
-)
-from optim_zoo.factored import (
-    FactoredSecondMoment,
-    ScaleByFactoredRmsState,
-    factored_dims,
-    relative_step_size,
-    scale_by_factored_rms,
-)
-from optim_zoo.nesterov import (
-    ScaleByNesterovMomentState,
+from optim_zoo.blocks import (
     ScaleByProximalLearningRateState,
+    clip_by_block_rms,
     clip_by_global_norm,
-    scale_by_nesterov_moment,
+    scale_by_param_rms,
     scale_by_proximal_learning_rate,
 )
+from optim_zoo.diag_hessian import ScaleByRectifiedDiagHessianState, scale_by_rectified_diag_hessian
+from optim_zoo.factored import ScaleByFactoredRmsState, scale_by_factored_rms
+from optim_zoo.nesterov import ScaleByNesterovMomentState, scale_by_nesterov_moment
+from optim_zoo.schedules import linear_warmup, relative_step_size
+from optim_zoo.second_moment import FactoredSecondMoment, factored_dims
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,7 @@
-"""Hyperparameter validation and dtype rules shared by every optim_zoo module."""
+"""Hyperparameter validation shared by every optim_zoo module; dtype rules are in _dtypes."""
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import sys
@@ -12,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optim_zoo import _dtypes
 
 
 class HyperparameterTypeError(TypeError, ValueError):
@@ -164,26 +165,6 @@ def static_int(name: str, value: Any) -> int:
     return int(number)
 
 
-def stats_dtype(
-    dtype: jax.typing.DTypeLike, dtype_second_moment: jnp.dtype | None = None
-) -> jnp.dtype:
-    """The dtype second-moment statistics are kept in: `dtype_second_moment` when given.
-
-    Otherwise at least float32: bfloat16 and float16 parameters get float32 statistics, and
-    float64 parameters keep float64 so that float64 runs are exact.
-    """
-    if dtype_second_moment is not None:
-        return jnp.dtype(dtype_second_moment)
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def momentum_dtype(
-    dtype: jax.typing.DTypeLike, dtype_momentum: jnp.dtype | None = None
-) -> jnp.dtype:
-    """The dtype first-moment-like state is kept in: `dtype_momentum`, else the parameter's."""
-    return jnp.dtype(dtype if dtype_momentum is None else dtype_momentum)
-
-
 def check_dtype(name: str, value: Any) -> jnp.dtype | None:
     """None, or `value` as a floating-point dtype; raises `ValueError` naming `name` otherwise.
 
@@ -204,28 +185,13 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
     return dtype
 
 
-# Second moments hold squares: float16 (largest 65504, smallest normal 6e-5) cannot hold the
-# g**2 of ordinary gradients, and 8-bit floats even less; bfloat16 has float32's range.
-SECOND_MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float64))
-
-
 def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
     """None, or `value` as float32, bfloat16 or float64; raises `ValueError` otherwise."""
     dtype = check_dtype("dtype_second_moment", value)
-    if dtype is not None and dtype not in SECOND_MOMENT_DTYPES:
+    if dtype is not None and dtype not in _dtypes.SECOND_MOMENT_DTYPES:
         raise ValueError(
             "dtype_second_moment must be None, float32, bfloat16 or float64, got "
             f"{value!r}: {dtype.name} cannot hold the squares of ordinary gradients "
             "(bfloat16 keeps float32's range in half the bytes)."
         )
     return dtype
-
-
-def compute_dtype(*dtypes: jax.typing.DTypeLike | None) -> jnp.dtype:
-    """The dtype an update's math runs in: the widest of `dtypes` (None ignored), >= float32.
-
-    Whatever the state is stored in, the arithmetic of a step is never done in bfloat16 or
-    float16; float64 parameters or states keep it in float64.
-    """
-    given = [d for d in dtypes if d is not None]
-    return functools.reduce(jnp.promote_types, given, jnp.dtype(jnp.float32))

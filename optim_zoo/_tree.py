@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _checks
+from optim_zoo import _dtypes
 
 
 def is_params_placeholder(params: Any) -> bool:
@@ -27,18 +27,22 @@ def is_params_placeholder(params: Any) -> bool:
 PER_LEAF_PLACEHOLDER = 0
 
 
-def leaf_keys(tree: Any) -> tuple[str, ...]:
-    """The key path of each leaf of `tree`, in ``jax.tree.leaves`` order, as strings.
+def leaves_with_paths(tree: Any) -> list[tuple[tuple, Any]]:
+    """``(path, leaf)`` for each leaf of `tree`, in ``jax.tree.leaves`` order.
 
-    Attribute keys are left out: Flax NNX hands ``init`` its parameters wrapped in variables
-    (``['kernel'].value``) and ``update`` the bare arrays (``['kernel']``), so only dict keys and
-    sequence positions identify a leaf.
+    Attribute keys are left out of the paths: Flax NNX hands ``init`` its parameters wrapped in
+    variables (``['kernel'].value``) and ``update`` the bare arrays (``['kernel']``), so only
+    dict keys and sequence positions identify a leaf.
     """
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return tuple(
-        jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)))
-        for path in paths
-    )
+    return [
+        (tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def leaf_keys(tree: Any) -> tuple[str, ...]:
+    """The path of each leaf of `tree` (:func:`leaves_with_paths`), as a string."""
+    return tuple(jax.tree_util.keystr(path) for path, _ in leaves_with_paths(tree))
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -187,20 +191,25 @@ def on_real_arrays(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def map_leaves(
-    fn: Callable[..., tuple], num_outputs: int, name: str, tree: Any, *rest: Any
-) -> tuple:
-    """Maps `fn` over the leaves of `tree` (and matching leaves of `rest`), unzipping results.
+def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: Any, *fields: Any):
+    """Applies `fn` to each leaf of `updates` and the matching entries of `fields`.
 
-    `fn` returns a tuple of `num_outputs` arrays per leaf; the result is a tuple of
-    `num_outputs` trees, each with the structure of `tree`. Unlike `jax.tree.map` returning
-    tuples, this works for empty trees and never confuses a result tuple with tree structure.
-    A tree of `rest` unlike `tree` raises `ValueError` naming `name`.
+    Each of `fields` is a tree like `updates` (a state field like the params) or a
+    :class:`PerLeaf` tuple; either must match `updates`, or `ValueError` names `name`. `fn`
+    returns `num_outputs` values per leaf; the result is `num_outputs` :class:`PerLeaf` tuples,
+    one entry per leaf in ``jax.tree.leaves`` order (empty for an empty tree), which a later
+    call can take as fields.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [leaves_like(tree, r, name) for r in rest]
-    results = [fn(*args) for args in zip(leaves, *rest_leaves, strict=True)]
-    return tuple(treedef.unflatten(column) for column in unzip(results, num_outputs))
+    keys = leaf_keys(updates)
+    columns = [jax.tree.leaves(updates)]
+    for field in fields:
+        if isinstance(field, PerLeaf):
+            check_leaf_keys(keys, field.keys, name)
+            columns.append(field)
+        else:
+            columns.append(leaves_like(updates, field, name))
+    results = unzip([fn(*args) for args in zip(*columns, strict=True)], num_outputs)
+    return tuple(PerLeaf(column, keys) for column in results)
 
 
 def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
@@ -213,14 +222,14 @@ def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
 def first_moment_zeros(params: Any, dtype_momentum: jnp.dtype | None) -> Any:
     """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype."""
     return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _checks.momentum_dtype(p.dtype, dtype_momentum)), params
+        lambda p: jnp.zeros_like(p, _dtypes.momentum_dtype(p.dtype, dtype_momentum)), params
     )
 
 
 def second_moment_zeros(params: Any, dtype_second_moment: jnp.dtype | None) -> Any:
     """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32."""
     return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _checks.stats_dtype(p.dtype, dtype_second_moment)), params
+        lambda p: jnp.zeros_like(p, _dtypes.stats_dtype(p.dtype, dtype_second_moment)), params
     )
 
 
@@ -229,32 +238,3 @@ def resolve_mask(mask: Any, params: Any) -> Any:
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     return mask(params) if callable(mask) else mask
-
-
-def unshared(x: jax.Array, never: jax.Array) -> jax.Array:
-    """Returns `x` unchanged, as an instruction of its own.
-
-    When one elementwise value (such as ``g + wd * p`` from :func:`optax.add_decayed_weights`)
-    feeds a reduction and also an elementwise output, XLA writes it to a temporary buffer as
-    large as the leaf instead of recomputing it inside each loop that needs it. A select on
-    `never`, a traced boolean scalar that is always False (such as ``count < 0``), gives one
-    consumer its own copy, which XLA then recomputes in that consumer's loop. The selected value
-    is always `x`, non-finite values included.
-    """
-    return ordered_after(x, never)
-
-
-def ordered_after(x: jax.Array, never: jax.Array, *deps: jax.Array) -> jax.Array:
-    """Returns `x` unchanged, but computed only after the arrays `deps` (shaped like `x`) exist.
-
-    A donated state leaf is updated in place. When its new value is computed by an
-    instruction that XLA cannot prove runs after every reader of the old value, XLA first
-    copies the old value to a temporary buffer as large as the leaf (on CPU a fresh buffer
-    costs a page fault per page). Reading `deps` in the loop that writes `x` creates that
-    order; it is elementwise, so sharded arrays stay sharded. `never` is as in
-    :func:`unshared`.
-    """
-    late = never
-    for dep in deps:
-        late = late & (dep != 0)
-    return jnp.where(late, jnp.zeros_like(x), x)

@@ -8,19 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _tree
-from optim_zoo.factored import (
-    FactoredSecondMoment,
-    cast_second_moment,
-    init_moment_state,
-    moment_state_from_leaves,
-    moment_state_leaves,
-    second_moment_parts,
-    second_moment_sum,
-    stored_dims,
-    upcast,
-    update_second_moment,
-)
+from optim_zoo import _checks, _dtypes, _fusion, _tree, second_moment
+from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
 
 class ScaleByAdaptiveInertiaState(NamedTuple):
@@ -44,6 +33,7 @@ def scale_by_adaptive_inertia(
     dampening: jax.typing.ArrayLike = 1.0,
     factored: bool = False,
     min_dim_size_to_factor: int = 128,
+    factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
@@ -70,13 +60,16 @@ def scale_by_adaptive_inertia(
     :func:`optax.multi_transform` it covers only the leaves routed to this transform.
 
     With ``factored=True`` (new here, not from the Adai paper or code), :math:`v` is kept as
-    Adafactor keeps its second moment (:func:`optim_zoo.scale_by_factored_rms`): for a leaf that
-    :func:`optim_zoo.factored_dims` factors, EMAs :math:`R, C` (decay :math:`\beta_2`) of the
-    mean of :math:`g^2` over each of its two largest axes, and
-    :math:`v_t = (R_t / \mathrm{mean}(R_t)) \otimes C_t` wherever :math:`v` is read, the global
-    mean included (summed without forming :math:`v`). Adai uses :math:`v` only through
+    Adafactor keeps its second moment (:mod:`optim_zoo.second_moment`): for a leaf factored over
+    axes :math:`(a, b)` (:func:`optim_zoo.factored_dims`), EMAs :math:`R, C` (decay
+    :math:`\beta_2`) of the mean of :math:`g^2` over :math:`b` and over :math:`a`, and
+    :math:`v_t = (R_t / \mathrm{mean}_a(R_t)) \otimes C_t` wherever :math:`v` is read, the
+    global mean included (summed without forming :math:`v`). Adai uses :math:`v` only through
     :math:`\hat v_t / \bar v_t`, so only the relative sizes of the entries matter. An n x m
     matrix then stores two full states plus n + m floats, not three.
+
+    The update runs in two passes over the leaves: the second moments and their global mean
+    :math:`\bar v_t`, then each leaf's inertia and momentum.
 
     Args:
       beta0: the inertia scale, >= 0 (no upper bound, as in the official code).
@@ -84,8 +77,11 @@ def scale_by_adaptive_inertia(
       eps: keeps :math:`\beta_1 \le 1 - \epsilon`; >= 0.
       dampening: AdaiV2's dampening :math:`d`; 1 gives Adai.
       factored: keep ``v`` factored where a leaf allows.
-      min_dim_size_to_factor: with ``factored``, factor a leaf only when its second-largest
-        axis has at least this many elements.
+      min_dim_size_to_factor: with ``factored`` and the default rule, factor a leaf only when
+        the smaller of its two largest axes has at least this many elements.
+      factoring: with ``factored``, which axes to factor: ``"largest_two"`` (default),
+        ``"last_two"`` or a callable ``(path, shape) -> (a, b) | None``
+        (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
       dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic, and ``beta1_prod``, stay in at least float32.
@@ -120,19 +116,21 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("beta2", beta2, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
-
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     _checks.check_flag("factored", factored)
+    second_moment.check_factoring(factoring)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    layout = second_moment.Factoring(True, min_dim_size_to_factor, factoring) if factored else None
+    name = "scale_by_adaptive_inertia"
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
         return ScaleByAdaptiveInertiaState(
             count=jnp.zeros([], jnp.int32),
             m=_tree.first_moment_zeros(params, dtype_momentum),
-            v=init_moment_state(params, factored, min_dim_size_to_factor, dtype_second_moment),
+            v=second_moment.init(params, layout, dtype_second_moment),
             beta1_prod=jax.tree.map(
-                lambda p: jnp.ones_like(p, _checks.compute_dtype(p.dtype, dtype_second_moment)),
+                lambda p: jnp.ones_like(p, _dtypes.compute_dtype(p.dtype, dtype_second_moment)),
                 params,
             ),
         )
@@ -142,38 +140,40 @@ def scale_by_adaptive_inertia(
     ) -> tuple[optax.Updates, ScaleByAdaptiveInertiaState]:
         del params
         count = optax.safe_increment(state.count)
-        grads, treedef = jax.tree.flatten(updates)
-        name = "scale_by_adaptive_inertia"
-        old_stats = moment_state_leaves(state.v, updates, factored, name)
-        leaf_dims = [stored_dims(s, g.shape) for g, s in zip(grads, old_stats, strict=True)]
-        moments = _tree.leaves_like(updates, state.m, name)
-        beta1_prods = _tree.leaves_like(updates, state.beta1_prod, name)
-        dtypes = [
-            _checks.compute_dtype(
-                g.dtype, m.dtype, prod.dtype, *(x.dtype for x in s if x is not None)
+
+        # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
+        def second_moment_pass(g, m, v, beta1_prod):
+            dtype = _dtypes.compute_dtype(
+                g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
             )
-            for g, m, prod, s in zip(grads, moments, beta1_prods, old_stats, strict=True)
-        ]
-        # Everything below reads v as stored (a no-op unless it is stored narrower).
-        stored_stats = [
-            cast_second_moment(update_second_moment(s, g.astype(dtype), beta2, dims), s)
-            for g, s, dims, dtype in zip(grads, old_stats, leaf_dims, dtypes, strict=True)
-        ]
-        stats = [upcast(s, dtype) for s, dtype in zip(stored_stats, dtypes, strict=True)]
-        num_elements = sum(g.size for g in grads)
-        mean_dtype = _checks.compute_dtype(*dtypes)
-        total = sum(
-            (second_moment_sum(s, dims) for s, dims in zip(stats, leaf_dims, strict=True)),
-            jnp.zeros([], mean_dtype),
+            # Everything below reads v as stored (a no-op unless it is stored narrower).
+            v_stored = v.accumulate(g.astype(dtype), beta2).stored_as(v)
+            v = v_stored.astype(dtype)
+            return v_stored, v, v.total(), dtype
+
+        v_stored, v, v_sums, dtypes = _tree.map_leaves(
+            second_moment_pass,
+            4,
+            name,
+            updates,
+            state.m,
+            second_moment.leaf_moments(state.v, updates, layout, name),
+            state.beta1_prod,
         )
-        bias_correction = 1 - beta2 ** count.astype(mean_dtype)
-        v_bar = total / bias_correction / max(num_elements, 1)
+        mean_dtype = _dtypes.compute_dtype(*dtypes)
+        num_elements = sum(g.size for g in jax.tree.leaves(updates))
+        v_bar = (
+            sum(v_sums, jnp.zeros([], mean_dtype))
+            / (1 - beta2 ** count.astype(mean_dtype))
+            / max(num_elements, 1)
+        )
         # An infinite mean (an infinite gradient anywhere) would set every other ratio to 0,
         # the largest inertia, silently and for good: NaN instead, so that it shows.
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
-        def leaf_update(g, m, stats, beta1_prod, dims, dtype):
-            row_part, col_part = second_moment_parts(stats, dims)
+        # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
+        def inertia_pass(g, m, v, beta1_prod, dtype):
+            row_part, col_part = v.factors()
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
             # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
             # NaN v_bar (a NaN gradient anywhere) stays NaN: it must not pass for zero.
@@ -182,7 +182,7 @@ def scale_by_adaptive_inertia(
             new_prod = beta1_prod.astype(dtype) * beta1
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
-            g_ = _tree.unshared(g.astype(dtype), state.count < 0)
+            g_ = _fusion.own_copy(g.astype(dtype), _fusion.never_true(state.count))
             new_m = (beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_).astype(m.dtype)
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - new_prod
@@ -190,23 +190,14 @@ def scale_by_adaptive_inertia(
             direction = new_m.astype(dtype) / safe_correction * beta0 ** (1 - dampening)
             return direction.astype(g.dtype), new_m, new_prod.astype(beta1_prod.dtype)
 
-        results = [
-            leaf_update(*args)
-            for args in zip(
-                grads,
-                moments,
-                stats,
-                beta1_prods,
-                leaf_dims,
-                dtypes,
-                strict=True,
-            )
-        ]
-        direction, m, beta1_prod = _tree.unzip(results, 3)
+        direction, m, beta1_prod = _tree.map_leaves(
+            inertia_pass, 3, name, updates, state.m, v, state.beta1_prod, dtypes
+        )
+        treedef = jax.tree.structure(updates)
         new_state = ScaleByAdaptiveInertiaState(
             count=count,
             m=treedef.unflatten(m),
-            v=moment_state_from_leaves(stored_stats, state.v, treedef, factored),
+            v=second_moment.from_leaf_moments(v_stored, state.v, treedef),
             beta1_prod=treedef.unflatten(beta1_prod),
         )
         return treedef.unflatten(direction), new_state

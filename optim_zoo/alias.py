@@ -1,4 +1,4 @@
-"""The five optimizers: each is an `optax.chain` of optim_zoo primitives and optax blocks."""
+"""The optimizers: each is an `optax.chain` of an optim_zoo primitive and building blocks."""
 
 from __future__ import annotations
 
@@ -8,53 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _tree
+from optim_zoo import _checks, blocks
 from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
-from optim_zoo.block_rms import clip_by_block_rms, scale_by_param_rms
-from optim_zoo.diag_hessian import linear_warmup, scale_by_rectified_diag_hessian
-from optim_zoo.factored import relative_step_size, scale_by_factored_rms
-from optim_zoo.nesterov import (
-    clip_by_global_norm,
-    scale_by_nesterov_moment,
-    scale_by_proximal_learning_rate,
-)
-
-
-def _decayed_weights(
-    weight_decay: jax.typing.ArrayLike, weight_decay_mask: Any
-) -> optax.GradientTransformation:
-    """:func:`optax.add_decayed_weights`, which a literal zero decay lets run without params.
-
-    A decay of exactly zero adds nothing, so ``update`` may then be called without params, as
-    for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes. A
-    jax array (as ``inject_hyperparams`` passes) always needs them.
-    """
-    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
-    if not _checks.is_literal_zero(weight_decay):
-        return decay
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            return updates, state
-        return decay.update(updates, state, params)
-
-    return optax.GradientTransformation(decay.init, update_fn)
-
-
-def _keep_update_dtype(
-    transform: optax.GradientTransformation,
-) -> optax.GradientTransformation:
-    """Wraps `transform` so its updates come out in the dtype they came in with.
-
-    `optax.ema` returns its accumulator, so a float32 momentum would turn bfloat16 updates into
-    float32 ones; optim_zoo's updates always keep the gradient's dtype.
-    """
-
-    def update_fn(updates, state, params=None):
-        new_updates, state = transform.update(updates, state, params)
-        return optax.tree.cast_like(new_updates, updates), state
-
-    return optax.GradientTransformation(transform.init, update_fn)
+from optim_zoo.diag_hessian import scale_by_rectified_diag_hessian
+from optim_zoo.factored import scale_by_factored_rms
+from optim_zoo.nesterov import scale_by_nesterov_moment
+from optim_zoo.schedules import linear_warmup, relative_step_size
+from optim_zoo.second_moment import FactoringRule
 
 
 def adan(
@@ -156,19 +116,21 @@ def _adan_chain(
     max_grad_norm: jax.typing.ArrayLike | None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adan's chain around a Nesterov moment estimate: clip, decay, learning rate."""
-    _checks.check_learning_rate(learning_rate)
-    _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_flag("no_prox", no_prox)
     transforms = []
     if max_grad_norm is not None:
-        transforms.append(clip_by_global_norm(max_grad_norm, eps))
+        _checks.check_interval("max_grad_norm", max_grad_norm, 0.0, low_open=True)
+        transforms.append(blocks.clip_by_global_norm(max_grad_norm, eps))
     transforms.append(moment)
-    transforms.append(_decayed_weights(weight_decay, weight_decay_mask))
+    transforms.append(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
     if no_prox:
+        # optax's learning-rate and decay blocks check nothing: checked here.
+        _checks.check_learning_rate(learning_rate)
+        _checks.check_interval("weight_decay", weight_decay, 0.0)
         transforms.append(optax.scale_by_learning_rate(learning_rate))
     else:
         transforms.append(
-            scale_by_proximal_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+            blocks.scale_by_proximal_learning_rate(learning_rate, weight_decay, weight_decay_mask)
         )
     return optax.chain(*transforms)
 
@@ -178,6 +140,7 @@ def adafactor(
     min_dim_size_to_factor: int = 128,
     decay_rate: jax.typing.ArrayLike = 0.8,
     decay_offset: jax.typing.ArrayLike = 0,
+    *,
     multiply_by_parameter_scale: bool = True,
     clipping_threshold: jax.typing.ArrayLike | None = 1.0,
     momentum: jax.typing.ArrayLike | None = None,
@@ -188,6 +151,7 @@ def adafactor(
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any = None,
+    factoring: FactoringRule = "largest_two",
     dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adafactor, with tensor2tensor's semantics and optax's signature.
@@ -205,12 +169,15 @@ def adafactor(
 
     ``learning_rate=None`` means the paper's relative step size
     :math:`\eta_t = \min(10^{-2}, 1/\sqrt t)` (times 0.05 without parameter scale), not "no
-    learning rate" as in optax.
+    learning rate" as in optax. The first four arguments may be positional, in optax's order;
+    the rest are keyword-only.
 
     Args:
       learning_rate: a float >= 0, an optax schedule, or None for the relative step size.
-      min_dim_size_to_factor: factor only leaves whose second-largest axis has at least this
-        size; 0 factors every leaf with two or more axes (tensor2tensor).
+      min_dim_size_to_factor: with the default rule, factor a leaf only when the smaller of its
+        two largest axes has at least this many elements; 0 factors every leaf of rank >= 2
+        over its two largest axes (tensor2tensor factors the last two:
+        ``factoring="last_two"``).
       decay_rate: second-moment decay exponent, > 0.
       decay_offset: step at which the decay schedule restarts, >= 0 (earlier steps count as
         the first).
@@ -218,12 +185,15 @@ def adafactor(
       clipping_threshold: None or > 0: clip each update's RMS to this (values below 1 are
         accepted, as tensor2tensor and optax do).
       momentum: None or in [0, 1): EMA of the scaled step.
-      dtype_momentum: dtype the momentum is stored in (float32 by default, as in optax and
-        tensor2tensor; None means the parameter's); updates keep the gradient dtype.
+      dtype_momentum: dtype the momentum is stored in: float32 by default, as in optax; None
+        means the parameter's, as tensor2tensor keeps it. Updates keep the gradient dtype.
       weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
       eps: added to the squared gradient.
       factored: whether to factor second moments at all.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      factoring: which axes to factor: ``"largest_two"`` (default, as optax), ``"last_two"``
+        (as tensor2tensor) or a callable ``(path, shape) -> (a, b) | None``
+        (:mod:`optim_zoo.second_moment`).
       dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
         means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
         least float32 whatever the storage.
@@ -251,39 +221,42 @@ def adafactor(
     Differences:
       From optax's ``adafactor``: ``learning_rate=None`` is the relative step size (optax
       applies no learning rate), float64 statistics stay float64, unfactored leaves carry no
-      placeholder state, and zero-size leaves are never factored. From tensor2tensor: the two
-      largest axes are factored rather than the last two (the same for matrices).
+      placeholder state, and zero-size leaves are never factored. From tensor2tensor: by
+      default the two largest axes are factored rather than the last two (the same for
+      matrices, not for most 4-D convolution kernels; ``factoring="last_two"`` is
+      tensor2tensor's rule), and the momentum is kept in float32 rather than in the
+      parameter's dtype (``dtype_momentum=None`` is tensor2tensor's).
     """
+    # optax's learning-rate, EMA and decay blocks check nothing: checked here.
+    _checks.check_flag("multiply_by_parameter_scale", multiply_by_parameter_scale)
     _checks.check_interval(
         "clipping_threshold", clipping_threshold, 0.0, low_open=True, allow_none=True
     )
     _checks.check_interval("momentum", momentum, 0.0, 1.0, allow_none=True)
     _checks.check_interval("weight_decay_rate", weight_decay_rate, 0.0, allow_none=True)
-    _checks.check_flag("multiply_by_parameter_scale", multiply_by_parameter_scale)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     if learning_rate is None:
-        learning_rate = relative_step_size(multiply_by_parameter_scale)
+        learning_rate = relative_step_size(multiply_by_parameter_scale=multiply_by_parameter_scale)
     else:
         _checks.check_learning_rate(learning_rate)
     transforms = [
         scale_by_factored_rms(
-            min_dim_size_to_factor,
-            decay_rate,
-            decay_offset,
-            eps,
             factored=factored,
+            decay_rate=decay_rate,
+            decay_offset=decay_offset,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            eps=eps,
+            factoring=factoring,
             dtype_second_moment=dtype_second_moment,
         )
     ]
     if clipping_threshold is not None:
-        transforms.append(clip_by_block_rms(clipping_threshold))
+        transforms.append(blocks.clip_by_block_rms(clipping_threshold))
     transforms.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
     if multiply_by_parameter_scale:
-        transforms.append(scale_by_param_rms())
+        transforms.append(blocks.scale_by_param_rms())
     if momentum is not None:
-        momentum_ema = optax.ema(momentum, debias=False, accumulator_dtype=dtype_momentum)
-        # On real pairs, so that a float32 accumulator keeps both parts of a complex step.
-        transforms.append(_tree.on_real_arrays(_keep_update_dtype(momentum_ema), "adafactor"))
+        transforms.append(blocks.momentum_of_steps(momentum, dtype_momentum))
     if weight_decay_rate is not None:
         transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
     transforms.append(optax.scale(-1.0))
@@ -355,22 +328,16 @@ def apollo(
     Differences:
       See :func:`optim_zoo.scale_by_rectified_diag_hessian`. optax has no Apollo.
     """
-    _checks.check_learning_rate(learning_rate)
-    _checks.check_choice("rebound", rebound, ("constant", "belief"))
     _checks.check_choice(
         "weight_decay_type", weight_decay_type, (None, "L2", "decoupled", "stable")
     )
-    _checks.check_interval("warmup", warmup, 0)
-    _checks.check_interval("weight_decay", weight_decay, 0.0)
-    if init_lr is not None:
-        high = learning_rate if _checks.is_concrete_number(learning_rate) else None
-        _checks.check_interval("init_lr", init_lr, 0.0, high, high_open=False)
     if weight_decay_type is None:
         weight_decay_type = "L2" if rebound == "constant" else "decoupled"
     l2 = weight_decay_type == "L2"
     transforms = []
     if l2:
-        transforms.append(_decayed_weights(weight_decay, weight_decay_mask))
+        _checks.check_interval("weight_decay", weight_decay, 0.0)  # optax's block checks nothing
+        transforms.append(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
     transforms.append(
         scale_by_rectified_diag_hessian(
             beta,
@@ -472,10 +439,11 @@ def _adai_chain(
     weight_decay_mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Adai's chain around an adaptive-inertia momentum: L2 or decoupled decay, learning rate."""
+    # optax's learning-rate and decay blocks check nothing: checked here.
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_flag("decoupled", decoupled)
-    decay = _decayed_weights(weight_decay, weight_decay_mask)
+    decay = blocks.add_decayed_weights(weight_decay, weight_decay_mask)
     transforms = [inertia, decay] if decoupled else [decay, inertia]
     return optax.chain(*transforms, optax.scale_by_learning_rate(learning_rate))
 
@@ -532,6 +500,7 @@ def factored_adan(
     weight_decay_mask: Any = None,
     max_grad_norm: jax.typing.ArrayLike | None = None,
     min_dim_size_to_factor: int = 128,
+    factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -561,8 +530,10 @@ def factored_adan(
       no_prox: use decoupled decay instead of the proximal step.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       max_grad_norm: if given, Adan's global-norm clip (> 0).
-      min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
-        many elements; 0 factors every leaf with two or more axes.
+      min_dim_size_to_factor: with the default rule, factor a leaf only when the smaller of its
+        two largest axes has at least this many elements; 0 factors every leaf of rank >= 2.
+      factoring: which axes to factor: ``"largest_two"`` (default), ``"last_two"`` or a
+        callable ``(path, shape) -> (a, b) | None`` (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
         the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
@@ -589,7 +560,6 @@ def factored_adan(
       Adan: Xie et al., https://arxiv.org/abs/2208.06677. Factored second moment: Shazeer and
       Stern, https://arxiv.org/abs/1804.04235.
     """
-    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     moment = scale_by_nesterov_moment(
         b1,
         b2,
@@ -598,6 +568,7 @@ def factored_adan(
         eps_root,
         factored=True,
         min_dim_size_to_factor=min_dim_size_to_factor,
+        factoring=factoring,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
     )
@@ -617,6 +588,7 @@ def factored_adai(
     weight_decay_mask: Any = None,
     dampening: jax.typing.ArrayLike = 1.0,
     min_dim_size_to_factor: int = 128,
+    factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -644,8 +616,10 @@ def factored_adai(
       decoupled: decoupled decay (AdaiW) instead of L2.
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       dampening: AdaiV2's dampening, in [0, 1]; 1 is Adai.
-      min_dim_size_to_factor: factor a leaf only when its second-largest axis has at least this
-        many elements; 0 factors every leaf with two or more axes.
+      min_dim_size_to_factor: with the default rule, factor a leaf only when the smaller of its
+        two largest axes has at least this many elements; 0 factors every leaf of rank >= 2.
+      factoring: which axes to factor: ``"largest_two"`` (default), ``"last_two"`` or a
+        callable ``(path, shape) -> (a, b) | None`` (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider.
@@ -669,7 +643,6 @@ def factored_adai(
       Adai: Xie et al., https://arxiv.org/abs/2006.15815. Factored second moment: Shazeer and
       Stern, https://arxiv.org/abs/1804.04235.
     """
-    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     inertia = scale_by_adaptive_inertia(
         beta0,
         beta2,
@@ -677,6 +650,7 @@ def factored_adai(
         dampening=dampening,
         factored=True,
         min_dim_size_to_factor=min_dim_size_to_factor,
+        factoring=factoring,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
     )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _tree
+from optim_zoo import _checks, _dtypes, _fusion, _tree
 
 # The official code's constant rebound: the smallest curvature the direction divides by.
 CONSTANT_REBOUND = 0.01
@@ -109,6 +109,8 @@ def scale_by_rectified_diag_hessian(
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
 
+    name = "scale_by_rectified_diag_hessian"
+
     def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
         return ScaleByRectifiedDiagHessianState(
             count=jnp.zeros([], jnp.int32),
@@ -122,16 +124,17 @@ def scale_by_rectified_diag_hessian(
     ) -> tuple[optax.Updates, ScaleByRectifiedDiagHessianState]:
         if params is None:
             if not no_decay:
-                raise ValueError("scale_by_rectified_diag_hessian needs params for weight decay.")
+                raise ValueError(f"{name} needs params for weight decay.")
             params = updates
         count = optax.safe_increment(state.count)
+        never = _fusion.never_true(state.count)
         mask = _tree.resolve_mask(weight_decay_mask, params)
         # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
         decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
 
         def leaf_update(g, m, hessian, direction, p, decayed):
             m_dtype, hessian_dtype = m.dtype, hessian.dtype
-            dtype = _checks.compute_dtype(g.dtype, m_dtype, hessian_dtype)
+            dtype = _dtypes.compute_dtype(g.dtype, m_dtype, hessian_dtype)
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
@@ -165,13 +168,13 @@ def scale_by_rectified_diag_hessian(
                 direction = direction + decay * p.astype(dtype)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;
             # so m is overwritten (in place, when donated) only once the direction exists.
-            m = _tree.ordered_after(m, state.count < 0, direction)
+            m = _fusion.written_after(m, never, direction)
             return direction.astype(g.dtype), m, hessian, direction
 
         out, m, hessian, direction = _tree.map_leaves(
             leaf_update,
             4,
-            "scale_by_rectified_diag_hessian",
+            name,
             updates,
             state.m,
             state.hessian_diag,
@@ -179,53 +182,13 @@ def scale_by_rectified_diag_hessian(
             params,
             decayed,
         )
+        treedef = jax.tree.structure(updates)
         new_state = ScaleByRectifiedDiagHessianState(
             count=count,
-            m=optax.tree.cast_like(m, state.m),
-            hessian_diag=optax.tree.cast_like(hessian, state.hessian_diag),
-            direction=optax.tree.cast_like(direction, state.direction),
+            m=optax.tree.cast_like(treedef.unflatten(m), state.m),
+            hessian_diag=optax.tree.cast_like(treedef.unflatten(hessian), state.hessian_diag),
+            direction=optax.tree.cast_like(treedef.unflatten(direction), state.direction),
         )
-        return out, new_state
+        return treedef.unflatten(out), new_state
 
-    return _tree.on_real_arrays(
-        optax.GradientTransformation(init_fn, update_fn), "scale_by_rectified_diag_hessian"
-    )
-
-
-def linear_warmup(
-    learning_rate: optax.ScalarOrSchedule,
-    init_lr: jax.typing.ArrayLike | None = None,
-    warmup: int = 500,
-) -> optax.Schedule:
-    r"""Apollo's learning-rate warmup: linear from ``init_lr`` to ``learning_rate``.
-
-    .. math::
-
-      \eta_c = (\eta - \eta_0)\, c / \text{warmup} + \eta_0 \text{ for } c < \text{warmup},
-      \quad \eta \text{ afterwards},
-
-    evaluated at the step count :math:`c` before the update (so the first step uses exactly
-    :math:`\eta_0`), as the official code does. With a schedule, :math:`\eta` is the schedule's
-    value at :math:`c`. ``warmup=0`` means no warmup.
-
-    Args:
-      learning_rate: the target learning rate, a float or a schedule.
-      init_lr: the first step's learning rate; None means ``learning_rate / 1000`` (for a
-        schedule, its value at step 0 divided by 1000).
-      warmup: number of warmup steps, >= 0.
-
-    Returns:
-      A schedule of the step count.
-    """
-
-    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-        target = learning_rate(count) if callable(learning_rate) else learning_rate
-        if init_lr is not None:
-            start = init_lr
-        else:
-            start = (learning_rate(0) if callable(learning_rate) else learning_rate) / 1000
-        count = jnp.asarray(count)
-        ramp = (target - start) * count / jnp.maximum(warmup, 1) + start
-        return jnp.where(count < warmup, ramp, target)
-
-    return schedule
+    return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)

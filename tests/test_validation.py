@@ -216,9 +216,51 @@ def test_mode_switches_must_be_bools(alias, argument, value):
 
 
 def test_positional_bool_is_not_a_size():
-    # A bool where a size is expected is refused, not read as 1.
-    with pytest.raises(TypeError, match="min_dim_size_to_factor"):
+    # optax's first argument is `factored`: here every argument is keyword-only, so optax's
+    # positional call fails loudly instead of meaning min_dim_size_to_factor=1.
+    with pytest.raises(TypeError, match="positional"):
         optim_zoo.scale_by_factored_rms(True, 0.8)
+
+
+# Each factory with an optax namesake (or counterpart): its positional arguments are optax's,
+# in optax's order, then any of its own.
+_OPTAX_NAMESAKES = [
+    (optim_zoo.adafactor, optax.adafactor),
+    (optim_zoo.adan, optax.adan),
+    (optim_zoo.scale_by_factored_rms, optax.scale_by_factored_rms),
+    (optim_zoo.scale_by_nesterov_moment, optax.scale_by_adan),
+    (optim_zoo.clip_by_block_rms, optax.clip_by_block_rms),
+    (optim_zoo.scale_by_param_rms, optax.scale_by_param_block_rms),
+    (optim_zoo.clip_by_global_norm, optax.clip_by_global_norm),
+]
+
+
+def _positional(fn):
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), _OPTAX_NAMESAKES, ids=[f.__name__ for f, _ in _OPTAX_NAMESAKES]
+)
+def test_positional_order_is_optax_order(ours, theirs):
+    positional, optax_order = _positional(ours), _positional(theirs)
+    shared = min(len(positional), len(optax_order))
+    assert positional[:shared] == optax_order[:shared]
+    # An argument optax does not have comes after all of optax's.
+    assert not set(positional[shared:]) & set(optax_order)
+
+
+_FACTORIES = [getattr(optim_zoo, name) for name in optim_zoo.__all__]
+_FACTORIES = [f for f in _FACTORIES if inspect.isfunction(f)]
+
+
+@pytest.mark.parametrize("factory", _FACTORIES, ids=[f.__name__ for f in _FACTORIES])
+def test_mode_switches_are_keyword_only(factory):
+    for parameter in inspect.signature(factory).parameters.values():
+        is_switch = isinstance(parameter.default, bool) or isinstance(parameter.default, str)
+        if is_switch:
+            assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
 
 
 @pytest.mark.parametrize(("alias", "overrides"), _VALID, ids=[f"{a}-{o}" for a, o in _VALID])

@@ -1,0 +1,66 @@
+"""How the updates steer XLA's buffer reuse, in one place.
+
+An update is memory-bound: its floor is the bytes it must read and write. XLA:CPU gets close to
+it only when every elementwise value is computed inside the loop that consumes it and every
+state leaf is written in place. Three habits of its scheduler stand in the way, and each device
+below answers one, without changing a single value:
+
+* A reduction fuses no elementwise producer: a value that feeds both a reduction and an
+  elementwise output (``g + wd * p`` from L2 decay, Adan's Nesterov gradient) is written to a
+  temporary buffer as large as the leaf. :func:`own_copy` gives one consumer a copy of its own,
+  which XLA then recomputes in that consumer's loop; :func:`mean_squares` squares inside each
+  reduction instead of sharing one square.
+* A donated state leaf is updated in place only when XLA can prove that every reader of the old
+  value runs first; otherwise it copies the old value out (on CPU, a page fault per page of a
+  fresh buffer). :func:`written_after` makes that order explicit.
+* Independent reductions over large leaves all run at once, each with its temporary.
+  :func:`measured_after` makes one wait for another, so their buffers can share memory.
+
+Each device is a select on a traced scalar that is never true, ``count < 0``
+(:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
+non-finite values included. Elementwise, so sharded arrays stay sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def never_true(count: jax.Array) -> jax.Array:
+    """A traced boolean scalar that is always False: ``count < 0`` for a step count."""
+    return count < 0
+
+
+def own_copy(x: jax.Array, never: jax.Array) -> jax.Array:
+    """`x` itself, as an instruction of its own: this consumer recomputes it in its loop."""
+    return written_after(x, never)
+
+
+def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Array:
+    """`x` itself, computed only after the arrays `reads` (shaped like `x`) exist.
+
+    Reading `reads` in the loop that writes `x` orders that write after them, so a donated
+    state leaf whose old value they read is overwritten in place.
+    """
+    late = never
+    for read in reads:
+        late = late & (read != 0)
+    return jnp.where(late, jnp.zeros_like(x), x)
+
+
+def mean_squares(x: jax.Array, small_axis: int, large_axis: int) -> tuple[jax.Array, jax.Array]:
+    """``(mean(x**2, large_axis), mean(x**2, small_axis))``, each squaring `x` on its own.
+
+    One shared ``x**2`` would be kept in a temporary buffer as large as `x`; squared inside each
+    reduction (as ``|x| * |x|`` in the second, so XLA does not merge the two squares), it is not.
+    """
+    return (
+        jnp.mean(jnp.square(x), axis=large_axis),
+        jnp.mean(jnp.abs(x) * jnp.abs(x), axis=small_axis),
+    )
+
+
+def measured_after(x: jax.Array, previous: jax.Array) -> jax.Array:
+    """`x` itself, read only once `previous`, a sum of squares (never negative), exists."""
+    return jnp.where(previous < 0, jnp.zeros_like(x), x)

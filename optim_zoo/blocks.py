@@ -1,0 +1,217 @@
+"""The building blocks the optimizers chain around their primitives.
+
+Adafactor's per-tensor RMS clip and parameter scale, Adan's global-norm clip and proximal
+learning rate, and the two small adapters of optax blocks that the optimizers need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim_zoo import _checks, _dtypes, _fusion, _tree
+
+# Leaves at least this large are clipped one after another (see clip_by_block_rms).
+_SEQUENTIAL_CLIP_MIN_SIZE = 2**16
+
+
+def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransformation:
+    r"""Scales each update leaf by :math:`1 / \max(1, \mathrm{rms}(u) / \text{threshold})`.
+
+    Adafactor's update clipping, with the value of :func:`optax.clip_by_block_rms`. The RMS of
+    an update that is computed from the gradient (as Adafactor's factored update is) needs that
+    update in a temporary buffer as large as the leaf. Here the large leaves are measured one
+    after another, so those buffers can share one piece of memory instead of all being live at
+    once. Squares are summed in at least float32.
+
+    Args:
+      threshold: largest RMS let through; > 0.
+
+    Returns:
+      An :class:`optax.GradientTransformation` with empty state.
+    """
+    _checks.check_interval("threshold", threshold, 0.0, low_open=True)
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        clipped = []
+        previous = None  # Sum of squares of the last large leaf measured.
+        for u in leaves:
+            # Squares summed in at least float32: a float16 sum overflows long before 2**16
+            # elements of RMS 1 (optax accumulates in float32 too).
+            measured = u.astype(_dtypes.stats_dtype(u.dtype))
+            if u.size >= _SEQUENTIAL_CLIP_MIN_SIZE:
+                if previous is not None:
+                    measured = _fusion.measured_after(measured, previous)
+                previous = jnp.sum(jnp.square(measured))
+                mean_square = previous / u.size
+            else:
+                mean_square = jnp.mean(jnp.square(measured))
+            clip_denom = jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
+            clipped.append((u / clip_denom).astype(u.dtype))
+        return treedef.unflatten(clipped), state
+
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "clip_by_block_rms",
+    )
+
+
+def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.GradientTransformation:
+    r"""Scales each update by its parameter's RMS, :math:`\max(\text{min\_scale}, \mathrm{rms}(p))`.
+
+    Adafactor's ``multiply_by_parameter_scale``. The value is that of
+    :func:`optax.scale_by_param_block_rms`, which reduces over the parameter twice (the second
+    time to keep the gradient of the RMS finite, which an optimizer update does not need); this
+    reduces once.
+
+    Args:
+      min_scale: smallest scale, for parameters near zero; >= 0.
+
+    Returns:
+      An :class:`optax.GradientTransformation` with empty state.
+    """
+    _checks.check_interval("min_scale", min_scale, 0.0)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_param_rms needs params.")
+
+        def scale(u, p):
+            rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_dtypes.stats_dtype(p.dtype)))))
+            return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
+
+        return jax.tree.map(scale, updates, params), state
+
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "scale_by_param_rms",
+    )
+
+
+def clip_by_global_norm(
+    max_norm: jax.typing.ArrayLike, eps: jax.typing.ArrayLike = 0.0
+) -> optax.GradientTransformation:
+    r"""Scales all updates by :math:`\min(1, \text{max\_norm} / (\lVert g \rVert_2 + \epsilon))`.
+
+    This is the official Adan clip (``max_grad_norm``): one factor from the norm over every leaf,
+    with ``eps`` in the denominator. With ``eps=0`` it equals :func:`optax.clip_by_global_norm`.
+    The norm is accumulated in at least float32.
+
+    Args:
+      max_norm: largest global norm let through; > 0.
+      eps: added to the norm in the denominator; >= 0.
+
+    Returns:
+      An :class:`optax.GradientTransformation` with empty state.
+    """
+    _checks.check_interval("max_norm", max_norm, 0.0, low_open=True)
+    _checks.check_interval("eps", eps, 0.0)
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        squares = [jnp.sum(jnp.square(g.astype(_dtypes.stats_dtype(g.dtype)))) for g in leaves]
+        norm = jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
+        factor = jnp.minimum(max_norm / (norm + eps), 1.0)
+        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+
+    return _tree.on_real_arrays(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        "clip_by_global_norm",
+    )
+
+
+class ScaleByProximalLearningRateState(NamedTuple):
+    """State of :func:`scale_by_proximal_learning_rate`."""
+
+    count: jax.Array  # shape (), int32: steps taken, the learning-rate schedule's argument.
+
+
+def scale_by_proximal_learning_rate(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+    r"""Turns ``direction + weight_decay * p`` into Adan's proximal (default) step.
+
+    The official Adan applies weight decay as a proximal step,
+    :math:`p_{t+1} = (p_t - \eta_t u_t) / (1 + \eta_t \lambda)`. Given the incoming update
+    :math:`u_t + \lambda p_t` (from :func:`optax.add_decayed_weights`), this scales it by
+    :math:`-\eta_t / (1 + \eta_t \lambda)`, which yields exactly that step. Leaves that the mask
+    excludes from decay are scaled by :math:`-\eta_t` alone.
+
+    Args:
+      learning_rate: a float or an optax schedule of the step count.
+      weight_decay: the decay rate :math:`\lambda`; >= 0.
+      weight_decay_mask: a tree of booleans like the params (or a callable returning one):
+        True where decay applies. None means everywhere.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+    """
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+
+    def init_fn(params):
+        del params
+        return ScaleByProximalLearningRateState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        proximal_factor = -lr / (1 + lr * weight_decay)
+        mask = _tree.resolve_mask(weight_decay_mask, updates if params is None else params)
+
+        def scale_subtree(decayed, subtree):
+            factor = proximal_factor if decayed else -lr
+            return jax.tree.map(lambda u: (u * factor).astype(u.dtype), subtree)
+
+        updates = jax.tree.map(scale_subtree, mask, updates)
+        return updates, ScaleByProximalLearningRateState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_decayed_weights(
+    weight_decay: jax.typing.ArrayLike, weight_decay_mask: Any
+) -> optax.GradientTransformation:
+    """:func:`optax.add_decayed_weights`, which a literal zero decay lets run without params.
+
+    A decay of exactly zero adds nothing, so ``update`` may then be called without params, as
+    for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes. A
+    jax array (as ``inject_hyperparams`` passes) always needs them. Like optax's, it does not
+    validate `weight_decay`: the optimizers do, under their argument's name.
+    """
+    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    if not _checks.is_literal_zero(weight_decay):
+        return decay
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            return updates, state
+        return decay.update(updates, state, params)
+
+    return optax.GradientTransformation(decay.init, update_fn)
+
+
+def momentum_of_steps(
+    decay: jax.typing.ArrayLike, dtype_momentum: jnp.dtype | None
+) -> optax.GradientTransformation:
+    """Adafactor's momentum: :func:`optax.ema` of the steps, without debiasing.
+
+    The accumulator is kept in `dtype_momentum` (None: the update's dtype), and the updates come
+    out in the dtype they came in with (`optax.ema` returns its accumulator, so a float32
+    momentum would turn bfloat16 updates into float32 ones). On real pairs, so that a float32
+    accumulator keeps both parts of a complex step.
+    """
+    ema = optax.ema(decay, debias=False, accumulator_dtype=dtype_momentum)
+
+    def update_fn(updates, state, params=None):
+        new_updates, state = ema.update(updates, state, params)
+        return optax.tree.cast_like(new_updates, updates), state
+
+    return _tree.on_real_arrays(optax.GradientTransformation(ema.init, update_fn), "adafactor")
