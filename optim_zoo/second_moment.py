@@ -23,6 +23,7 @@ across layers. Leaves of rank < 2 or with a zero-size axis are never factored.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -110,7 +111,9 @@ def _checked_axes(axes: Any, shape: tuple[int, ...], path: tuple) -> tuple[int, 
     where = jax.tree_util.keystr(path) or "(the root)"
     rank = len(shape)
     try:
-        a, b = (int(x) for x in axes)
+        if any(isinstance(x, bool | np.bool_) for x in axes):
+            raise TypeError
+        a, b = (operator.index(x) for x in axes)
     except (TypeError, ValueError):
         a = b = None
     if a is None or not (-rank <= a < rank and -rank <= b < rank) or a % rank == b % rank:
