@@ -116,12 +116,10 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("beta2", beta2, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
-    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
-    _checks.check_flag("factored", factored)
-    second_moment.check_factoring(factoring)
+    layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
+    layout = layout if factored else None  # unfactored: a full v, a tree like the params
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    layout = second_moment.Factoring(True, min_dim_size_to_factor, factoring) if factored else None
     name = "scale_by_adaptive_inertia"
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:

@@ -109,14 +109,11 @@ def scale_by_factored_rms(
       of ``|g|**2`` per complex element), stacked on a new first axis, so a complex vector is a
       two-row matrix here.
     """
-    _checks.check_flag("factored", factored)
+    layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
     _checks.check_interval("decay_rate", decay_rate, 0.0, low_open=True)
     _checks.check_interval("decay_offset", decay_offset, 0)
-    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     _checks.check_interval("eps", eps, 0.0)
-    second_moment.check_factoring(factoring)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    layout = second_moment.Factoring(factored, min_dim_size_to_factor, factoring)
     name = "scale_by_factored_rms"
 
     def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:

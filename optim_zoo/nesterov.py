@@ -109,12 +109,10 @@ def scale_by_nesterov_moment(
         _checks.check_interval(name, value, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("eps_root", eps_root, 0.0)
-    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
-    _checks.check_flag("factored", factored)
-    second_moment.check_factoring(factoring)
+    layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
+    layout = layout if factored else None  # unfactored: a full n, a tree like the params
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    layout = second_moment.Factoring(True, min_dim_size_to_factor, factoring) if factored else None
     name = "scale_by_nesterov_moment"
 
     def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:

@@ -64,11 +64,17 @@ class Factoring(NamedTuple):
     rule: FactoringRule = LARGEST_TWO
 
 
-def check_factoring(factoring: Any) -> None:
-    """Raises `ValueError` unless `factoring` is ``"largest_two"``, ``"last_two"`` or callable."""
-    if callable(factoring):
-        return
-    _checks.check_choice("factoring", factoring, (LARGEST_TWO, LAST_TWO))
+def checked_factoring(factored: Any, min_dim_size_to_factor: Any, factoring: Any) -> Factoring:
+    """A primitive's three factoring options, validated, as a :class:`Factoring`.
+
+    Raises naming the argument: `factored` must be a bool, `min_dim_size_to_factor` a number
+    >= 0, and `factoring` ``"largest_two"``, ``"last_two"`` or a callable.
+    """
+    _checks.check_flag("factored", factored)
+    _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
+    if not callable(factoring):
+        _checks.check_choice("factoring", factoring, (LARGEST_TWO, LAST_TWO))
+    return Factoring(factored, min_dim_size_to_factor, factoring)
 
 
 def factored_dims(
