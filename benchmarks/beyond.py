@@ -1,7 +1,7 @@
 """Beyond the papers: factored Adan and Adai, and bfloat16 optimizer state, on the study's tasks.
 
 Three pieces of evidence for options of optim_zoo that no paper tested, all on the problems and
-under the protocol of the study (`benchmarks/study.py`, results in `results/study/`):
+under the protocol of the study (`benchmarks/protocol.py`, results in `results/study/`):
 
 1. Factored variants under the study's full protocol (a learning-rate grid on seed 0, the chosen
    rate on seeds 1, 2 and 3) on all six tasks: `optim_zoo.factored_adan`,
@@ -12,136 +12,107 @@ under the protocol of the study (`benchmarks/study.py`, results in `results/stud
 2. bfloat16 state storage: each of the five optimizers with its moments stored in bfloat16
    (float32 params), at the original's chosen learning rate in the committed study and the same
    four seeds, against the same runs with float32 state: an A/B of the storage alone.
-3. The public golden problem (`tests/test_goldens.py`, every package configuration) for 5 and
+3. The public golden problem (`fixtures/goldens.py`, every package configuration) for 5 and
    200 steps with float32 params: bfloat16 against float32 state, and float32 against float64
    for scale.
 
+The variants themselves are the contender registry's (`benchmarks/contenders.py`).
+
     python benchmarks/beyond.py            # full: writes results/beyond/ (~20 min, 2 shared cores)
     python benchmarks/beyond.py --quick    # every code path at tiny sizes (used by the tests)
-
-Part 3 imports `tests/test_goldens.py`, so it needs the test extras (pytest, chex).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
+import functools
 import json
 import math
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `tests` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
+    import _script  # noqa: F401
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import optim_zoo
-from benchmarks import _study_tasks as tasks_lib
-from benchmarks import compare, study
+from benchmarks import contenders, protocol, report
+from benchmarks import tasks as tasks_lib
+from benchmarks.environment import display_path, environment, git_state
+from benchmarks.protocol import BASELINE, SEEDS, Method
+from benchmarks.traffic import find_states, second_moment_floats, tree_bytes
+from fixtures import goldens
+from fixtures.trajectories import run_golden
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT_DIR = RESULTS_DIR / "beyond"
 QUICK_OUT_DIR = RESULTS_DIR / "beyond_quick"
 STUDY_JSON = RESULTS_DIR / "study" / "study.json"
 
-SEEDS = (study.SELECTION_SEED, *study.REPORT_SEEDS)
 # As the Adafactor contender: every weight matrix of the study's models has both axes >= 8.
 MIN_DIM_SIZE_TO_FACTOR = 8
-BF16 = jnp.dtype(jnp.bfloat16)
 GOLDEN_STEPS = {"full": (5, 200), "quick": (5, 20)}
 # Quick mode runs every code path once: one neural task (with the Hessian, factored matrices) and
 # one landscape (nothing to factor), and the first golden configuration of each optimizer.
 QUICK_TASKS = ("digits_mlp", "quadratic")
-BASELINE = study.BASELINE
 
-# name -> (factory, the study's optimizer it varies, extra keyword arguments)
+# Each factored variant's name -> the study's optimizer whose factored combination it is.
 FACTORED = {
-    "optim_zoo.factored_adan": (optim_zoo.factored_adan, "optim_zoo.adan", {}),
-    "optim_zoo.factored_adai": (optim_zoo.factored_adai, "optim_zoo.adai", {}),
-    "optim_zoo.factored_adai(decoupled=True)": (
-        optim_zoo.factored_adai,
-        "optim_zoo.adaiw",
-        {"decoupled": True},
-    ),
+    "optim_zoo.factored_adan": "optim_zoo.adan",
+    "optim_zoo.factored_adai": "optim_zoo.adai",
+    "optim_zoo.factored_adai(decoupled=True)": "optim_zoo.adaiw",
 }
 BF16_SUFFIX = " [bf16 state]"
 
 
-def _study_method(name: str) -> study.Method:
-    return next(m for m in study.METHODS if m.name == name)
+def _study_method(name: str) -> Method:
+    return next(m for m in protocol.METHODS if m.name == name)
 
 
-def factored_methods() -> tuple[study.Method, ...]:
+def factored_methods() -> tuple[Method, ...]:
     """The factored variants: the original's main-job arguments, its grid centre, factoring."""
     methods = []
-    for name, (factory, original, extra) in FACTORED.items():
+    for name, original in FACTORED.items():
         base = _study_method(original)
-        kwargs = {
-            **base.contender.kwargs,
-            **extra,
-            "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR,
-        }
-        methods.append(study.Method(compare.Contender(name, factory, kwargs), base.center_lr))
+        variant = contenders.factored(base.contender, name, MIN_DIM_SIZE_TO_FACTOR)
+        methods.append(Method(variant, base.center_lr))
     return tuple(methods)
 
 
-def original_methods() -> tuple[study.Method, ...]:
+def original_methods() -> tuple[Method, ...]:
     """The study's five optim_zoo optimizers, unchanged (float32 state for float32 params)."""
-    return tuple(m for m in study.METHODS if m.name.startswith("optim_zoo."))
+    return tuple(m for m in protocol.METHODS if m.name.startswith("optim_zoo."))
 
 
-def bf16_state_method(method: study.Method) -> study.Method:
-    """`method` with its moments stored in bfloat16; Adafactor's contender has no momentum."""
-    if method.contender.factory is optim_zoo.adafactor:
-        dtypes = {"dtype_second_moment": BF16}
-    else:
-        dtypes = {"dtype_momentum": BF16, "dtype_second_moment": BF16}
-    contender = method.contender
-    return study.Method(
-        compare.Contender(
-            contender.name + BF16_SUFFIX, contender.factory, {**contender.kwargs, **dtypes}
-        ),
-        method.center_lr,
-    )
+def bf16_state_method(method: Method) -> Method:
+    """`method` with its moments stored in bfloat16 (`contenders.bf16_state`)."""
+    name = method.contender.name + BF16_SUFFIX
+    return Method(contenders.bf16_state(method.contender, name), method.center_lr)
 
 
 # --- Which leaves are factored ------------------------------------------------------------------
 
 
-def _factored_statistics(state: Any) -> list[Any]:
-    """Every FactoredSecondMoment or ScaleByFactoredRmsState inside an optimizer state."""
-    if isinstance(state, optim_zoo.FactoredSecondMoment | optim_zoo.ScaleByFactoredRmsState):
-        return [state]
-    if isinstance(state, tuple):
-        return [found for child in state for found in _factored_statistics(child)]
-    return []
-
-
-def factored_leaves(task: tasks_lib.Task, method: study.Method) -> dict[str, Any]:
+def factored_leaves(task: tasks_lib.Task, method: Method) -> dict[str, Any]:
     """The parameter leaves whose second moment the method keeps as a row and a column."""
-    params, state = study._state_shapes(task, method)
+    params, state = protocol.state_shapes(task, method)
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    found = _factored_statistics(state)
+    kinds = (optim_zoo.FactoredSecondMoment, optim_zoo.ScaleByFactoredRmsState)
     factored = []
-    for stats in found:
+    for stats in find_states(state, kinds):
         for i, (path, leaf) in enumerate(leaves):
             if stats.v_row[i] is not None:
-                floats = int(math.prod(stats.v_row[i].shape) + math.prod(stats.v_col[i].shape))
                 factored.append(
                     {
                         "param": jax.tree_util.keystr(path),
                         "shape": [int(d) for d in leaf.shape],
-                        "second_moment_floats": floats,
+                        "second_moment_floats": second_moment_floats(stats, i),
                         "full_floats": int(math.prod(leaf.shape)),
                     }
                 )
@@ -157,7 +128,7 @@ def factored_leaves(task: tasks_lib.Task, method: study.Method) -> dict[str, Any
 
 
 def compare_finals(variant: dict[str, Any], reference: dict[str, Any], higher: bool) -> dict:
-    """Variant against reference on one final metric, each a `study._summary` over seeds.
+    """Variant against reference on one final metric, each a `protocol.seed_summary`.
 
     "worse" (or "better") when the means differ by more than the larger of the two seed
     standard deviations in the worse (better) direction, as in the study's Apollo claim;
@@ -215,7 +186,7 @@ def _max_seed_difference(row: dict, reference: dict, metrics: Sequence[str]) -> 
 
 
 def run_fixed_rate(
-    runner: Any, method: study.Method, learning_rate: float, progress: bool
+    runner: protocol.TaskRunner, method: Method, learning_rate: float, progress: bool
 ) -> dict[str, Any]:
     """The four seeds side by side at one learning rate (no selection); a study-like row."""
     started = time.perf_counter()
@@ -226,14 +197,14 @@ def run_fixed_rate(
         f"{task.name} {method.name.split('.')[-1]} lr {learning_rate:g}",
         progress,
     )
-    _, state = study._state_shapes(task, method)
+    _, state = protocol.state_shapes(task, method)
     return {
         "optimizer": method.name,
         "fixed_hyperparameters": method.fixed_hyperparameters(task.steps),
         "lr": learning_rate,
         "seeds": list(SEEDS),
-        **study.summarise_curves(task, curves, per_seed=False),
-        "state_bytes": study._nbytes(state),
+        **protocol.summarise_curves(task, curves, per_seed=False),
+        "state_bytes": tree_bytes(state),
         "seconds": time.perf_counter() - started,
     }
 
@@ -245,13 +216,13 @@ def run_task(name: str, mode: str, originals: dict[str, Any], progress: bool) ->
     """Parts 1 and 2 on one task; `originals` is the committed study's entry for the task."""
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
     task = tasks_lib.TASK_BUILDERS[name](sizes)
-    runner = study._TaskRunner(task, mode)
+    runner = protocol.TaskRunner(task, mode)
 
     methods = factored_methods()
-    result = study.run_task(task, methods, mode, progress, runner=runner)
+    result = protocol.run_task(task, methods, mode, progress, runner=runner)
     for method in methods:
         row = result["results"][method.name]
-        original = FACTORED[method.name][1]
+        original = FACTORED[method.name]
         row["original"] = original
         row["factored_leaves"] = factored_leaves(task, method)
         row["vs_original"] = _compare_all(row, originals["results"][original], result)
@@ -286,63 +257,18 @@ def run_task(name: str, mode: str, originals: dict[str, Any], progress: bool) ->
 # --- Part 3: the golden problem -----------------------------------------------------------------
 
 
-class _StateDtypes:
-    """`optim_zoo` as the golden cases see it, with every state dtype forced.
-
-    Every factory that takes `dtype_second_moment` (and `dtype_momentum`, where it has one) is
-    called with the given dtypes, overriding a case's own choice; everything else is optim_zoo's.
-    """
-
-    def __init__(self, momentum: jnp.dtype, second_moment: jnp.dtype):
-        self._dtypes = {"dtype_momentum": momentum, "dtype_second_moment": second_moment}
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(optim_zoo, name)
-        if not callable(attr) or inspect.isclass(attr):
-            return attr
-        accepted = inspect.signature(attr).parameters
-        if "dtype_second_moment" not in accepted:
-            return attr
-        forced = {k: v for k, v in self._dtypes.items() if k in accepted}
-        return lambda *args, **kwargs: attr(*args, **{**kwargs, **forced})
-
-
-@contextlib.contextmanager
-def _state_dtypes(goldens: Any, momentum: jnp.dtype, second_moment: jnp.dtype) -> Iterator[None]:
-    with mock.patch.object(goldens, "_zoo", lambda: _StateDtypes(momentum, second_moment)):
-        yield
-
-
-def _golden_trajectory(
-    goldens: Any,
-    make_tx: Callable[[], optax.GradientTransformation],
-    names: Sequence[str],
-    dtype: jnp.dtype,
-    steps: int,
-    compiler_options: dict | None,
+def _golden_run(
+    case: str, variant: str, state_dtype: Any, dtype: Any, steps: int, options: dict | None
 ) -> list[dict[str, np.ndarray]]:
-    """Params after each of `steps` steps; the golden's gradient formula from the current params.
-
-    The gradient is evaluated in float64 (`test_goldens.leaf_grad`) and rounded to `dtype`.
-    """
-    tx = make_tx()
-    params = {n: jnp.asarray(p, dtype) for n, p in goldens.initial_params(names).items()}
-    state = tx.init(params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = jax.jit(step, compiler_options=compiler_options)
-    trajectory = []
-    for t in range(1, steps + 1):
-        grads = {
-            n: jnp.asarray(goldens.leaf_grad(n, np.asarray(p, np.float64), t), dtype)
-            for n, p in params.items()
-        }
-        params, state = step(params, state, grads)
-        trajectory.append({n: np.asarray(p, np.float64) for n, p in params.items()})
-    return trajectory
+    """Params after each step of a golden configuration, every state dtype forced."""
+    make_tx = functools.partial(
+        goldens.make_package_tx,
+        case,
+        variant,
+        dtype_momentum=state_dtype,
+        dtype_second_moment=state_dtype,
+    )
+    return run_golden(make_tx, goldens.CASES[case][0], dtype, steps, options)
 
 
 def _max_abs(tree: dict[str, np.ndarray]) -> float:
@@ -355,13 +281,11 @@ def _max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> f
 
 def golden_deviations(mode: str, progress: bool) -> dict[str, Any]:
     """Every package configuration of the golden tests: bf16 vs float32 state, float32 params."""
-    from tests import test_goldens as goldens  # the cases themselves, not a copy
-
     steps = GOLDEN_STEPS[mode]
-    options = study.COMPILER_OPTIONS[mode]
+    options = protocol.COMPILER_OPTIONS[mode]
     golden_cases = goldens.load_golden()["cases"]
     f32, f64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
-    configurations = [param.values for param in goldens.PACKAGE_CASES]
+    configurations = list(goldens.PACKAGE_CASES)
     if mode == "quick":
         # The first configuration of each optimizer: a case name's first word names it.
         firsts: dict[str, tuple[str, str]] = {}
@@ -370,15 +294,13 @@ def golden_deviations(mode: str, progress: bool) -> dict[str, Any]:
         configurations = list(firsts.values())
     rows = []
     for case, variant in configurations:
-        names, variants, _ = goldens.CASES[case]
-        make_tx = variants[variant]
-        with jax.enable_x64(True), _state_dtypes(goldens, f64, f64):
+        names = goldens.CASES[case][0]
+        run = functools.partial(_golden_run, case, variant, steps=max(steps), options=options)
+        with jax.enable_x64(True):
             # Built inside the x64 context, or the float64 dtypes would become float32.
-            exact = _golden_trajectory(goldens, make_tx, names, f64, max(steps), options)
-        with _state_dtypes(goldens, f32, f32):
-            single = _golden_trajectory(goldens, make_tx, names, f32, max(steps), options)
-        with _state_dtypes(goldens, BF16, BF16):
-            half = _golden_trajectory(goldens, make_tx, names, f32, max(steps), options)
+            exact = run(f64, f64)
+        single = run(f32, f32)
+        half = run(contenders.BF16, f32)
         expected = goldens.golden_values(golden_cases[case], names)
         row = {
             "case": case,
@@ -415,7 +337,7 @@ def _headline(task: dict[str, Any]) -> str:
 
 
 def _fmt_range(summary: dict[str, Any], metric: str) -> str:
-    text = study._fmt(summary, metric)
+    text = report.fmt_summary(summary, metric)
     if not summary["finite"]:
         return text
     if metric.endswith("accuracy"):
@@ -440,43 +362,57 @@ def factored_table(task: dict[str, Any], originals: dict[str, Any]) -> str:
     header = ["optimizer", "run", "chosen lr", *(f"final {m}" for m in metrics)]
     header += ["top Hessian eig."] if has_hessian else []
     header += ["state bytes", "factored leaves"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "--:|" * (len(header) - 2)]
+    table = []
     for name, row, source in rows:
         cells = [name, source]
         cells.append(f"{row['best_lr']:g}" + (" (edge)" if row["best_lr_at_grid_edge"] else ""))
         cells += [_fmt_range(row["final"][m], m) for m in metrics]
         if has_hessian:
-            cells.append(study._fmt(row["hessian_top_eigenvalue"], "eig"))
+            cells.append(report.fmt_summary(row["hessian_top_eigenvalue"], "eig"))
         cells.append(f"{row['state_bytes']:,}")
         leaves = row.get("factored_leaves")
         cells.append(
             "" if leaves is None else f"{leaves['factored']} of {leaves['matrices']} matrices"
         )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return report.markdown_table(header, table, left=2)
+
+
+def _metrics_judged(comparison: dict[str, Any], verdict: str) -> list[str]:
+    """The metrics of a `_compare_all` result with the given verdict."""
+    return [metric for metric, c in comparison.items() if c["verdict"] == verdict]
+
+
+def _judged_cells(comparison: dict[str, Any]) -> list[str]:
+    """The worse and the better metrics, each joined (or '-')."""
+    return [", ".join(_metrics_judged(comparison, v)) or "-" for v in ("worse", "better")]
 
 
 def factored_verdicts(tasks: dict[str, Any]) -> str:
-    lines = [
-        "| task | variant | vs original: worse | vs original: better | headline vs original "
-        "| headline vs AdamW |",
-        "|---|---|---|---|---|---|",
+    header = [
+        "task",
+        "variant",
+        "vs original: worse",
+        "vs original: better",
+        "headline vs original",
+        "headline vs AdamW",
     ]
+    rows = []
     for task in tasks.values():
         headline = _headline(task)
         for name, row in task["factored"].items():
-            comparison = row["vs_original"]
-            worse = [m for m, c in comparison.items() if c["verdict"] == "worse"]
-            better = [m for m, c in comparison.items() if c["verdict"] == "better"]
-            head = comparison[headline]
+            head = row["vs_original"][headline]
             vs_adamw = row["vs_adamw"][headline]
-            lines.append(
-                f"| {task['name']} | {name} | {', '.join(worse) or '-'} | "
-                f"{', '.join(better) or '-'} | {headline} {head['verdict']} "
-                f"({_fmt_delta(head['difference'], headline)}) | {vs_adamw['verdict']} "
-                f"({_fmt_delta(vs_adamw['difference'], headline)}) |"
+            rows.append(
+                [
+                    task["name"],
+                    name,
+                    *_judged_cells(row["vs_original"]),
+                    f"{headline} {head['verdict']} ({_fmt_delta(head['difference'], headline)})",
+                    f"{vs_adamw['verdict']} ({_fmt_delta(vs_adamw['difference'], headline)})",
+                ]
             )
-    return "\n".join(lines)
+    return report.markdown_table(header, rows, left=len(header))
 
 
 def storage_table(task: dict[str, Any]) -> str:
@@ -499,47 +435,47 @@ def storage_table(task: dict[str, Any]) -> str:
                     else f"{paired['std']:.2g}"
                 )
             )
-            lines.append(
-                f"| {name} | {entry['lr']:g} | {metric} | "
-                f"{_fmt_range(entry['float32']['final'][metric], metric)} | "
-                f"{_fmt_range(entry['bfloat16']['final'][metric], metric)} | {delta} | "
-                f"{comparison['verdict']} |"
-            )
+            cells = [
+                name,
+                f"{entry['lr']:g}",
+                metric,
+                _fmt_range(entry["float32"]["final"][metric], metric),
+                _fmt_range(entry["bfloat16"]["final"][metric], metric),
+                delta,
+                comparison["verdict"],
+            ]
+            lines.append(report.markdown_row(cells))
     return "\n".join(lines)
 
 
 def storage_bytes_table(tasks: dict[str, Any]) -> str:
     names = [m.name for m in original_methods()]
-    lines = [
-        "| task | " + " | ".join(names) + " |",
-        "|---|" + "--:|" * len(names),
-    ]
+    rows = []
     for task in tasks.values():
-        cells = []
+        cells = [task["name"]]
         for name in names:
             entry = task["bf16_state"][name]
             f32, bf16 = entry["float32"]["state_bytes"], entry["bfloat16"]["state_bytes"]
             cells.append(f"{f32:,} → {bf16:,} (-{entry['bytes_saved'] / f32:.0%})")
-        lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return report.markdown_table(["task", *names], rows)
 
 
 def storage_verdicts(tasks: dict[str, Any]) -> str:
-    lines = [
-        "| task | optimizer | worse | better | f32 rerun vs study (max abs) |",
-        "|---|---|---|---|--:|",
-    ]
+    header = ["task", "optimizer", "worse", "better", "f32 rerun vs study (max abs)"]
+    rows = []
     for task in tasks.values():
         for name, entry in task["bf16_state"].items():
-            comparison = entry["bf16_vs_f32"]
-            worse = [m for m, c in comparison.items() if c["verdict"] == "worse"]
-            better = [m for m, c in comparison.items() if c["verdict"] == "better"]
             repro = entry["f32_max_difference_from_study"]
-            lines.append(
-                f"| {task['name']} | {name} | {', '.join(worse) or '-'} | "
-                f"{', '.join(better) or '-'} | {'n/a' if repro is None else f'{repro:.2g}'} |"
+            rows.append(
+                [
+                    task["name"],
+                    name,
+                    *_judged_cells(entry["bf16_vs_f32"]),
+                    "n/a" if repro is None else f"{repro:.2g}",
+                ]
             )
-    return "\n".join(lines)
+    return report.markdown_table(header, rows, left=4)
 
 
 def golden_table(golden: dict[str, Any]) -> str:
@@ -552,7 +488,7 @@ def golden_table(golden: dict[str, Any]) -> str:
             f"{s}: bf16 vs f32",
             f"{s}: bf16 vs f32 / max abs p",
         ]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "--:|" * (len(header) - 2)]
+    rows = []
     for row in golden["cases"]:
         cells = [row["case"], row["variant"], f"{row['float64_vs_golden_5_steps']:.1e}"]
         for s in steps:
@@ -563,29 +499,33 @@ def golden_table(golden: dict[str, Any]) -> str:
                 f"{d['bf16_vs_f32']:.1e}",
                 f"{d['bf16_vs_f32_relative']:.1e}",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return report.markdown_table(header, rows, left=2)
 
 
 def _worse_list(tasks: dict[str, Any]) -> tuple[list[str], list[str]]:
     factored, storage = [], []
     for task in tasks.values():
         for name, row in task["factored"].items():
-            for metric, c in row["vs_original"].items():
-                if c["verdict"] == "worse":
-                    factored.append(
-                        f"{name} on {task['name']}, {metric}: "
-                        f"{_fmt_delta(c['difference'], metric)} against {row['original']} "
-                        f"(one std: {_fmt_delta(c['tolerance'], metric).lstrip('+')})"
-                    )
+            for metric in _metrics_judged(row["vs_original"], "worse"):
+                c = row["vs_original"][metric]
+                factored.append(
+                    f"{name} on {task['name']}, {metric}: "
+                    f"{_fmt_delta(c['difference'], metric)} against {row['original']} "
+                    f"(one std: {_fmt_delta(c['tolerance'], metric).lstrip('+')})"
+                )
         for name, entry in task["bf16_state"].items():
-            for metric, c in entry["bf16_vs_f32"].items():
-                if c["verdict"] == "worse":
-                    storage.append(
-                        f"{name} on {task['name']}, {metric}: "
-                        f"{_fmt_delta(c['difference'], metric)} against float32 state"
-                    )
+            for metric in _metrics_judged(entry["bf16_vs_f32"], "worse"):
+                difference = entry["bf16_vs_f32"][metric]["difference"]
+                storage.append(
+                    f"{name} on {task['name']}, {metric}: "
+                    f"{_fmt_delta(difference, metric)} against float32 state"
+                )
     return factored, storage
+
+
+def _listed(what: str, items: list[str]) -> str:
+    return f"{what}: {'; '.join(items) if items else 'none'}."
 
 
 def markdown_report(results: dict[str, Any]) -> str:
@@ -616,9 +556,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         factored_verdicts(tasks),
         "",
-        "Worse than the original by more than one seed std: "
-        + ("; ".join(factored_worse) if factored_worse else "none")
-        + ".",
+        _listed("Worse than the original by more than one seed std", factored_worse),
         "",
     ]
     for task in tasks.values():
@@ -633,9 +571,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         storage_verdicts(tasks),
         "",
-        "Worse with bfloat16 state by more than one seed std: "
-        + ("; ".join(storage_worse) if storage_worse else "none")
-        + ".",
+        _listed("Worse with bfloat16 state by more than one seed std", storage_worse),
         "",
     ]
     for task in tasks.values():
@@ -660,15 +596,8 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 def make_figure(results: dict[str, Any], path: Path) -> Path:
     """Per task, the headline final metric: original, bfloat16 state, factored; AdamW's band."""
-    plt = study._pyplot()
     tasks = results["tasks"]
-    columns = min(3, len(tasks))
-    rows = math.ceil(len(tasks) / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(5.4 * columns, 4.0 * rows), constrained_layout=True, squeeze=False
-    )
-    for ax in axes.flat[len(tasks) :]:
-        ax.set_axis_off()
+    fig, axes = report.panel_grid(len(tasks), 5.4, 4.0)
     names = [m.name for m in original_methods()]
     variant_of = {
         row["original"]: name for name, row in next(iter(tasks.values()))["factored"].items()
@@ -736,37 +665,11 @@ def make_figure(results: dict[str, Any], path: Path) -> Path:
         "Final headline metric over the 4 seeds (mean, bars min to max): originals, bfloat16 "
         "state, factored variants"
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
     return path
 
 
 # --- Entry points -------------------------------------------------------------------------------
-
-
-def _package_version() -> dict[str, Any]:
-    """The commit the package ran at, and whether optim_zoo/ differed from it (None: no git)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        return {
-            "commit": git("rev-parse", "HEAD"),
-            "optim_zoo_modified": bool(git("status", "--porcelain", "--", "optim_zoo")),
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "optim_zoo_modified": None}
-
-
-def _display_path(path: Path) -> str:
-    """`path` relative to the repository when it lies inside it."""
-    root = Path(__file__).resolve().parent.parent
-    path = Path(path).resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def run_beyond(
@@ -784,7 +687,7 @@ def run_beyond(
     Args:
       mode: "full" or "quick" (the study's tiny sizes; every code path in seconds).
       out_dir: default benchmarks/results/beyond (full) or .../beyond_quick (quick).
-      tasks: names from `_study_tasks.TASK_BUILDERS`; default all of them in full mode and
+      tasks: names from `tasks.TASK_BUILDERS`; default all of them in full mode and
         `QUICK_TASKS` in quick mode.
       golden: also run part 3, the golden problem.
       study_json: the committed study, source of the originals and their chosen rates.
@@ -802,7 +705,7 @@ def run_beyond(
     if unknown:
         raise ValueError(f"tasks {sorted(unknown)} are not in {study_json}")
 
-    version = _package_version()  # before the runs: the code they import
+    version = git_state()  # before the runs: the code they import
     started = time.perf_counter()
     task_results = {}
     for name in task_names:
@@ -816,18 +719,18 @@ def run_beyond(
             "seeds": list(SEEDS),
             "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR,
             "factored": {
-                m.name: {"original": FACTORED[m.name][1], "kwargs": m.fixed_hyperparameters(1)}
+                m.name: {"original": FACTORED[m.name], "kwargs": m.fixed_hyperparameters(1)}
                 for m in factored_methods()
             },
             "bf16_state": {
                 m.name: bf16_state_method(m).fixed_hyperparameters(1) for m in original_methods()
             },
-            "neural_lr_factors": list(study.NEURAL_LR_FACTORS[mode]),
+            "neural_lr_factors": list(protocol.NEURAL_LR_FACTORS[mode]),
             "golden_steps": list(GOLDEN_STEPS[mode]),
-            "study_json": _display_path(study_json),
+            "study_json": display_path(study_json),
             "study_runtime_seconds": committed.get("runtime_seconds"),
         },
-        "environment": {**compare.environment(), "git": version},
+        "environment": {**environment(), "git": version},
         "tasks": task_results,
         # The committed originals' rows this report cites (finals and chosen rates only).
         "study_tasks": {
@@ -852,7 +755,7 @@ def run_beyond(
         "golden": golden_results,
     }
     results["runtime_seconds"] = time.perf_counter() - started
-    results = study._json_safe(results)
+    results = report.json_safe(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     if figure:
         results["figures"] = [make_figure(results, out_dir / "finals.png").name]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _study_tasks, beyond
+from benchmarks import beyond, protocol, tasks
 
 VERDICTS = ("worse", "better", "level", "both diverged")
 
@@ -99,9 +99,9 @@ def test_writes_strict_json_markdown_and_figure(quick):
 
 
 def test_bf16_state_method_stores_moments_in_bfloat16():
-    task = _study_tasks.TASK_BUILDERS["digits_mlp"](_study_tasks.QUICK)
+    task = tasks.TASK_BUILDERS["digits_mlp"](tasks.QUICK)
     for method in beyond.original_methods():
-        _, state = beyond.study._state_shapes(task, beyond.bf16_state_method(method))
+        _, state = protocol.state_shapes(task, beyond.bf16_state_method(method))
         dtypes = {leaf.dtype for leaf in jax.tree.leaves(state)}
         assert jnp.dtype(jnp.bfloat16) in dtypes, method.name
         kwargs = beyond.bf16_state_method(method).contender.kwargs

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from benchmarks import _study_tasks, study
+from benchmarks import protocol, study, tasks
 
 CLAIMS = ("adan", "adai", "apollo", "adafactor")
 
@@ -22,8 +22,8 @@ def quick_study(tmp_path_factory):
 
 def test_every_task_has_every_optimizer(quick_study):
     _, results = quick_study
-    assert list(results["tasks"]) == list(_study_tasks.TASK_BUILDERS)
-    names = [method.name for method in study.METHODS]
+    assert list(results["tasks"]) == list(tasks.TASK_BUILDERS)
+    names = [method.name for method in protocol.METHODS]
     assert len(names) == 7 and "optax.adamw" in names and "optax.sgd" in names
     for task in results["tasks"].values():
         assert list(task["results"]) == names
@@ -88,7 +88,7 @@ def test_writes_strict_json_markdown_and_figures(quick_study):
         "claim_adai.png",
         "claim_apollo.png",
         "claim_adafactor.png",
-        *(f"task_{name}.png" for name in _study_tasks.TASK_BUILDERS),
+        *(f"task_{name}.png" for name in tasks.TASK_BUILDERS),
     }
     for name in results["figures"]:
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -99,7 +99,7 @@ def test_power_iteration_finds_the_top_eigenvalue():
     import jax.numpy as jnp
 
     eigenvalues = jnp.array([5.0, 2.0, 1.0, 0.5])
-    value = study.top_hessian_eigenvalue(
+    value = protocol.top_hessian_eigenvalue(
         lambda p: 0.5 * jnp.sum(eigenvalues * p["x"] ** 2),
         {"x": jnp.ones(4)},
         iterations=100,

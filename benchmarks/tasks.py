@@ -2,10 +2,10 @@
 
 Every task is a `Task`: how to initialise parameters from a seed, the per-seed sequence of
 minibatches (or gradient noise), the loss whose gradient trains, and the metrics recorded at
-each evaluation. The engine in `benchmarks/study.py` trains any task with any optimizer, so a
+each evaluation. The engine in `benchmarks/protocol.py` trains any task with any optimizer, so a
 task knows nothing about optimizers.
 
-The digits tasks reuse the main job's data split, MLP and loss (`benchmarks/compare.py`).
+The digits tasks reuse the main job's data split and MLP (`benchmarks/digits.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from sklearn.model_selection import train_test_split
 
-from benchmarks import compare
+from benchmarks import digits as digits_lib
+from benchmarks.digits import cross_entropy, he_normal
 
 # Seeds of the fixed (task-defining, not run-varying) randomness: the quadratic's rotation, the
 # language model's evaluation windows. Runs vary only through their own seed.
@@ -148,7 +148,7 @@ def load_digits_with_validation(subset: int | None = None) -> DigitsData:
     The learning rate is chosen on the held-out fifth, so that the test set decides nothing.
     (The standardisation is the main job's, fit on all of its training images.)
     """
-    digits = compare.load_digits_dataset()
+    digits = digits_lib.load_digits_dataset()
     x_train, x_val, y_train, y_val = train_test_split(
         np.asarray(digits.x_train),
         np.asarray(digits.y_train),
@@ -171,14 +171,12 @@ def load_digits_with_validation(subset: int | None = None) -> DigitsData:
 
 
 def _digits_metrics(logits_fn: Callable[[Any, jax.Array], jax.Array]):
-    ce = optax.softmax_cross_entropy_with_integer_labels
-
     def evaluate(params: Any, data: DigitsData) -> dict[str, jax.Array]:
         metrics = {}
         for split in ("train", "val", "test"):
             logits = logits_fn(params, getattr(data, f"x_{split}"))
             labels = getattr(data, f"y_{split}")
-            metrics[f"{split}_loss"] = ce(logits, labels).mean()
+            metrics[f"{split}_loss"] = cross_entropy(logits, labels)
             if split != "train":
                 metrics[f"{split}_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
         return metrics
@@ -191,12 +189,10 @@ def _digits_task(name: str, title: str, logits_fn, init_params, sizes: Sizes) ->
     num_train = data.x_train.shape[0]
 
     def loss(params, data, batch):
-        logits = logits_fn(params, data.x_train[batch])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, data.y_train[batch]).mean()
+        return cross_entropy(logits_fn(params, data.x_train[batch]), data.y_train[batch])
 
     def full_train_loss(params, data):
-        logits = logits_fn(params, data.x_train)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, data.y_train).mean()
+        return cross_entropy(logits_fn(params, data.x_train), data.y_train)
 
     return Task(
         name=name,
@@ -206,9 +202,9 @@ def _digits_task(name: str, title: str, logits_fn, init_params, sizes: Sizes) ->
         eval_every=_eval_every(sizes.digits_steps, sizes.evals),
         data=data,
         init_params=init_params,
-        # compare.py's shuffled epochs; the seed sets both the batch order and the initial
+        # The main job's shuffled epochs; the seed sets both the batch order and the initial
         # parameters, and every optimizer sees the same of each for the same seed.
-        batches=lambda seed: compare.minibatch_order(
+        batches=lambda seed: digits_lib.minibatch_order(
             num_train, sizes.digits_batch, sizes.digits_steps, seed
         ),
         loss=loss,
@@ -235,12 +231,12 @@ def _digits_task(name: str, title: str, logits_fn, init_params, sizes: Sizes) ->
 
 
 def digits_mlp(sizes: Sizes) -> Task:
-    layer_sizes = (64, *compare.HIDDEN_SIZES, compare.NUM_CLASSES)
+    layer_sizes = digits_lib.mlp_sizes()
     task = _digits_task(
         "digits_mlp",
         f"digits, MLP {'-'.join(map(str, layer_sizes))}",
-        compare.mlp_logits,
-        lambda key: compare.init_mlp(key, layer_sizes),
+        digits_lib.mlp_logits,
+        lambda key: digits_lib.init_mlp(key, layer_sizes),
         sizes,
     )
     task.details["layer_sizes"] = list(layer_sizes)
@@ -266,14 +262,10 @@ def init_cnn(key: jax.Array, channels: tuple[int, int]) -> dict[str, dict[str, j
     """He-normal kernels and zero biases: conv 3x3 (1->c1), conv 3x3 stride 2 (c1->c2), dense."""
     c1, c2 = channels
     k1, k2, k3 = jax.random.split(key, 3)
-
-    def he(k, fan_in, fan_out):
-        return jax.random.normal(k, (fan_in, fan_out), jnp.float32) * math.sqrt(2.0 / fan_in)
-
     return {
-        "conv1": {"w": he(k1, 9, c1), "b": jnp.zeros((c1,), jnp.float32)},
-        "conv2": {"w": he(k2, 9 * c1, c2), "b": jnp.zeros((c2,), jnp.float32)},
-        "dense": {"w": he(k3, 16 * c2, 10), "b": jnp.zeros((10,), jnp.float32)},
+        "conv1": {"w": he_normal(k1, 9, c1), "b": jnp.zeros((c1,), jnp.float32)},
+        "conv2": {"w": he_normal(k2, 9 * c1, c2), "b": jnp.zeros((c2,), jnp.float32)},
+        "dense": {"w": he_normal(k3, 16 * c2, 10), "b": jnp.zeros((10,), jnp.float32)},
     }
 
 
@@ -415,7 +407,7 @@ def char_transformer(sizes: Sizes) -> Task:
     def mean_loss(params, stream, starts):
         windows = stream[starts[:, None] + offsets]
         logits = transformer_logits(params, windows[:, :-1], heads)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+        return cross_entropy(logits, windows[:, 1:])
 
     def batches(seed: int) -> np.ndarray:
         # Window starts drawn uniformly over the training text, independently per step.
