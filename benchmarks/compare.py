@@ -11,164 +11,67 @@ accuracy curves plotted in `results/compare.png`.
     python benchmarks/compare.py --study full   # the claims study instead (benchmarks/README.md)
 
 Learning rates were picked once on this problem from each method's documented starting point;
-`CONTENDERS` says where each comes from. They are sensible, not exhaustively tuned: the
-table shows that every method trains this model, not which one is best in general.
+`CONTENDERS` (`benchmarks/contenders.py`) says where each comes from. They are sensible, not
+exhaustively tuned: the table shows that every method trains this model, not which one is best
+in general.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
+    import _script  # noqa: F401
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-import optim_zoo
+from benchmarks import report
+from benchmarks.contenders import CONTENDERS, Contender
+from benchmarks.digits import (
+    Dataset,
+    cross_entropy,
+    init_mlp,
+    load_digits_dataset,
+    minibatch_order,
+    mlp_logits,
+    mlp_sizes,
+)
+from benchmarks.environment import environment
+from benchmarks.traffic import tree_bytes
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
-HIDDEN_SIZES = (128, 128)
-NUM_CLASSES = 10
 
 
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    """One optimizer of the comparison: a factory and the keyword arguments it is called with."""
-
-    name: str
-    factory: Callable[..., optax.GradientTransformation]
-    kwargs: dict[str, Any]
-
-    def build(self) -> optax.GradientTransformation:
-        return self.factory(**self.kwargs)
-
-    @property
-    def hyperparameters(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.kwargs.items())
-
-
-CONTENDERS: tuple[Contender, ...] = (
-    # Adan's authors use learning rates 5-10x Adam's; 5e-3 is 5x the AdamW baseline below.
-    Contender("optim_zoo.adan", optim_zoo.adan, {"learning_rate": 5e-3}),
-    # learning_rate=None is the paper's relative step size min(1e-2, 1/sqrt(t)) times rms(p).
-    # min_dim_size_to_factor=8 makes every weight matrix of this MLP (the smallest is 128x10)
-    # use the factored second moment; the default of 128 would leave the last one unfactored.
-    Contender(
-        "optim_zoo.adafactor",
-        optim_zoo.adafactor,
-        {"learning_rate": None, "min_dim_size_to_factor": 8},
-    ),
-    # The Apollo README's starting point (lr 0.01, eps 1e-4, init_lr 1e-5) with a warmup
-    # shortened from 500 to 100 steps to suit a run of about a thousand steps.
-    Contender(
-        "optim_zoo.apollo",
-        optim_zoo.apollo,
-        {"learning_rate": 1e-2, "init_lr": 1e-5, "warmup": 100},
-    ),
-    # Adai's learning rate lives on SGD's scale: the Adai README suggests plain SGD's
-    # learning rate, i.e. about 10x that of SGD with momentum 0.9 (0.05 below).
-    Contender("optim_zoo.adai", optim_zoo.adai, {"learning_rate": 0.5}),
-    # AdaiW is Adai with decoupled weight decay; the value is the Adai README's 5e-4.
-    Contender("optim_zoo.adaiw", optim_zoo.adaiw, {"learning_rate": 0.5, "weight_decay": 5e-4}),
-    # Baselines: AdamW with its usual learning rate and optax's default decay, and SGD with
-    # heavy-ball momentum.
-    Contender("optax.adamw", optax.adamw, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
-    Contender("optax.sgd", optax.sgd, {"learning_rate": 0.05, "momentum": 0.9}),
-)
-
-
-# A pytree, so that the jitted functions take the arrays as arguments rather than baking them
-# into each compiled program as constants.
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    x_train: jax.Array
-    y_train: jax.Array
-    x_test: jax.Array
-    y_test: jax.Array
-
-
-def load_digits_dataset() -> Dataset:
-    """scikit-learn's digits, split 75/25 (stratified, fixed seed), standardised on train."""
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=0.25, random_state=0, stratify=digits.target
-    )
-    scaler = StandardScaler().fit(x_train)
-    return Dataset(
-        x_train=jnp.asarray(scaler.transform(x_train), jnp.float32),
-        y_train=jnp.asarray(y_train, jnp.int32),
-        x_test=jnp.asarray(scaler.transform(x_test), jnp.float32),
-        y_test=jnp.asarray(y_test, jnp.int32),
-    )
-
-
-def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
-    """He-normal weights and zero biases for a ReLU MLP with layer widths `sizes`."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [
-        {
-            "w": jax.random.normal(k, (fan_in, fan_out), jnp.float32) * math.sqrt(2.0 / fan_in),
-            "b": jnp.zeros((fan_out,), jnp.float32),
-        }
-        for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-
-def mlp_logits(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def cross_entropy(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(mlp_logits(params, x), y).mean()
+def loss(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
+    return cross_entropy(mlp_logits(params, x), y)
 
 
 @jax.jit
 def evaluate(params: list[dict[str, jax.Array]], data: Dataset) -> tuple[jax.Array, jax.Array]:
     """Loss over the whole training set and accuracy on the test set."""
-    train_loss = cross_entropy(params, data.x_train, data.y_train)
+    train_loss = loss(params, data.x_train, data.y_train)
     predictions = jnp.argmax(mlp_logits(params, data.x_test), axis=-1)
     return train_loss, jnp.mean(predictions == data.y_test)
-
-
-def minibatch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """Row indices of every minibatch, shape (steps, batch_size): shuffled epochs, concatenated.
-
-    Computed once and shared, so every optimizer sees exactly the same sequence of batches.
-    """
-    rng = np.random.default_rng(seed)
-    epochs = math.ceil(steps * batch_size / num_examples)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
-    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
-
-
-def tree_nbytes(tree: Any) -> int:
-    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
 
 
 def make_train_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
     @jax.jit
     def train_step(params, opt_state, data: Dataset, batch_indices: jax.Array):
         x, y = data.x_train[batch_indices], data.y_train[batch_indices]
-        loss, grads = jax.value_and_grad(cross_entropy)(params, x, y)
+        value, grads = jax.value_and_grad(loss)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, value
 
     return train_step
 
@@ -245,7 +148,7 @@ def run_contender(
         "hyperparameters": contender.hyperparameters,
         "final_train_loss": curves["train_loss"][-1],
         "test_accuracy": curves["test_accuracy"][-1],
-        "state_bytes": tree_nbytes(opt_state),
+        "state_bytes": tree_bytes(opt_state),
         "curves": curves,
     }
     timer = make_step_timer(train_step, params, opt_state, data, batches[0], timing_steps)
@@ -254,27 +157,34 @@ def run_contender(
 
 def format_table(rows: Sequence[dict[str, Any]], param_bytes: int) -> str:
     """A Markdown table: readable in a terminal and pasteable into the README as it is."""
-    header = (
-        "| optimizer | hyperparameters | final train loss | test accuracy | ms / step "
-        "| state bytes | state / params |"
-    )
-    lines = [header, "|---|---|--:|--:|--:|--:|--:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['optimizer']} | {row['hyperparameters']} | {row['final_train_loss']:.2e} "
-            f"| {row['test_accuracy']:.2%} | {row['ms_per_step']:.3f} | {row['state_bytes']:,} "
-            f"| {row['state_bytes'] / param_bytes:.2f}x |"
-        )
-    return "\n".join(lines)
+    header = [
+        "optimizer",
+        "hyperparameters",
+        "final train loss",
+        "test accuracy",
+        "ms / step",
+        "state bytes",
+        "state / params",
+    ]
+    cells = [
+        [
+            row["optimizer"],
+            row["hyperparameters"],
+            f"{row['final_train_loss']:.2e}",
+            f"{row['test_accuracy']:.2%}",
+            f"{row['ms_per_step']:.3f}",
+            f"{row['state_bytes']:,}",
+            f"{row['state_bytes'] / param_bytes:.2f}x",
+        ]
+        for row in rows
+    ]
+    return report.markdown_table(header, cells, left=2)
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    fig, (loss_ax, acc_ax) = report.pyplot().subplots(
+        1, 2, figsize=(12, 4.5), constrained_layout=True
+    )
     for row in rows:
         curves = row["curves"]
         # optim_zoo solid, optax baselines dashed.
@@ -283,30 +193,14 @@ def plot_curves(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
         acc_ax.plot(curves["step"], curves["test_accuracy"], style, label=row["optimizer"])
     loss_ax.set(yscale="log", xlabel="step", ylabel="cross-entropy on the full training set")
     loss_ax.set_title("Training loss")
-    final_accuracies = [row["test_accuracy"] for row in rows if math.isfinite(row["test_accuracy"])]
-    lowest = min(final_accuracies, default=0.0)
-    acc_ax.set(xlabel="step", ylabel="test accuracy", ylim=(max(0.0, min(0.8, lowest - 0.05)), 1.0))
+    lowest = report.accuracy_floor(row["test_accuracy"] for row in rows)
+    acc_ax.set(xlabel="step", ylabel="test accuracy", ylim=(lowest, 1.0))
     acc_ax.set_title("Test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(True, which="both", alpha=0.3)
     acc_ax.legend(loc="lower right", fontsize="small")
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    return {
-        # The package's own attribute: also right when it runs from a checkout, uninstalled.
-        "optim_zoo": optim_zoo.__version__,
-        **{package: metadata.version(package) for package in ("jax", "jaxlib", "optax")},
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "device": str(jax.devices()[0].device_kind),
-    }
+    report.save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -361,10 +255,8 @@ def select_contenders(patterns: str | None) -> tuple[Contender, ...]:
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    """--study: benchmarks/study.py's run_study, which reuses this file's data and model."""
-    # Run as a script, only benchmarks/ itself is importable; study.py imports `benchmarks`.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import study
+    """--study: benchmarks/study.py's run_study, which trains this file's data and model too."""
+    from benchmarks import study  # only here: the main job runs without the study's code
 
     results = study.run_study(args.study, args.out_dir, progress=not args.no_progress)
     print(study.markdown_report(results))
@@ -381,11 +273,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     data = load_digits_dataset()
-    sizes = (data.x_train.shape[1], *HIDDEN_SIZES, NUM_CLASSES)
+    sizes = mlp_sizes(data.x_train.shape[1])
     init_params = init_mlp(jax.random.key(args.seed), sizes)
     batches = minibatch_order(data.x_train.shape[0], args.batch_size, args.steps, args.seed)
     param_count = sum(leaf.size for leaf in jax.tree.leaves(init_params))
-    param_bytes = tree_nbytes(init_params)
+    param_bytes = tree_bytes(init_params)
     title = (
         f"digits ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test), "
         f"MLP {'-'.join(map(str, sizes))} ({param_count:,} parameters), "

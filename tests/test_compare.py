@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, contenders
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def quick_run(tmp_path_factory):
 def test_every_optimizer_is_in_the_table(quick_run):
     _, result = quick_run
     names = [row["optimizer"] for row in result["results"]]
-    assert names == [contender.name for contender in compare.CONTENDERS]
+    assert names == [contender.name for contender in contenders.CONTENDERS]
     for name in (
         "optim_zoo.adan",
         "optim_zoo.adafactor",
