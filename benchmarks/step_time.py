@@ -13,9 +13,10 @@ better round), so that load elsewhere on the machine does not single out one row
 * ``1000x1k``: 1,000 leaves of 1,000 parameters each (per-leaf overhead).
 
 Per row it reports ms per step, the bytes a single pass moves, the single-pass floor, the floor
-of the fewest passes the algorithm's reductions force (``ALGORITHMS``; docs/performance.md
-derives them), time over floor, optimizer state bytes per parameter byte, compile time and, for
-JAX rows, what XLA made of the step (fused kernels per leaf, temporary buffer bytes).
+of the fewest passes the algorithm's reductions force (``traffic.ALGORITHMS``;
+docs/performance.md derives them), time over floor, optimizer state bytes per parameter byte,
+compile time and, for JAX rows, what XLA made of the step (fused kernels per leaf, temporary
+buffer bytes).
 
 Besides the published algorithms (each with its peers in optax and PyTorch), the same run times
 optim_zoo's own combinations with a factored second moment, ``factored_adan`` and
@@ -32,7 +33,8 @@ parameters). Their bytes come from the state they allocate. They have no peers a
 
 PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
 optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
-``benchmarks/results/step_time.{json,md,png}``.
+``benchmarks/results/step_time.{json,md,png}``. What is timed, at which hyperparameters, is
+``contenders.implementations``; the bytes each step moves are counted by ``benchmarks/traffic.py``.
 """
 
 from __future__ import annotations
@@ -40,26 +42,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib
-import importlib.util
 import json
 import os
-import platform
 import re
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
+    import _script  # noqa: F401
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import optim_zoo
+from benchmarks import report
+from benchmarks.contenders import (
+    BF16_STATE,
+    Implementation,
+    implementation_label,
+    implementations,
+    import_error,
+)
+from benchmarks.environment import load_average, machine_info
+from benchmarks.traffic import ALGORITHMS, StateItemsizes, state_itemsizes, traffic, tree_bytes
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MB = 1e6
@@ -100,7 +110,7 @@ TREES: dict[str, Callable[[], dict]] = {
     "1000x1k": lambda: many_leaves_shapes(1000, 1000),
 }
 QUICK_TREES: dict[str, Callable[[], dict]] = {
-    # A 128 x 128 head: the one factored leaf (MIN_DIM_SIZE_TO_FACTOR), still small enough
+    # A 128 x 128 head: the one factored leaf (traffic.MIN_DIM_SIZE_TO_FACTOR), still small enough
     # that PyTorch keeps every tensor op on one thread.
     "tiny": lambda: {**transformer_shapes(32, 1, 64), "head": (128, 128)},
     "10x100": lambda: many_leaves_shapes(10, 100),
@@ -126,362 +136,9 @@ def make_arrays(shapes: dict, dtype: Any, seed: int = 0) -> tuple[Any, Any]:
     return treedef.unflatten(params), treedef.unflatten(grads)
 
 
-# --- Algorithms: hyperparameters and the passes their reductions force -------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StateItemsizes:
-    """Bytes per element of the full-size state arrays that forced re-reads touch, by role.
-
-    `momentum`: first-moment-like state (Adan's m, v and previous gradient; Apollo's m and
-    direction; Adai's m). `second_moment`: Adan's n, Adafactor's unfactored statistics,
-    Apollo's Hessian estimate, Adai's v. Read from the state a run allocated
-    (`state_itemsizes`), so that a bfloat16 state is counted at 2 bytes.
-    """
-
-    momentum: int
-    second_moment: int
-
-    @classmethod
-    def default(cls, itemsize: int) -> StateItemsizes:
-        """The optimizers' defaults: momentum in the parameter dtype, statistics >= float32."""
-        return cls(momentum=itemsize, second_moment=max(itemsize, 4))
-
-
-@dataclasses.dataclass(frozen=True)
-class Algorithm:
-    """One algorithm; `extra_reads(shape, itemsize, state)` counts the bytes that passes forced
-    by its reductions re-read, for one parameter leaf, on top of a single pass. `itemsize` is
-    the parameter's (and gradient's); `state` the state's (`StateItemsizes`; None: defaults)."""
-
-    name: str
-    passes: str
-    reads: Callable[[tuple[int, ...], int, StateItemsizes], int]
-
-    def extra_reads(
-        self, shape: tuple[int, ...], itemsize: int, state: StateItemsizes | None = None
-    ) -> int:
-        return self.reads(shape, itemsize, state or StateItemsizes.default(itemsize))
-
-
-# Every factored optimizer in the benchmark runs with its default threshold.
-MIN_DIM_SIZE_TO_FACTOR = 128
-
-
-def _is_factored(shape: tuple[int, ...]) -> bool:
-    return optim_zoo.factored_dims(shape, True, MIN_DIM_SIZE_TO_FACTOR) is not None
-
-
-def _no_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    return 0
-
-
-def _adafactor_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    size = int(np.prod(shape))
-    if _is_factored(shape):
-        # Pass 1 reads g and p (row and column means, rms(p)); pass 2 reads g (rms of the
-        # update, which needs the new statistics); pass 3 reads g and p and writes p.
-        return size * (2 * itemsize + itemsize)
-    # Unfactored: pass 1 reads g, v, p (new v, rms of the update, rms(p)); pass 2 applies.
-    return size * (itemsize + state.second_moment + itemsize)
-
-
-def _apollo_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    # Pass 1 reads g, m, d, B for the three per-tensor sums (sum d^4, sum (g - m) d,
-    # sum B d^2); pass 2 reads them again with p and writes m, B, d, p. (L2 decay with a
-    # nonzero rate would also read p in pass 1; the benchmark runs the default, no decay.)
-    size = int(np.prod(shape))
-    return size * (itemsize + 2 * state.momentum + state.second_moment)
-
-
-def _adai_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    # The global mean of the new v must be complete before any direction: pass 1 reads g, v
-    # (and p, for L2 decay, which enters g); pass 2 reads them again and writes everything.
-    size = int(np.prod(shape))
-    return size * (2 * itemsize + state.second_moment)
-
-
-def _adaiw_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    size = int(np.prod(shape))
-    return size * (itemsize + state.second_moment)  # Decoupled decay: g and v only.
-
-
-def _factored_adan_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    if not _is_factored(shape):
-        return 0  # A full n: Adan, one pass.
-    # The direction needs the new row and column means of (g + b2 (g - prev))^2: pass 1 reads
-    # g and prev. Pass 2 needs the new m and v besides p. Either pass 1 writes them (and prev)
-    # and pass 2 re-reads m and v, or pass 2 computes them from the old m and v and re-reads
-    # g, with prev too when v is left to pass 2. The fewest bytes: one momentum array, plus
-    # another momentum array or g, whichever is smaller.
-    size = int(np.prod(shape))
-    return size * (state.momentum + min(state.momentum, itemsize))
-
-
-def _factored_adai_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    if not _is_factored(shape):
-        return _adai_extra(shape, itemsize, state)
-    # Pass 1 (over the whole tree, for the global mean) reads g and p (L2 decay enters g) for
-    # the row and column means; nothing elementwise can be written before the mean. Pass 2
-    # reads g and p again with m and the product of the betas, and writes m, the product, p.
-    size = int(np.prod(shape))
-    return size * 2 * itemsize
-
-
-def _factored_adaiw_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
-    if not _is_factored(shape):
-        return _adaiw_extra(shape, itemsize, state)
-    return int(np.prod(shape)) * itemsize  # Decoupled decay: pass 1 reads g only.
-
-
-ALGORITHMS: dict[str, Algorithm] = {
-    "AdamW": Algorithm("AdamW", "1 (elementwise)", _no_extra),
-    "Adan": Algorithm("Adan", "1 (elementwise)", _no_extra),
-    "Factored Adan": Algorithm(
-        "Factored Adan", "2 (row and column means; factored leaves)", _factored_adan_extra
-    ),
-    "Adafactor": Algorithm("Adafactor", "3 over g, 2 over p (factored leaves)", _adafactor_extra),
-    "Apollo": Algorithm("Apollo", "2 per tensor", _apollo_extra),
-    "Adai": Algorithm("Adai", "2 (global mean)", _adai_extra),
-    "Factored Adai": Algorithm("Factored Adai", "2 (global mean)", _factored_adai_extra),
-    "AdaiW": Algorithm("AdaiW", "2 (global mean)", _adaiw_extra),
-    "Factored AdaiW": Algorithm("Factored AdaiW", "2 (global mean)", _factored_adaiw_extra),
-}
 # The published algorithms, which have peers and targets; the factored ones are optim_zoo's own
 # combinations, timed for their cost only.
 PUBLISHED = ("AdamW", "Adan", "Adafactor", "Apollo", "Adai", "AdaiW")
-
-# Shared hyperparameters, one setting per algorithm for every implementation.
-ADAN_HP = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
-ADAMW_HP = {"lr": 1e-3, "weight_decay": 1e-4}
-APOLLO_HP = {"lr": 1e-2, "init_lr": 1e-5, "warmup": 500, "beta": 0.9, "eps": 1e-4}
-ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 5e-4}
-
-
-# --- Contenders --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    """One implementation of one algorithm.
-
-    `make` returns an optax transformation (JAX) or, given the list of torch parameters, a torch
-    optimizer. `module` is the import that a PyTorch peer needs; a failed import skips the row.
-    `variant` names a non-default configuration of the same implementation (``bf16 state``);
-    such rows have neither peers nor targets.
-    """
-
-    algorithm: str
-    library: str
-    make: Callable[..., Any]
-    framework: str = "jax"
-    module: str | None = None
-    note: str = ""
-    variant: str = ""
-
-    @property
-    def implementation(self) -> str:
-        return self.library + (f" [{self.variant}]" if self.variant else "")
-
-    @property
-    def name(self) -> str:
-        return f"{self.implementation} {self.algorithm}"
-
-    def matches(self, wanted: set[str]) -> bool:
-        """Whether any of `wanted` (lower case) names the algorithm, a word of it, the library
-        or a word of the variant: ``adan`` selects Adan and Factored Adan, ``bf16`` the
-        bfloat16-state rows."""
-        names = {self.algorithm.lower(), self.library.lower(), *self.algorithm.lower().split()}
-        return bool((names | set(self.variant.lower().split())) & wanted)
-
-
-def _import_timm_optim(name: str) -> types.ModuleType:
-    """Imports `timm.optim.<name>`, if need be without running `timm/__init__.py`.
-
-    timm's package import pulls in torchvision, which has no build on PyPI that works with the
-    CPU-only torch wheel; timm's optimizer modules need only torch. When the package import
-    fails, they are loaded from the installed timm package directly.
-    """
-    try:
-        return importlib.import_module(f"timm.optim.{name}")
-    except Exception:
-        for module_name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
-            del sys.modules[module_name]
-    spec = importlib.util.find_spec("timm")
-    if spec is None or spec.origin is None:
-        raise ImportError("timm is not installed")
-    root = Path(spec.origin).parent
-    for package, path in (("timm", root), ("timm.optim", root / "optim")):
-        module = types.ModuleType(package)
-        module.__path__ = [str(path)]
-        sys.modules[package] = module
-    return importlib.import_module(f"timm.optim.{name}")
-
-
-def _torch_contenders() -> list[Contender]:
-    def torch_adamw(params):
-        import torch
-
-        return torch.optim.AdamW(params, fused=True, **ADAMW_HP)
-
-    def po(name):
-        return lambda: getattr(importlib.import_module("pytorch_optimizer"), name)
-
-    def po_adan(params):
-        hp = dict(ADAN_HP)
-        return po("Adan")()(params, **hp)
-
-    def po_adafactor(params):
-        # No momentum (betas[0] None), relative step and parameter scale, as optim_zoo's default.
-        return po("AdaFactor")()(params, lr=None, betas=(None, 0.999), relative_step=True)
-
-    def po_apollo(params):
-        hp = APOLLO_HP
-        return po("ApolloDQN")()(
-            params,
-            lr=hp["lr"],
-            init_lr=hp["init_lr"],
-            warmup_steps=hp["warmup"],
-            beta=hp["beta"],
-            eps=hp["eps"],
-            rebound="constant",
-        )
-
-    def po_adai(decoupled):
-        def make(params):
-            hp = ADAI_HP
-            return po("Adai")()(
-                params,
-                lr=hp["lr"],
-                betas=(hp["beta0"], hp["beta2"]),
-                eps=hp["eps"],
-                weight_decay=hp["weight_decay"],
-                weight_decouple=decoupled,
-            )
-
-        return make
-
-    def timm_adan(params):
-        return _import_timm_optim("adan").Adan(params, **ADAN_HP)
-
-    def timm_adafactor(params):
-        return _import_timm_optim("adafactor").Adafactor(
-            params, lr=None, betas=None, min_dim_size_to_factor=128
-        )
-
-    torch_rows = [
-        ("AdamW", "torch", torch_adamw, "torch", "fused=True"),
-        ("Adan", "pytorch-optimizer", po_adan, "pytorch_optimizer", ""),
-        ("Adafactor", "pytorch-optimizer", po_adafactor, "pytorch_optimizer", "factors all 2D"),
-        ("Apollo", "pytorch-optimizer", po_apollo, "pytorch_optimizer", "ApolloDQN"),
-        ("Adai", "pytorch-optimizer", po_adai(False), "pytorch_optimizer", ""),
-        ("AdaiW", "pytorch-optimizer", po_adai(True), "pytorch_optimizer", ""),
-        ("Adan", "timm", timm_adan, "timm.optim.adan", ""),
-        ("Adafactor", "timm", timm_adafactor, "timm.optim.adafactor", ""),
-    ]
-    return [
-        Contender(alg, lib, make, framework="torch", module=module, note=note)
-        for alg, lib, make, module, note in torch_rows
-    ]
-
-
-BF16_STATE = "bf16 state"
-
-
-def _optim_zoo_contenders() -> list[Contender]:
-    """Every optim_zoo optimizer at the shared hyperparameters, each followed by its
-    bfloat16-state variant (float32 parameters: the math runs in float32 either way)."""
-    hp = ADAN_HP
-    b1, b2, b3 = hp["betas"]
-    adan_kwargs = {"b1": b1, "b2": b2, "b3": b3, "eps": hp["eps"], **_wd(hp)}
-    ap = APOLLO_HP
-    ai = ADAI_HP
-    adai_kwargs = {"beta0": ai["beta0"], "beta2": ai["beta2"], "eps": ai["eps"], **_wd(ai)}
-    factored = {"min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR}
-    bf16 = {"dtype_momentum": jnp.bfloat16, "dtype_second_moment": jnp.bfloat16}
-    # (algorithm, make(**dtypes), the dtype options of the variant, its note)
-    optimizers: list[tuple[str, Callable[..., Any], dict, str]] = [
-        ("Adan", lambda **kw: optim_zoo.adan(hp["lr"], **adan_kwargs, **kw), bf16, ""),
-        (
-            "Factored Adan",
-            lambda **kw: optim_zoo.factored_adan(hp["lr"], **adan_kwargs, **factored, **kw),
-            bf16,
-            "",
-        ),
-        (
-            "Adafactor",
-            lambda **kw: optim_zoo.adafactor(**kw),
-            {"dtype_second_moment": jnp.bfloat16},
-            "no momentum here: statistics only",
-        ),
-        (
-            "Apollo",
-            lambda **kw: optim_zoo.apollo(
-                ap["lr"], ap["beta"], ap["eps"], init_lr=ap["init_lr"], warmup=ap["warmup"], **kw
-            ),
-            bf16,
-            "",
-        ),
-        ("Adai", lambda **kw: optim_zoo.adai(ai["lr"], **adai_kwargs, **kw), bf16, ""),
-        (
-            "Factored Adai",
-            lambda **kw: optim_zoo.factored_adai(ai["lr"], **adai_kwargs, **factored, **kw),
-            bf16,
-            "",
-        ),
-        ("AdaiW", lambda **kw: optim_zoo.adaiw(ai["lr"], **adai_kwargs, **kw), bf16, ""),
-        (
-            "Factored AdaiW",
-            lambda **kw: optim_zoo.factored_adai(
-                ai["lr"], **adai_kwargs, decoupled=True, **factored, **kw
-            ),
-            bf16,
-            "",
-        ),
-    ]
-    rows = []
-    for algorithm, make, dtypes, note in optimizers:
-        rows.append(Contender(algorithm, "optim_zoo", make))
-        rows.append(
-            Contender(
-                algorithm,
-                "optim_zoo",
-                lambda make=make, dtypes=dtypes: make(**dtypes),
-                note=note,
-                variant=BF16_STATE,
-            )
-        )
-    return rows
-
-
-def jax_contenders() -> list[Contender]:
-    hp = ADAN_HP
-    b1, b2, b3 = hp["betas"]
-    adan_kwargs = {"b1": b1, "b2": b2, "b3": b3, "eps": hp["eps"]}
-    rows = [
-        Contender("AdamW", "optax", lambda: optax.adamw(ADAMW_HP["lr"], **_wd(ADAMW_HP))),
-        Contender(
-            "Adan",
-            "optax",
-            lambda: optax.adan(hp["lr"], weight_decay=hp["weight_decay"], **adan_kwargs),
-            note="not the official algorithm",
-        ),
-        Contender("Adafactor", "optax", lambda: optax.adafactor()),
-    ]
-    return _optim_zoo_contenders() + rows
-
-
-def _wd(hp: dict) -> dict:
-    return {"weight_decay": hp["weight_decay"]}
-
-
-def all_contenders(with_torch: bool) -> list[Contender]:
-    rows = jax_contenders()
-    if with_torch:
-        rows += _torch_contenders()
-    order = list(ALGORITHMS)
-    # Stable: optim_zoo first, each optimizer followed by its variant, then the peers.
-    return sorted(rows, key=lambda c: order.index(c.algorithm))
 
 
 # --- Measurement -------------------------------------------------------------------------------
@@ -535,47 +192,9 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
     }
 
 
-# Which fields of each optim_zoo primitive's state hold which role (`StateItemsizes`).
-STATE_ROLES: dict[type, dict[str, tuple[str, ...]]] = {
-    optim_zoo.ScaleByNesterovMomentState: {
-        "momentum": ("m", "v", "prev_grad"),
-        "second_moment": ("n",),
-    },
-    optim_zoo.ScaleByAdaptiveInertiaState: {"momentum": ("m",), "second_moment": ("v",)},
-    optim_zoo.ScaleByRectifiedDiagHessianState: {
-        "momentum": ("m", "direction"),
-        "second_moment": ("hessian_diag",),
-    },
-    optim_zoo.ScaleByFactoredRmsState: {"second_moment": ("v_row", "v_col", "v")},
-    optax.EmaState: {"momentum": ("ema",)},  # Adafactor's momentum, when it is on.
-}
-
-
-def state_itemsizes(state: Any, itemsize: int) -> StateItemsizes:
-    """The itemsize of each state role, read from the dtypes of the allocated state leaves.
-
-    Every tree here has one parameter dtype, so each role has one itemsize (the largest, were
-    leaves to differ). A role the state does not hold (a peer's state, or Adafactor's momentum
-    when it is off) keeps the default, which no re-read then touches.
-    """
-    kinds = tuple(STATE_ROLES)
-    primitives = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
-    found: dict[str, int] = {}
-    for primitive in primitives:
-        if not isinstance(primitive, kinds):
-            continue
-        for role, fields in STATE_ROLES[type(primitive)].items():
-            for field in fields:
-                for leaf in jax.tree.leaves(getattr(primitive, field)):
-                    found[role] = max(found.get(role, 0), leaf.dtype.itemsize)
-    default = StateItemsizes.default(itemsize)
-    return StateItemsizes(
-        momentum=found.get("momentum", default.momentum),
-        second_moment=found.get("second_moment", default.second_moment),
-    )
-
-
-def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Callable, Callable]:
+def prepare_jax(
+    contender: Implementation, params_np: Any, grads_np: Any
+) -> tuple[Callable, Callable]:
     """Compiles the donated step; returns `run` (one step) and `finish` (the row's facts)."""
     tx = contender.make()
     params = jax.tree.map(jnp.asarray, params_np)
@@ -590,7 +209,7 @@ def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Ca
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
     hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    state_bytes = tree_bytes(state)
     itemsize = jax.tree.leaves(params)[0].dtype.itemsize
     itemsizes = dataclasses.asdict(state_itemsizes(state, itemsize))
     box = [params, state]
@@ -612,7 +231,9 @@ def prepare_jax(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Ca
     return run, finish
 
 
-def prepare_torch(contender: Contender, params_np: Any, grads_np: Any) -> tuple[Callable, Callable]:
+def prepare_torch(
+    contender: Implementation, params_np: Any, grads_np: Any
+) -> tuple[Callable, Callable]:
     """Builds the optimizer on float32 copies; returns `run` (one step) and `finish`."""
     import torch
 
@@ -641,45 +262,11 @@ def prepare_torch(contender: Contender, params_np: Any, grads_np: Any) -> tuple[
     return run, finish
 
 
-def import_error(contender: Contender) -> str | None:
-    """None when the contender's framework and module import, else the reason they do not."""
-    if contender.framework != "torch":
-        return None
-    try:
-        importlib.import_module("torch")
-        if contender.module and contender.module.startswith("timm.optim."):
-            _import_timm_optim(contender.module.rsplit(".", 1)[1])
-        elif contender.module:
-            importlib.import_module(contender.module)
-    except Exception as e:  # ImportError, or anything a broken install raises on import
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def traffic(
-    shapes: dict,
-    itemsize: int,
-    state_bytes: int,
-    algorithm: Algorithm,
-    state: StateItemsizes | None = None,
-) -> dict:
-    """Bytes a single pass moves (read p, g, state; write p, state) and the forced extra reads.
-
-    `state_bytes` is the allocated state's; `state` the itemsizes of its roles (None: the
-    defaults), so that a bfloat16 state's single pass and re-reads count 2 bytes an element.
-    """
-    leaves = leaf_shapes(shapes)
-    param_bytes = sum(int(np.prod(s)) for s in leaves) * itemsize
-    single = 3 * param_bytes + 2 * state_bytes
-    extra = sum(algorithm.extra_reads(s, itemsize, state) for s in leaves)
-    return {"param_bytes": param_bytes, "bytes_single": single, "bytes_min": single + extra}
-
-
 # --- Report ------------------------------------------------------------------------------------
 
 
 def _implementation(row: dict) -> str:
-    return row["library"] + (f" [{row['variant']}]" if row.get("variant") else "")
+    return implementation_label(row["library"], row.get("variant", ""))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -786,11 +373,7 @@ def check_targets(rows: list[dict], headline: str, many_leaves: str) -> list[dic
 
 
 def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     libraries = [
         "optim_zoo",
         f"optim_zoo [{BF16_STATE}]",
@@ -840,51 +423,7 @@ def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
     ]
     fig.legend(handles, libraries, loc="upper center", ncol=len(libraries))
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "optim_zoo": optim_zoo.__version__,
-        "gpu": "No GPU was available for these measurements (CPU only)",
-    }
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        info["memory_gib"] = round(pages / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    for module in ("torch", "pytorch_optimizer"):
-        try:
-            info[module] = importlib.import_module(module).__version__
-        except Exception:
-            pass
-    try:
-        info["timm"] = importlib.metadata.version("timm")
-    except Exception:
-        pass
-    return info
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    report.save_figure(fig, path)
 
 
 # --- Main --------------------------------------------------------------------------------------
@@ -918,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.quick
         else {"warmup": 2, "min_reps": 3, "budget_s": 2.0 if args.budget is None else args.budget}
     )
-    contenders = all_contenders(with_torch=not args.no_torch)
+    contenders = implementations(with_torch=not args.no_torch)
     if args.only:
         wanted = {w.lower() for w in args.only}
         contenders = [c for c in contenders if c.matches(wanted)]
@@ -929,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stream_elements = 2**20 if args.quick else 2**26
     rounds = args.rounds or (1 if args.quick else 2)
 
-    load_start = _load()
+    load_start = load_average()
     bandwidths = [stream_bandwidth(stream_elements, 3, 5 if args.quick else 20)]
     print(f"stream bandwidth: {bandwidths[0] / 1e9:.1f} GB/s", flush=True)
     rows: list[dict] = []
@@ -987,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             algorithm = ALGORITHMS[row["algorithm"]]
             sizes = row.get("state_itemsizes")
             state_sizes = None if sizes is None else StateItemsizes(**sizes)
-            row.update(traffic(shapes, itemsize, row["state_bytes"], algorithm, state_sizes))
+            row.update(
+                traffic(leaf_shapes(shapes), itemsize, row["state_bytes"], algorithm, state_sizes)
+            )
         prepared = run = finish = None  # Free this tree's arrays before the next one.
         gc.collect()
     bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
@@ -1020,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
         "machine": machine_info(),
-        "load_average": {"start": load_start, "end": _load()},
+        "load_average": {"start": load_start, "end": load_average()},
         "bandwidth_gbs": {"runs": [b / 1e9 for b in bandwidths], "used": bandwidth / 1e9},
         "algorithms": {name: a.passes for name, a in ALGORITHMS.items()},
         "rows": rows,

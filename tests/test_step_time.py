@@ -1,4 +1,8 @@
-"""benchmarks/step_time.py end to end in its quick mode, JAX rows only (no torch needed)."""
+"""benchmarks/step_time.py end to end in its quick mode, JAX rows only (no torch needed).
+
+With the byte counter it reports (benchmarks/traffic.py) and the implementations it times
+(benchmarks/contenders.py).
+"""
 
 import json
 import math
@@ -8,7 +12,7 @@ import optax
 import pytest
 
 import optim_zoo
-from benchmarks import step_time
+from benchmarks import contenders, step_time, traffic
 
 OPTIM_ZOO_ALGORITHMS = (
     "Adan",
@@ -59,7 +63,7 @@ def test_factored_and_bf16_state_rows_are_timed(quick_run):
     for tree in result["config"]["trees"]:
         for algorithm in OPTIM_ZOO_ALGORITHMS:
             assert (tree, "optim_zoo", algorithm, "") in rows
-            assert (tree, "optim_zoo", algorithm, step_time.BF16_STATE) in rows
+            assert (tree, "optim_zoo", algorithm, contenders.BF16_STATE) in rows
     assert "[bf16 state]" in result["table"]
     assert "| Factored AdaiW |" in result["table"]
 
@@ -70,7 +74,7 @@ def test_bf16_state_rows_count_their_smaller_state(quick_run):
     for tree in result["config"]["trees"]:
         for algorithm in OPTIM_ZOO_ALGORITHMS:
             full = rows[(tree, "optim_zoo", algorithm, "")]
-            half = rows[(tree, "optim_zoo", algorithm, step_time.BF16_STATE)]
+            half = rows[(tree, "optim_zoo", algorithm, contenders.BF16_STATE)]
             assert half["param_bytes"] == full["param_bytes"]
             assert half["state_bytes"] < full["state_bytes"]
             assert half["state_per_param"] < full["state_per_param"]
@@ -89,15 +93,15 @@ def test_factored_rows_hold_less_state_where_a_leaf_is_factored(quick_run):
     rows = _rows_by_key(result)
     for tree, make_shapes in step_time.QUICK_TREES.items():
         any_factored = any(
-            step_time._is_factored(shape) for shape in step_time.leaf_shapes(make_shapes())
+            traffic.is_factored(shape) for shape in step_time.leaf_shapes(make_shapes())
         )
         for factored, plain in FACTORED.items():
-            for variant in ("", step_time.BF16_STATE):
+            for variant in ("", contenders.BF16_STATE):
                 ours = rows[(tree, "optim_zoo", factored, variant)]["state_bytes"]
                 base = rows[(tree, "optim_zoo", plain, variant)]["state_bytes"]
                 assert ours < base if any_factored else ours == base, (tree, factored, variant)
     assert any(
-        step_time._is_factored(shape)
+        traffic.is_factored(shape)
         for shape in step_time.leaf_shapes(step_time.QUICK_TREES["tiny"]())
     )
 
@@ -151,7 +155,7 @@ def test_forced_passes_match_the_write_up():
     # A factored 256x512 float32 leaf: Adafactor re-reads g twice and p once.
     shape = (256, 512)
     size = 256 * 512
-    algorithms = step_time.ALGORITHMS
+    algorithms = traffic.ALGORITHMS
     assert algorithms["Adafactor"].extra_reads(shape, 4) == 3 * 4 * size
     assert algorithms["Adan"].extra_reads(shape, 4) == 0
     assert algorithms["Apollo"].extra_reads(shape, 4) == 4 * 4 * size
@@ -171,8 +175,8 @@ def test_forced_passes_match_the_write_up():
 def test_forced_passes_count_the_state_dtype():
     shape = (256, 512)
     size = 256 * 512
-    bf16 = step_time.StateItemsizes(momentum=2, second_moment=2)
-    algorithms = step_time.ALGORITHMS
+    bf16 = traffic.StateItemsizes(momentum=2, second_moment=2)
+    algorithms = traffic.ALGORITHMS
     # Apollo re-reads g (float32) and m, d, B (bfloat16).
     assert algorithms["Apollo"].extra_reads(shape, 4, bf16) == (4 + 3 * 2) * size
     assert algorithms["Adai"].extra_reads(shape, 4, bf16) == (2 * 4 + 2) * size
@@ -195,18 +199,18 @@ def test_state_itemsizes_read_the_allocated_state():
         (optim_zoo.adafactor(momentum=0.9, dtype_momentum=jnp.bfloat16), (2, 4)),
     ]
     for tx, (momentum, second_moment) in cases:
-        sizes = step_time.state_itemsizes(tx.init(params), 4)
+        sizes = traffic.state_itemsizes(tx.init(params), 4)
         assert (sizes.momentum, sizes.second_moment) == (momentum, second_moment)
     # A state without optim_zoo's fields (optax's AdamW) gets the defaults.
-    sizes = step_time.state_itemsizes(optax.adamw(1e-3).init(params), 4)
-    assert sizes == step_time.StateItemsizes.default(4)
+    sizes = traffic.state_itemsizes(optax.adamw(1e-3).init(params), 4)
+    assert sizes == traffic.StateItemsizes.default(4)
 
 
 def test_only_selects_by_algorithm_word_library_or_variant():
-    contenders = step_time.all_contenders(with_torch=False)
+    rows = contenders.implementations(with_torch=False)
 
     def names(word):
-        return {c.name for c in contenders if c.matches({word})}
+        return {c.name for c in rows if c.matches({word})}
 
     assert names("adan") == {
         "optim_zoo Adan",
@@ -215,7 +219,7 @@ def test_only_selects_by_algorithm_word_library_or_variant():
         "optim_zoo Factored Adan",
         "optim_zoo [bf16 state] Factored Adan",
     }
-    assert names("bf16") == {c.name for c in contenders if c.variant}
+    assert names("bf16") == {c.name for c in rows if c.variant}
     assert len(names("factored")) == 6
 
 
