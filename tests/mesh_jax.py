@@ -1,7 +1,7 @@
 """Every optimizer on a (2, 4) mesh of 8 host CPU devices, with JAX's own sharding.
 
 Run by `tests/test_mesh.py` in a subprocess with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `mesh_common.py` for why); run it
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `fixtures/mesh.py` for why); run it
 directly with that variable set. For both auto and explicit mesh axes and every optimizer:
 
 * the sharded jitted run equals the single-device run;
@@ -30,7 +30,17 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tests.mesh_common import NUM_HOST_DEVICES, OPTIMIZER_IDS, make_optimizer
+from fixtures import registry
+from fixtures.mesh import NUM_HOST_DEVICES
+
+# The five paper optimizers and the sharded runs' additions: the "mesh_jax" family of
+# fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("mesh_jax")
+
+
+def make_optimizer(name):
+    return registry.make("mesh_jax", name)
+
 
 if jax.device_count() != NUM_HOST_DEVICES:
     pytest.skip(

@@ -1,7 +1,7 @@
 """Flax NNX models with sharded parameters (`nnx.with_partitioning`) on 8 host CPU devices.
 
 Run by `tests/test_flax_nnx.py` in a subprocess with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `mesh_common.py` for why). Under
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `fixtures/mesh.py` for why). Under
 `jax.set_mesh` with a (2, 4) mesh, for auto and explicit axes and every optimizer,
 `nnx.Optimizer(model, tx, wrt=nnx.Param)` builds, `optimizer.update(model, grads)` trains under
 `nnx.jit` to the same values as the unsharded model, every full-size state leaf keeps its
@@ -21,7 +21,17 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tests.mesh_common import NUM_HOST_DEVICES, OPTIMIZER_IDS, make_optimizer
+from fixtures import registry
+from fixtures.mesh import NUM_HOST_DEVICES
+
+# The five paper optimizers and the sharded runs' additions: the "mesh_nnx" family of
+# fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("mesh_nnx")
+
+
+def make_optimizer(name):
+    return registry.make("mesh_nnx", name)
+
 
 if jax.device_count() != NUM_HOST_DEVICES:
     pytest.skip(

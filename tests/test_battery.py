@@ -15,100 +15,19 @@ import optax
 import pytest
 
 import optim_zoo
+from fixtures import registry
 
-# Every configuration under test: (name, factory, kwargs). These kwargs, learning rates included,
-# are used by every test below. The learning rates were picked so that each configuration
-# converges on the three problems of `test_convergence` (parabola, Rosenbrock, a matrix
-# quadratic) in `_NUM_STEPS` steps to `_ATOL` of the minimiser (per coordinate), or to the looser
-# tolerance of `_ATOL_OVERRIDES`:
-# - Adan: 0.01, small enough for Rosenbrock's valley (0.03 ends 7e-4 away, 0.1 3e-3 away).
-# - Adafactor: 0.003 (0.03 with momentum). Without momentum its clipped steps are about
-#   lr * rms(p) whatever the gradient's size, so in Rosenbrock's narrow valley (and on a
-#   coordinate that weight decay pulls off its optimum) it ends oscillating at that scale: 5e-3.
-#   The relative step size (learning_rate=None) stays at 1e-2 for the first 1e4 steps: 3e-2 (optax
-#   does not check that case at all).
-# - Apollo: 1e-3 with beta=0.99 and warmup=100, belief rebound with eps=1e-3. Its steps are
-#   Newton-like (the learning rate cancels out of m / |B|), and as in the official code it
-#   diverges on these problems with a warmup of 10 or the default beta=0.9 (checked against a
-#   float64 transcription of the update rule); the belief rebound stalls with eps=1e-4.
-# - Adai: 3e-3, on SGD's scale (no epsilon in a denominator); 1e-3 is too slow on Rosenbrock.
-# Weight decays are small (1e-4; 1e-6 for Adafactor, whose decay is not scaled by the learning
-# rate) so that the shifted minimum stays within the tolerance; `test_weight_decay_mask` uses a
-# large decay of its own.
-_ADAN = {"learning_rate": 0.01}
-_ADAFACTOR = {"learning_rate": 0.003}
-_APOLLO = {"learning_rate": 1e-3, "beta": 0.99, "warmup": 100}
-_ADAI = {"learning_rate": 3e-3}
-OPTIMIZERS = [
-    ("adan", optim_zoo.adan, _ADAN),
-    ("adan_proximal_decay", optim_zoo.adan, {**_ADAN, "weight_decay": 1e-4}),
-    ("adan_no_prox", optim_zoo.adan, {**_ADAN, "weight_decay": 1e-4, "no_prox": True}),
-    ("adan_clip", optim_zoo.adan, {**_ADAN, "max_grad_norm": 1.0}),
-    ("adafactor_relative_step", optim_zoo.adafactor, {"learning_rate": None}),
-    ("adafactor", optim_zoo.adafactor, _ADAFACTOR),
-    ("adafactor_momentum", optim_zoo.adafactor, {"learning_rate": 0.03, "momentum": 0.9}),
-    ("adafactor_weight_decay", optim_zoo.adafactor, {**_ADAFACTOR, "weight_decay_rate": 1e-6}),
-    ("adafactor_factored", optim_zoo.adafactor, {**_ADAFACTOR, "min_dim_size_to_factor": 2}),
-    ("adafactor_unfactored", optim_zoo.adafactor, {**_ADAFACTOR, "factored": False}),
-    ("apollo", optim_zoo.apollo, _APOLLO),
-    ("apollo_belief", optim_zoo.apollo, {**_APOLLO, "rebound": "belief", "eps": 1e-3}),
-    ("apollo_l2", optim_zoo.apollo, {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "L2"}),
-    (
-        "apollo_decoupled",
-        optim_zoo.apollo,
-        {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "decoupled"},
-    ),
-    (
-        "apollo_stable",
-        optim_zoo.apollo,
-        {**_APOLLO, "weight_decay": 1e-4, "weight_decay_type": "stable"},
-    ),
-    ("adai", optim_zoo.adai, _ADAI),
-    ("adai_l2", optim_zoo.adai, {**_ADAI, "weight_decay": 1e-4}),
-    ("adaiw", optim_zoo.adaiw, {**_ADAI, "weight_decay": 1e-4}),
-    ("adai_dampening", optim_zoo.adai, {**_ADAI, "dampening": 0.5}),
-    # New combinations, with their matrices factored (min_dim_size_to_factor=2); 16-bit state
-    # spelled as the callable jnp.bfloat16 (which inject_hyperparams takes for a schedule) and as
-    # a string.
-    (
-        "factored_adan_bf16_state",
-        optim_zoo.factored_adan,
-        {
-            **_ADAN,
-            "weight_decay": 1e-4,
-            "min_dim_size_to_factor": 2,
-            "dtype_momentum": jnp.bfloat16,
-            "dtype_second_moment": jnp.bfloat16,
-        },
-    ),
-    (
-        "factored_adai",
-        optim_zoo.factored_adai,
-        {**_ADAI, "weight_decay": 1e-4, "min_dim_size_to_factor": 2},
-    ),
-    (
-        "factored_adaiw_bf16_state",
-        optim_zoo.factored_adai,
-        {
-            **_ADAI,
-            "weight_decay": 1e-4,
-            "decoupled": True,
-            "min_dim_size_to_factor": 2,
-            "dtype_momentum": "bfloat16",
-            "dtype_second_moment": "bfloat16",
-        },
-    ),
-]
+# Every configuration under test: (name, factory, kwargs), from the "battery" family of
+# fixtures/registry.py, which says why each learning rate. These kwargs, learning rates included,
+# are used by every test below. Each configuration converges on the three problems of
+# `test_convergence` in `_NUM_STEPS` steps to `_ATOL` of the minimiser (per coordinate), or to
+# the looser tolerance of `_ATOL_OVERRIDES` (the registry's attrs["atol"]).
+_BATTERY = registry.select("battery")
+OPTIMIZERS = [(case.name, case.factory, case.kwargs) for case in _BATTERY]
 
 _NUM_STEPS = 10_000
 _ATOL = 1e-3
-_ATOL_OVERRIDES = {
-    "adafactor_relative_step": 3e-2,
-    "adafactor": 5e-3,
-    "adafactor_weight_decay": 5e-3,
-    "adafactor_factored": 5e-3,
-    "adafactor_unfactored": 5e-3,
-}
+_ATOL_OVERRIDES = {case.name: case.attrs["atol"] for case in _BATTERY if "atol" in case.attrs}
 
 _IDS = [name for name, _, _ in OPTIMIZERS]
 _ALL = pytest.mark.parametrize(("name", "factory", "kwargs"), OPTIMIZERS, ids=_IDS)

@@ -14,7 +14,15 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from tests.mesh_common import OPTIMIZER_IDS, make_optimizer
+from fixtures import registry
+
+# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("ecosystem")
+
+
+def make_optimizer(name):
+    return registry.make("ecosystem", name)
+
 
 NUM_STEPS = 6
 SAVE_AFTER = 3

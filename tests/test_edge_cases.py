@@ -8,71 +8,14 @@ import optax
 import pytest
 
 import optim_zoo
+from fixtures import registry
 
 # Configurations chosen for the edges they exercise: global reductions (Adan's clipping, Adai's
 # v_bar), per-tensor reductions (Adafactor's rms and factored means, Apollo's 4-norm, belief
-# max and stable mean), weight decay of each kind, and Adafactor factoring every 2-D leaf.
-# Learning rates are such that a small quadratic makes progress in 100 bfloat16 steps.
-EDGE_OPTIMIZERS = [
-    ("adan", optim_zoo.adan, {"learning_rate": 0.01}),
-    (
-        "adan_clip_decay",
-        optim_zoo.adan,
-        {"learning_rate": 0.01, "weight_decay": 0.01, "max_grad_norm": 1.0},
-    ),
-    (
-        "adan_no_prox",
-        optim_zoo.adan,
-        {"learning_rate": 0.01, "weight_decay": 0.01, "no_prox": True},
-    ),
-    ("adafactor_relative_step", optim_zoo.adafactor, {}),
-    (
-        "adafactor_factor_all",
-        optim_zoo.adafactor,
-        {
-            "learning_rate": 0.01,
-            "min_dim_size_to_factor": 0,
-            "momentum": 0.9,
-            "weight_decay_rate": 1e-4,
-        },
-    ),
-    ("adafactor_unfactored", optim_zoo.adafactor, {"learning_rate": 0.01, "factored": False}),
-    (
-        "apollo_l2",
-        optim_zoo.apollo,
-        {"learning_rate": 1e-3, "beta": 0.99, "warmup": 20, "weight_decay": 1e-4},
-    ),
-    (
-        "apollo_belief",
-        optim_zoo.apollo,
-        {"learning_rate": 1e-3, "beta": 0.99, "warmup": 20, "rebound": "belief", "eps": 1e-3},
-    ),
-    (
-        "apollo_stable",
-        optim_zoo.apollo,
-        {
-            "learning_rate": 1e-3,
-            "beta": 0.99,
-            "warmup": 20,
-            "weight_decay": 1e-4,
-            "weight_decay_type": "stable",
-        },
-    ),
-    ("adai", optim_zoo.adai, {"learning_rate": 0.05}),
-    ("adaiw", optim_zoo.adaiw, {"learning_rate": 0.05, "weight_decay": 1e-4}),
-    ("adai_dampening", optim_zoo.adai, {"learning_rate": 0.05, "dampening": 0.5}),
-    # Factored second moments on every matrix, the (0, 5) one excepted (never factored).
-    (
-        "factored_adan",
-        optim_zoo.factored_adan,
-        {"learning_rate": 0.01, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
-    ),
-    (
-        "factored_adai",
-        optim_zoo.factored_adai,
-        {"learning_rate": 0.05, "min_dim_size_to_factor": 2},
-    ),
-]
+# max and stable mean), weight decay of each kind, and Adafactor factoring every 2-D leaf; the
+# "edge" family of fixtures/registry.py. Learning rates are such that a small quadratic makes
+# progress in 100 bfloat16 steps.
+EDGE_OPTIMIZERS = [(case.name, case.factory, case.kwargs) for case in registry.select("edge")]
 
 _ALL = pytest.mark.parametrize(
     ("name", "factory", "kwargs"), EDGE_OPTIMIZERS, ids=[c[0] for c in EDGE_OPTIMIZERS]

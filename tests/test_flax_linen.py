@@ -13,7 +13,15 @@ import pytest
 from flax import linen as nn
 from flax.training import train_state
 
-from tests.mesh_common import OPTIMIZER_IDS, make_optimizer
+from fixtures import registry
+
+# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("ecosystem")
+
+
+def make_optimizer(name):
+    return registry.make("ecosystem", name)
+
 
 NUM_STEPS = 4
 

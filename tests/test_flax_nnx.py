@@ -12,7 +12,16 @@ import optax
 import pytest
 from flax import nnx
 
-from tests.mesh_common import OPTIMIZER_IDS, make_optimizer, run_pytest_on_host_devices
+from fixtures import registry
+from fixtures.mesh import run_pytest_on_host_devices
+
+# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("ecosystem")
+
+
+def make_optimizer(name):
+    return registry.make("ecosystem", name)
+
 
 NUM_STEPS = 4
 

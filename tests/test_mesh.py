@@ -2,11 +2,11 @@
 
 The 8 devices come from `XLA_FLAGS=--xla_force_host_platform_device_count=8`, which only takes
 effect before jax first initialises; this process may already have done so with one device, so
-the mesh tests run in a fresh interpreter (`mesh_common.run_pytest_on_host_devices`). The
+the mesh tests run in a fresh interpreter (`fixtures.mesh.run_pytest_on_host_devices`). The
 subprocess's own pytest output is shown when it fails.
 """
 
-from tests.mesh_common import run_pytest_on_host_devices
+from fixtures.mesh import run_pytest_on_host_devices
 
 
 def test_sharded_optimizers_on_a_2x4_mesh():

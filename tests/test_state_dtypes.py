@@ -18,32 +18,13 @@ import optax
 import pytest
 
 import optim_zoo
+from fixtures import registry
 
 BF16, F16, F32, F64 = (jnp.dtype(d) for d in ("bfloat16", "float16", "float32", "float64"))
 
 # Every optimizer, with the options that give it the most state (Adafactor's momentum, factored
-# statistics on the matrices).
-OPTIMIZERS = {
-    "adan": (optim_zoo.adan, {"learning_rate": 0.01, "weight_decay": 0.01}),
-    "adafactor": (
-        optim_zoo.adafactor,
-        {"learning_rate": 0.01, "min_dim_size_to_factor": 2, "momentum": 0.9},
-    ),
-    "apollo": (
-        optim_zoo.apollo,
-        {"learning_rate": 0.01, "warmup": 5, "weight_decay": 0.01, "weight_decay_type": "stable"},
-    ),
-    "adai": (optim_zoo.adai, {"learning_rate": 0.1, "weight_decay": 0.01}),
-    "adaiw": (optim_zoo.adaiw, {"learning_rate": 0.1, "weight_decay": 0.01}),
-    "factored_adan": (
-        optim_zoo.factored_adan,
-        {"learning_rate": 0.01, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
-    ),
-    "factored_adai": (
-        optim_zoo.factored_adai,
-        {"learning_rate": 0.1, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
-    ),
-}
+# statistics on the matrices): the "dtypes" family of fixtures/registry.py.
+OPTIMIZERS = {case.name: (case.factory, case.kwargs) for case in registry.select("dtypes")}
 NAMES = list(OPTIMIZERS)
 # An `init` traced under jax.jit cannot read an injected shape-deciding int (it is a tracer
 # there), so the jitted-init test below keeps it static; an eager init needs no static_args.

@@ -18,7 +18,10 @@ import optax
 import pytest
 
 import optim_zoo
-from tests.mesh_common import OPTIMIZER_IDS, OPTIMIZERS, make_optimizer
+from fixtures import registry
+
+# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+OPTIMIZER_IDS = registry.names("ecosystem")
 
 NUM_STEPS = 4
 
@@ -58,8 +61,13 @@ def _assert_same(actual, expected, rtol=1e-12, atol=1e-14) -> None:
     chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def make_optimizer(name):
+    return registry.make("ecosystem", name)
+
+
 def _factory_and_kwargs(name):
-    return next((factory, kwargs) for n, factory, kwargs in OPTIMIZERS if n == name)
+    case = registry.get("ecosystem", name)
+    return case.factory, case.kwargs
 
 
 def _injected(name, **overrides):
