@@ -17,11 +17,11 @@ change that is meant to change the numbers, and say so in its commit.
 from __future__ import annotations
 
 import hashlib
-from importlib import metadata
 import json
 import pathlib
 import platform
 import sys
+from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,12 @@ CONFIGS = {
     ),
     "factored_adaiw": (
         optim_zoo.factored_adai,
-        {"learning_rate": 0.1, "weight_decay": 0.01, "decoupled": True, "min_dim_size_to_factor": 2},
+        {
+            "learning_rate": 0.1,
+            "weight_decay": 0.01,
+            "decoupled": True,
+            "min_dim_size_to_factor": 2,
+        },
     ),
 }
 # Parameter dtype per run; bfloat16 state on float32 parameters for every configuration.
