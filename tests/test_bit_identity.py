@@ -1,9 +1,9 @@
 """Every optimizer's trajectory, bit for bit, against the one recorded in tests/data.
 
 A restructuring of the package must not change a single bit of any update. This test replays
-every optimizer, in float32, bfloat16 and float64 parameters, factored and with bfloat16 state,
-for 25 jitted steps on a small tree, and compares each trajectory with the one recorded in
-``tests/data/trajectories.json``.
+every optimizer (the registry's ``trajectories`` family), in float32, bfloat16 and float64
+parameters, factored and with bfloat16 state, for 25 jitted steps on a small tree, and compares
+each trajectory with the one recorded in ``tests/data/trajectories.json``.
 
 XLA compiles for the host CPU: a machine with other vector units may sum in another order. On
 the machine and jax version the record was made with (both are in the file), every trajectory
@@ -29,69 +29,18 @@ import numpy as np
 import optax
 import pytest
 
-import optim_zoo
+from fixtures import registry
 
 RECORD_PATH = pathlib.Path(__file__).parent / "data" / "trajectories.json"
 NUM_STEPS = 25
 BF16 = jnp.bfloat16
 _BF16_STATE = {"dtype_momentum": BF16, "dtype_second_moment": BF16}
 
-# name -> (factory, kwargs). Every optimizer with each code path its options open: decay types,
-# clipping, momentum, factoring, the belief rebound, dampening.
-CONFIGS = {
-    "adan": (optim_zoo.adan, {"learning_rate": 0.01}),
-    "adan_proximal": (optim_zoo.adan, {"learning_rate": 0.01, "weight_decay": 0.02}),
-    "adan_no_prox_clip": (
-        optim_zoo.adan,
-        {"learning_rate": 0.01, "weight_decay": 0.02, "no_prox": True, "max_grad_norm": 1.0},
-    ),
-    "adafactor": (optim_zoo.adafactor, {"learning_rate": 0.01, "min_dim_size_to_factor": 2}),
-    "adafactor_relative_step": (optim_zoo.adafactor, {"min_dim_size_to_factor": 2}),
-    "adafactor_momentum_decay": (
-        optim_zoo.adafactor,
-        {
-            "learning_rate": 0.01,
-            "min_dim_size_to_factor": 2,
-            "momentum": 0.9,
-            "weight_decay_rate": 1e-3,
-            "multiply_by_parameter_scale": False,
-        },
-    ),
-    "adafactor_unfactored": (optim_zoo.adafactor, {"learning_rate": 0.01, "factored": False}),
-    "apollo": (optim_zoo.apollo, {"learning_rate": 0.01, "warmup": 5, "weight_decay": 0.01}),
-    "apollo_belief_decoupled": (
-        optim_zoo.apollo,
-        {"learning_rate": 0.01, "warmup": 5, "rebound": "belief", "weight_decay": 0.01},
-    ),
-    "apollo_stable": (
-        optim_zoo.apollo,
-        {"learning_rate": 0.01, "warmup": 5, "weight_decay": 0.01, "weight_decay_type": "stable"},
-    ),
-    "adai": (optim_zoo.adai, {"learning_rate": 0.1, "weight_decay": 0.01}),
-    "adai_dampening": (optim_zoo.adai, {"learning_rate": 0.1, "dampening": 0.5}),
-    "adaiw": (optim_zoo.adaiw, {"learning_rate": 0.1, "weight_decay": 0.01}),
-    "factored_adan": (
-        optim_zoo.factored_adan,
-        {"learning_rate": 0.01, "weight_decay": 0.02, "min_dim_size_to_factor": 2},
-    ),
-    "factored_adai": (
-        optim_zoo.factored_adai,
-        {"learning_rate": 0.1, "weight_decay": 0.01, "min_dim_size_to_factor": 2},
-    ),
-    "factored_adaiw": (
-        optim_zoo.factored_adai,
-        {
-            "learning_rate": 0.1,
-            "weight_decay": 0.01,
-            "decoupled": True,
-            "min_dim_size_to_factor": 2,
-        },
-    ),
-}
+CONFIGS = registry.select("trajectories")
 # Parameter dtype per run; bfloat16 state on float32 parameters for every configuration.
 RUNS = [
-    (name, param_dtype, state)
-    for name in CONFIGS
+    (case.name, param_dtype, state)
+    for case in CONFIGS
     for param_dtype, state in (("float32", ""), ("bfloat16", ""), ("float64", ""))
     + (("float32", "bf16_state"),)
 ]
@@ -111,10 +60,9 @@ def _gradient(name: str, p: np.ndarray, t: int) -> np.ndarray:
 
 def trajectory(name: str, param_dtype: str, state: str) -> tuple[str, dict[str, list[float]]]:
     """The sha256 of every step's parameters, and the final parameters (as float64)."""
-    factory, kwargs = CONFIGS[name]
     with jax.enable_x64(param_dtype == "float64"):
         dtype = jnp.dtype(param_dtype)
-        tx = factory(**kwargs, **(_BF16_STATE if state else {}))
+        tx = registry.make("trajectories", name, **(_BF16_STATE if state else {}))
         params = {n: jnp.asarray(p, dtype) for n, p in _initial_params().items()}
         opt_state = tx.init(params)
 
