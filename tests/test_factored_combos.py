@@ -23,7 +23,7 @@ import pytest
 
 import optim_zoo
 from fixtures import reference, trajectories
-from fixtures.trajectories import mask_list, package_trajectory, reference_trajectory
+from fixtures.trajectories import mask_list, reference_trajectory
 
 NUM_STEPS = 50
 SEEDS = (0, 1, 2)
@@ -169,17 +169,9 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_package_matches_reference(config):
-    _, make_reference, zero_steps = CONFIGS[config]
-    with jax.enable_x64(True):
-        for seed in SEEDS:
-            problem = make_problem(seed, zero_steps)
-            expected = reference_trajectory(make_reference(), problem)
-            got = package_trajectory(CONFIGS[config][0], problem)
-            assert all(np.all(np.isfinite(v)) for v in expected.values())
-            # Compare each leaf in units of its own magnitude (1e-3..10).
-            scaled_got = {n: got[n] / LEAVES[n][1] for n in NAMES}
-            scaled_expected = {n: expected[n] / LEAVES[n][1] for n in NAMES}
-            chex.assert_trees_all_close(scaled_got, scaled_expected, atol=TOL, rtol=TOL)
+    make_tx, make_reference, zero_steps = CONFIGS[config]
+    problems = [make_problem(seed, zero_steps) for seed in SEEDS]
+    trajectories.assert_package_matches_reference(make_tx, make_reference, problems, LEAVES, TOL)
 
 
 def test_reference_factoring_changes_the_trajectory():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,18 +280,9 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_package_matches_reference(config):
-    _, make_reference, zero_steps = CONFIGS[config]
-    with jax.enable_x64(True):
-        for seed in SEEDS:
-            problem = make_problem(seed, zero_steps)
-            expected = reference_trajectory(make_reference(), problem)
-            got = package_trajectory(CONFIGS[config][0], problem)
-            assert all(np.all(np.isfinite(v)) for v in expected.values())
-            # Rounding differences scale with a leaf's own magnitude (1e-3..1e3), not with its
-            # individual elements, so compare each leaf in units of its magnitude.
-            scaled_got = {n: got[n] / LEAVES[n][1] for n in NAMES}
-            scaled_expected = {n: expected[n] / LEAVES[n][1] for n in NAMES}
-            chex.assert_trees_all_close(scaled_got, scaled_expected, atol=TOL, rtol=TOL)
+    make_tx, make_reference, zero_steps = CONFIGS[config]
+    problems = [make_problem(seed, zero_steps) for seed in SEEDS]
+    trajectories.assert_package_matches_reference(make_tx, make_reference, problems, LEAVES, TOL)
 
 
 def max_errors() -> dict[str, float]:
