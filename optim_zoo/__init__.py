@@ -5,7 +5,16 @@ own) and building blocks. `docs/architecture.md` maps the modules.
 """
 
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
-from optim_zoo.alias import adafactor, adai, adaiw, adan, apollo, factored_adai, factored_adan
+from optim_zoo.alias import (
+    adafactor,
+    adai,
+    adaiw,
+    adan,
+    apollo,
+    came,
+    factored_adai,
+    factored_adan,
+)
 from optim_zoo.blocks import (
     ScaleByProximalLearningRateState,
     clip_by_block_rms,
@@ -13,6 +22,7 @@ from optim_zoo.blocks import (
     scale_by_param_rms,
     scale_by_proximal_learning_rate,
 )
+from optim_zoo.confidence import ScaleByConfidenceState, scale_by_confidence
 from optim_zoo.diag_hessian import ScaleByRectifiedDiagHessianState, scale_by_rectified_diag_hessian
 from optim_zoo.factored import ScaleByFactoredRmsState, scale_by_factored_rms
 from optim_zoo.nesterov import ScaleByNesterovMomentState, scale_by_nesterov_moment
@@ -28,15 +38,18 @@ __all__ = [
     "adaiw",
     "adan",
     "apollo",
+    "came",
     # New combinations of the primitives, not from a paper.
     "factored_adai",
     "factored_adan",
     # Primitives and their states.
     "scale_by_adaptive_inertia",
+    "scale_by_confidence",
     "scale_by_factored_rms",
     "scale_by_nesterov_moment",
     "scale_by_rectified_diag_hessian",
     "ScaleByAdaptiveInertiaState",
+    "ScaleByConfidenceState",
     "ScaleByFactoredRmsState",
     "ScaleByNesterovMomentState",
     "ScaleByRectifiedDiagHessianState",

@@ -10,6 +10,7 @@ import optax
 
 from optim_zoo import _checks, blocks
 from optim_zoo.adaptive_inertia import scale_by_adaptive_inertia
+from optim_zoo.confidence import scale_by_confidence
 from optim_zoo.diag_hessian import scale_by_rectified_diag_hessian
 from optim_zoo.factored import scale_by_factored_rms
 from optim_zoo.nesterov import scale_by_nesterov_moment
@@ -482,6 +483,110 @@ def adaiw(
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
     )
+
+
+def came(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    b3: jax.typing.ArrayLike = 0.9999,
+    eps: jax.typing.ArrayLike = 1e-30,
+    eps_confidence: jax.typing.ArrayLike = 1e-16,
+    clipping_threshold: jax.typing.ArrayLike | None = 1.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    weight_decay_mask: Any = None,
+    factoring: FactoringRule = "last_two",
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""CAME, confidence-guided adaptive memory-efficient optimization, as its official code.
+
+    With :math:`x_t` from :func:`optim_zoo.scale_by_factored_rms` at the constant decay
+    :math:`b_2` (factored over the last two axes of every leaf of rank >= 2), clipped per tensor
+    to RMS ``clipping_threshold``, and :math:`s_t` from :func:`optim_zoo.scale_by_confidence`
+    (decays :math:`b_1`, :math:`b_3`),
+
+    .. math::
+
+      p_{t+1} = p_t - \eta_t (s_t + \lambda p_t) .
+
+    No bias correction anywhere, as in the official code. State per matrix: one full momentum
+    and four vectors; per vector: the momentum and a full second moment.
+
+    Args:
+      learning_rate: a float >= 0 or an optax schedule.
+      b1: decay of the momentum, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      b3: decay of the instability, in [0, 1).
+      eps: added to the squared gradient; >= 0.
+      eps_confidence: added to the instability; >= 0.
+      clipping_threshold: None or > 0: clip each update's RMS to this.
+      weight_decay: decoupled decay rate :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans like the params, or a callable returning one.
+      factoring: which axes to factor: ``"last_two"`` (the default, the official code's),
+        ``"largest_two"`` or a callable ``(path, shape) -> (a, b) | None``
+        (:mod:`optim_zoo.second_moment`), for both factored statistics.
+      dtype_momentum: dtype the momentum is stored in; None means the parameter's.
+      dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
+        the parameter's dtype when it is wider. The arithmetic runs in at least float32.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optim_zoo
+      >>> f = lambda p: jnp.sum(p**2)
+      >>> tx = optim_zoo.came(learning_rate=0.05)
+      >>> params = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+      >>> state = tx.init(params)
+      >>> for _ in range(300):
+      ...     updates, state = tx.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f(params) < 1e-2)
+      True
+
+    References:
+      Luo et al., `CAME: Confidence-guided Adaptive Memory Efficient Optimization
+      <https://arxiv.org/abs/2307.02047>`_, ACL 2023; official code:
+      https://github.com/yangluo7/CAME (``came_pytorch/CAME.py``).
+
+    Differences:
+      See :func:`optim_zoo.scale_by_confidence`. The decay is applied as one step with the
+      update, :math:`-\eta (s + \lambda p)`, where the official code first scales
+      :math:`p` by :math:`1 - \eta \lambda`: equal up to rounding. optax has no CAME.
+    """
+    _checks.check_interval("b2", b2, 0.0, 1.0)
+    _checks.check_interval(
+        "clipping_threshold", clipping_threshold, 0.0, low_open=True, allow_none=True
+    )
+    # optax's learning-rate and decay blocks check nothing: checked here.
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    transforms = [
+        scale_by_factored_rms(
+            decay=b2,
+            min_dim_size_to_factor=0,
+            eps=eps,
+            factoring=factoring,
+            dtype_second_moment=dtype_second_moment,
+        )
+    ]
+    if clipping_threshold is not None:
+        transforms.append(blocks.clip_by_block_rms(clipping_threshold))
+    transforms.append(
+        scale_by_confidence(
+            b1,
+            b3,
+            eps_confidence,
+            factoring=factoring,
+            dtype_momentum=dtype_momentum,
+            dtype_second_moment=dtype_second_moment,
+        )
+    )
+    transforms.append(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
+    transforms.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*transforms)
 
 
 # --- New combinations: not from any paper or official code --------------------------------------

@@ -37,13 +37,15 @@ def scale_by_factored_rms(
     min_dim_size_to_factor: int = 128,
     eps: jax.typing.ArrayLike = 1e-30,
     factoring: FactoringRule = "largest_two",
+    decay: jax.typing.ArrayLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adafactor's (factored) estimate of the gradient's RMS.
 
     With :math:`c` the number of earlier updates,
     :math:`\beta_c = 1 - (\max(c - \text{decay\_offset}, 0) + 1)^{-\text{decay\_rate}}` (zero
-    on the first step) and :math:`G = g^2 + \epsilon`. For a leaf factored over axes
+    on the first step), or the constant ``decay`` when it is given (CAME's :math:`\beta_2`), and
+    :math:`G = g^2 + \epsilon`. For a leaf factored over axes
     :math:`(a, b)` (:func:`optim_zoo.factored_dims`),
 
     .. math::
@@ -71,6 +73,8 @@ def scale_by_factored_rms(
       factoring: which axes to factor: ``"largest_two"`` (the default, as optax),
         ``"last_two"`` (every leaf of rank >= 2 over its last two axes, as tensor2tensor), or
         a callable ``(path, shape) -> (a, b) | None``; see :mod:`optim_zoo.second_moment`.
+      decay: a constant decay in [0, 1) instead of the schedule (then ``decay_rate`` and
+        ``decay_offset`` are not used), as CAME keeps its second moment.
       dtype_second_moment: dtype the statistics are stored in; None means float32, or the
         parameter's dtype when it is wider.
 
@@ -113,8 +117,16 @@ def scale_by_factored_rms(
     _checks.check_interval("decay_rate", decay_rate, 0.0, low_open=True)
     _checks.check_interval("decay_offset", decay_offset, 0)
     _checks.check_interval("eps", eps, 0.0)
+    _checks.check_interval("decay", decay, 0.0, 1.0, allow_none=True)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
     name = "scale_by_factored_rms"
+
+    def decay_at(count: jax.Array, dtype: jnp.dtype) -> jax.typing.ArrayLike:
+        if decay is not None:
+            return decay
+        # Steps before decay_offset (a fresh state with an offset) count as the first.
+        step = (jnp.maximum(count - decay_offset, 0) + 1).astype(dtype)
+        return 1 - step ** (-jnp.asarray(decay_rate, dtype))
 
     def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
         moment = second_moment.init(params, layout, dtype_second_moment)
@@ -128,12 +140,9 @@ def scale_by_factored_rms(
 
         def leaf_update(g, leaf):
             dtype = _dtypes.compute_dtype(g.dtype, *(x.dtype for x in leaf.arrays()))
-            # Steps before decay_offset (a fresh state with an offset) count as the first.
-            step = (jnp.maximum(state.count - decay_offset, 0) + 1).astype(dtype)
-            decay = 1 - step ** (-jnp.asarray(decay_rate, dtype))
             g_ = g.astype(dtype)
             # The update reads the statistics as stored (a no-op unless stored narrower).
-            leaf = leaf.accumulate(g_, decay, eps).stored_as(leaf)
+            leaf = leaf.accumulate(g_, decay_at(state.count, dtype), eps).stored_as(leaf)
             row_factor, col_factor = leaf.astype(dtype).factors(jax.lax.rsqrt)
             return (g_ * row_factor * col_factor).astype(g.dtype), leaf
 

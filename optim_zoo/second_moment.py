@@ -135,11 +135,11 @@ def _stored_axes(
 ) -> tuple[int, int] | None:
     """The axes of a leaf whose statistics are `leaf`: ``update`` reads the layout from them.
 
-    ``init`` decided which leaves are factored; a factored leaf (no full ``v``) is factored over
-    the axes the rule gives for its shape, so a traced ``min_dim_size_to_factor`` never reaches
-    a Python ``if`` in ``update``.
+    ``init`` decided which leaves are factored; a factored leaf (one with a row statistic) is
+    factored over the axes the rule gives for its shape, so a traced ``min_dim_size_to_factor``
+    never reaches a Python ``if`` in ``update``.
     """
-    if leaf[2] is not None:
+    if leaf[0] is None:
         return None
     if callable(factoring.rule):
         axes = _checked_axes(factoring.rule(path, tuple(shape)), shape, path)
@@ -156,7 +156,11 @@ def _stored_axes(
 
 
 class LeafMoment(NamedTuple):
-    """One leaf's second moment: a full ``v``, or a row ``R`` and a column ``C``."""
+    """One leaf's second moment: a full ``v``, a row ``R`` and a column ``C``, or nothing.
+
+    A leaf that holds nothing (``init(..., factored_only=True)`` on a leaf not factored) must
+    not be accumulated; :attr:`is_empty` tells.
+    """
 
     row: jax.Array | None
     col: jax.Array | None
@@ -181,6 +185,11 @@ class LeafMoment(NamedTuple):
         row = decay * self.row.astype(x.dtype) + (1 - decay) * row_square
         col = decay * self.col.astype(x.dtype) + (1 - decay) * col_square
         return self._replace(row=row, col=col)
+
+    @property
+    def is_empty(self) -> bool:
+        """True for a leaf without statistics."""
+        return self.row is None and self.full is None
 
     def arrays(self) -> list[jax.Array]:
         """The statistics this leaf holds."""
@@ -276,13 +285,19 @@ def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
 
 
 def init(
-    params: optax.Params, factoring: Factoring | None, dtype_second_moment: jnp.dtype | None
+    params: optax.Params,
+    factoring: Factoring | None,
+    dtype_second_moment: jnp.dtype | None,
+    *,
+    factored_only: bool = False,
 ) -> optax.Params | FactoredSecondMoment:
     """A zero second moment for `params`.
 
     With `factoring` None, a tree like the params (one full EMA per leaf); with a
-    :class:`Factoring`, a :class:`FactoredSecondMoment` laid out as its rule decides. The dtype
-    is `dtype_second_moment`, or at least float32 when it is None.
+    :class:`Factoring`, a :class:`FactoredSecondMoment` laid out as its rule decides, where a
+    leaf that is not factored keeps a full EMA, or with `factored_only` no statistic at all
+    (CAME's confidence keeps none for vectors). The dtype is `dtype_second_moment`, or at least
+    float32 when it is None.
     """
     if factoring is None:
         return _tree.second_moment_zeros(params, dtype_second_moment)
@@ -306,7 +321,7 @@ def init(
         if axes is None:
             v_row.append(None)
             v_col.append(None)
-            v.append(jnp.zeros_like(p, dtype=dtype))
+            v.append(None if factored_only else jnp.zeros_like(p, dtype=dtype))
         else:
             small_axis, large_axis = axes
             v_row.append(_zeros_without_axis(p, large_axis, dtype))

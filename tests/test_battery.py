@@ -182,6 +182,7 @@ _FLOAT_OVERRIDES = {
     optim_zoo.adaiw: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
     optim_zoo.factored_adan: {"b1": 0.9, "b2": 0.95, "b3": 0.95, "eps": 1e-6},
     optim_zoo.factored_adai: {"beta0": 0.2, "beta2": 0.95, "eps": 1e-2},
+    optim_zoo.came: {"b1": 0.8, "b2": 0.99, "b3": 0.999, "eps_confidence": 1e-12},
 }
 # Nothing is static: every number, shape-deciding `min_dim_size_to_factor` included, is
 # injected (factoring is decided at an eager `init`, and `update` reads it from the state).

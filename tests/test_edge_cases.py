@@ -222,6 +222,7 @@ _STATE_FIELDS = {
     optim_zoo.ScaleByFactoredRmsState: (("v_row", "v_col", "v"), ()),
     optim_zoo.ScaleByRectifiedDiagHessianState: (("hessian_diag",), ("m",)),
     optim_zoo.ScaleByAdaptiveInertiaState: (("v", "beta1_prod"), ("m",)),
+    optim_zoo.ScaleByConfidenceState: (("instability",), ("m",)),
 }
 
 
@@ -250,14 +251,14 @@ def test_mixed_float32_and_bfloat16_leaves(name, factory, kwargs):
     chex.assert_trees_all_equal_shapes_and_dtypes(state, tx.init(params))
 
     primitive_states = _primitive_states(state)
-    assert len(primitive_states) == 1
-    primitive = primitive_states[0]
-    wide_fields, param_dtype_fields = _STATE_FIELDS[type(primitive)]
-    for field in wide_fields:
-        for leaf in jax.tree.leaves(getattr(primitive, field)):
-            assert leaf.dtype == jnp.float32, (field, leaf.dtype)
-    for field in param_dtype_fields:
-        chex.assert_trees_all_equal_dtypes(getattr(primitive, field), params)
+    assert primitive_states  # one per primitive (CAME chains two)
+    for primitive in primitive_states:
+        wide_fields, param_dtype_fields = _STATE_FIELDS[type(primitive)]
+        for field in wide_fields:
+            for leaf in jax.tree.leaves(getattr(primitive, field)):
+                assert leaf.dtype == jnp.float32, (field, leaf.dtype)
+        for field in param_dtype_fields:
+            chex.assert_trees_all_equal_dtypes(getattr(primitive, field), params)
 
 
 # --- Inputs a user can pass: each works, or is refused with an error that says why. ---------

@@ -54,3 +54,19 @@ def test_optax_adan_is_the_deviating_case_and_optim_zoo_is_not():
     chex.assert_trees_all_close(got, expected, atol=ATOL, rtol=0)
     # ...and optim_zoo.adan, which follows the official code, lands clearly elsewhere.
     assert goldens.max_abs_error(goldens.run_package(lambda: optim_zoo.adan(0.01)), expected) > 1e-4
+
+
+def test_every_came_case_is_covered():
+    assert set(goldens.load_golden(goldens.CAME_GOLDEN_PATH)["cases"]) == set(goldens.CAME_CASES)
+
+
+@pytest.mark.parametrize("case", list(goldens.CAME_CASES))
+def test_came_matches_golden(case):
+    make_tx, make_reference = goldens.CAME_CASES[case]
+    expected = goldens.golden_values(
+        goldens.load_golden(goldens.CAME_GOLDEN_PATH)["cases"][case], ("W", "b")
+    )
+    chex.assert_trees_all_close(
+        goldens.run_reference(make_reference()), expected, atol=ATOL, rtol=0
+    )
+    chex.assert_trees_all_close(goldens.run_package(make_tx), expected, atol=ATOL, rtol=0)

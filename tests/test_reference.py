@@ -275,6 +275,39 @@ CONFIGS: dict[str, tuple[Callable, Callable, int]] = {
     ),
     # v_bar == 0 on the first two steps: the package must not produce NaN (SPEC: ratio 0).
     "adai_zero_first_grads": (lambda: zoo.adai(0.1), lambda: reference.Adai(0.1), 2),
+    # --- CAME (SPEC-came.md): every leaf of rank >= 2 factored over its last two axes ---------
+    "came_default": (lambda: zoo.came(0.01), lambda: reference.Came(0.01), 0),
+    "came_betas_clip_decay_mask": (
+        lambda: zoo.came(
+            0.02,
+            b1=0.8,
+            b2=0.95,
+            b3=0.99,
+            clipping_threshold=0.5,
+            weight_decay=0.05,
+            weight_decay_mask=ONLY_MATRIX_DECAYS,
+        ),
+        lambda: reference.Came(
+            0.02,
+            b1=0.8,
+            b2=0.95,
+            b3=0.99,
+            clipping_threshold=0.5,
+            weight_decay=0.05,
+            weight_decay_mask=mask_list(ONLY_MATRIX_DECAYS),
+        ),
+        0,
+    ),
+    "came_no_clip_eps_schedule": (
+        lambda: zoo.came(
+            _lr_schedule_optax(), eps=1e-20, eps_confidence=1e-10, clipping_threshold=None
+        ),
+        lambda: reference.Came(
+            _lr_schedule_python, eps=1e-20, eps_confidence=1e-10, clipping_threshold=None
+        ),
+        0,
+    ),
+    "came_zero_first_grads": (lambda: zoo.came(0.01), lambda: reference.Came(0.01), 2),
 }
 
 

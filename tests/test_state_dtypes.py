@@ -40,6 +40,7 @@ _FIELDS = {
     optim_zoo.ScaleByFactoredRmsState: ((), ("v_row", "v_col", "v"), ()),
     optim_zoo.ScaleByRectifiedDiagHessianState: (("m", "direction"), ("hessian_diag",), ()),
     optim_zoo.ScaleByAdaptiveInertiaState: (("m",), ("v",), ("beta1_prod",)),
+    optim_zoo.ScaleByConfidenceState: (("m",), ("instability",), ()),
     optax.EmaState: (("ema",), (), ()),  # Adafactor's momentum
 }
 

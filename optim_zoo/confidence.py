@@ -1,0 +1,128 @@
+"""CAME's primitive: momentum scaled by its confidence, as the official code computes it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from optim_zoo import _checks, _dtypes, _tree, second_moment
+from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
+
+
+class ScaleByConfidenceState(NamedTuple):
+    """State of :func:`scale_by_confidence`."""
+
+    m: optax.Updates  # EMA of the incoming updates; dtype_momentum (default: parameter dtype).
+    # Factored EMA of the instability (u - m)**2, laid out as a FactoredSecondMoment with
+    # nothing for leaves that are not factored; dtype_second_moment (default: >= float32).
+    instability: FactoredSecondMoment
+
+
+def scale_by_confidence(
+    b1: jax.typing.ArrayLike = 0.9,
+    b3: jax.typing.ArrayLike = 0.9999,
+    eps_confidence: jax.typing.ArrayLike = 1e-16,
+    *,
+    factoring: FactoringRule = "last_two",
+    dtype_momentum: jax.typing.DTypeLike | None = None,
+    dtype_second_moment: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Scales a momentum of the updates by CAME's confidence in it.
+
+    With :math:`u_t` the incoming update (in CAME, Adafactor's clipped update), per leaf
+    factored over axes :math:`(a, b)` (by default its last two, as the official code):
+
+    .. math::
+
+      m_t &= b_1 m_{t-1} + (1 - b_1) u_t \\
+      r_t &= (u_t - m_t)^2 + \epsilon_{conf} \\
+      R_t &= b_3 R_{t-1} + (1 - b_3)\, \mathrm{mean}_b(r_t), \qquad
+      C_t = b_3 C_{t-1} + (1 - b_3)\, \mathrm{mean}_a(r_t) \\
+      s_t &= m_t \,/\, \sqrt{(R_t / \mathrm{mean}_a(R_t)) \otimes C_t}
+
+    and for a leaf that is not factored (rank < 2) :math:`s_t = m_t`, with no statistic. Where
+    the update strays far from its momentum (the instability :math:`r` is large) the step is
+    small. No bias correction, as in the official code; no learning rate and no sign flip are
+    applied. The arithmetic runs in at least float32 whatever the storage.
+
+    Args:
+      b1: decay of the momentum, in [0, 1).
+      b3: decay of the instability statistics, in [0, 1).
+      eps_confidence: added to the instability before its means; >= 0.
+      factoring: which axes to factor: ``"last_two"`` (the default, the official code's),
+        ``"largest_two"`` or a callable ``(path, shape) -> (a, b) | None``
+        (:mod:`optim_zoo.second_moment`); ``min_dim_size_to_factor`` is 0.
+      dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
+      dtype_second_moment: dtype the instability statistics are stored in; None means float32,
+        or the parameter's dtype when it is wider.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optim_zoo
+      >>> tx = optax.chain(optim_zoo.scale_by_confidence(), optax.scale(-0.1))
+      >>> params = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+      >>> state = tx.init(params)
+      >>> [x.shape for x in state[0].instability.v_row + state[0].instability.v_col]
+      [(2,), (2,)]
+      >>> updates, state = tx.update(jnp.sign(params), state, params)
+      >>> # m = 0.1 u and r = 0.81 everywhere: s = m / sqrt(1e-4 * 0.81), no bias correction.
+      >>> print([round(x, 3) for x in updates.ravel().tolist()])
+      [-1.111, 1.111, -1.111, -1.111]
+
+    References:
+      Luo et al., `CAME: Confidence-guided Adaptive Memory Efficient Optimization
+      <https://arxiv.org/abs/2307.02047>`_, ACL 2023; official code:
+      https://github.com/yangluo7/CAME (``came_pytorch/CAME.py``).
+
+    Differences:
+      The paper's Algorithm 1 writes the same update; this follows the official code, which
+      adds ``eps_confidence`` before the means. Like the official code it factors the last two
+      axes of every leaf of rank >= 2, whatever their sizes. Its rank-one estimate is taken as
+      zero where :math:`\mathrm{mean}_a(R) = 0` and as infinite where it overflows (the step is
+      then zero), instead of the official code's NaN. optax has no CAME.
+    """
+    _checks.check_interval("b1", b1, 0.0, 1.0)
+    _checks.check_interval("b3", b3, 0.0, 1.0)
+    _checks.check_interval("eps_confidence", eps_confidence, 0.0)
+    layout = second_moment.checked_factoring(True, 0, factoring)
+    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
+    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    name = "scale_by_confidence"
+
+    def init_fn(params: optax.Params) -> ScaleByConfidenceState:
+        return ScaleByConfidenceState(
+            m=_tree.first_moment_zeros(params, dtype_momentum),
+            instability=second_moment.init(params, layout, dtype_second_moment, factored_only=True),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByConfidenceState, params: Any = None
+    ) -> tuple[optax.Updates, ScaleByConfidenceState]:
+        del params
+
+        def leaf_update(u, m, r):
+            dtype = _dtypes.compute_dtype(u.dtype, m.dtype, *(x.dtype for x in r.arrays()))
+            u_ = u.astype(dtype)
+            # The step reads m and the statistics as stored (a no-op unless stored narrower).
+            m = (b1 * m.astype(dtype) + (1 - b1) * u_).astype(m.dtype)
+            if r.is_empty:  # not factored: the momentum itself
+                return m.astype(u.dtype), m, r
+            m_ = m.astype(dtype)
+            r = r.accumulate(u_ - m_, b3, eps_confidence).stored_as(r)
+            row_factor, col_factor = r.astype(dtype).factors(jax.lax.rsqrt)
+            return (m_ * row_factor * col_factor).astype(u.dtype), m, r
+
+        instability = second_moment.leaf_moments(state.instability, updates, layout, name)
+        step, m, instability = _tree.map_leaves(leaf_update, 3, name, updates, state.m, instability)
+        treedef = jax.tree.structure(updates)
+        new_state = ScaleByConfidenceState(
+            m=treedef.unflatten(m),
+            instability=second_moment.from_leaf_moments(instability, state.instability, treedef),
+        )
+        return treedef.unflatten(step), new_state
+
+    return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)
