@@ -1,6 +1,6 @@
 """Every optimizer the benchmarks run, and the settings each runs with.
 
-- `CONTENDERS`: the main job's seven (`benchmarks/compare.py`), at documented learning rates;
+- `CONTENDERS`: the main job's eight (`benchmarks/compare.py`), at documented learning rates;
   the study (`benchmarks/protocol.py`) grids each one's rate around it.
 - `factored` and `bf16_state`: optim_zoo's options that no paper tested, as variants of a
   contender: its factored combination (`factored_adan`, `factored_adai`) and its moments
@@ -71,6 +71,9 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("optim_zoo.adai", optim_zoo.adai, {"learning_rate": 0.5}),
     # AdaiW is Adai with decoupled weight decay; the value is the Adai README's 5e-4.
     Contender("optim_zoo.adaiw", optim_zoo.adaiw, {"learning_rate": 0.5, "weight_decay": 5e-4}),
+    # CAME's steps are Adam-sized (a normalised update times the learning rate); the official
+    # README's 2e-4 is for BERT-sized models, so this small MLP gets the AdamW baseline's 1e-3.
+    Contender("optim_zoo.came", optim_zoo.came, {"learning_rate": 1e-3}),
     # Baselines: AdamW with its usual learning rate and optax's default decay, and SGD with
     # heavy-ball momentum.
     Contender("optax.adamw", optax.adamw, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
@@ -115,6 +118,8 @@ ADAN_HP = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay":
 ADAMW_HP = {"lr": 1e-3, "weight_decay": 1e-4}
 APOLLO_HP = {"lr": 1e-2, "init_lr": 1e-5, "warmup": 500, "beta": 0.9, "eps": 1e-4}
 ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 5e-4}
+# The official CAME README's example.
+CAME_HP = {"lr": 2e-4, "betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16), "weight_decay": 1e-2}
 BF16_STATE = "bf16 state"
 
 
@@ -238,6 +243,12 @@ def _torch_implementations() -> list[Implementation]:
 
         return make
 
+    def came_official(params):
+        return importlib.import_module("came_pytorch").CAME(params, **CAME_HP)
+
+    def po_came(params):
+        return po("CAME")()(params, **CAME_HP)
+
     def timm_adan(params):
         return _import_timm_optim("adan").Adan(params, **ADAN_HP)
 
@@ -253,6 +264,8 @@ def _torch_implementations() -> list[Implementation]:
         ("Apollo", "pytorch-optimizer", po_apollo, "pytorch_optimizer", "ApolloDQN"),
         ("Adai", "pytorch-optimizer", po_adai(False), "pytorch_optimizer", ""),
         ("AdaiW", "pytorch-optimizer", po_adai(True), "pytorch_optimizer", ""),
+        ("CAME", "came-pytorch", came_official, "came_pytorch", "official"),
+        ("CAME", "pytorch-optimizer", po_came, "pytorch_optimizer", ""),
         ("Adan", "timm", timm_adan, "timm.optim.adan", ""),
         ("Adafactor", "timm", timm_adafactor, "timm.optim.adafactor", ""),
     ]
@@ -278,6 +291,10 @@ def _optim_zoo_implementations() -> list[Implementation]:
     )
     adai = Contender("Adai", optim_zoo.adai, {"learning_rate": ai["lr"], **adai_kwargs})
     adaiw = Contender("AdaiW", optim_zoo.adaiw, {"learning_rate": ai["lr"], **adai_kwargs})
+    ch = CAME_HP
+    came_kwargs = dict(zip(("b1", "b2", "b3"), ch["betas"], strict=True))
+    came_kwargs |= {"eps": ch["eps"][0], "eps_confidence": ch["eps"][1], **_wd(ch)}
+    came = Contender("CAME", optim_zoo.came, {"learning_rate": ch["lr"], **came_kwargs})
     threshold = traffic.MIN_DIM_SIZE_TO_FACTOR
     optimizers = [
         adan,
@@ -288,6 +305,7 @@ def _optim_zoo_implementations() -> list[Implementation]:
         factored(adai, "Factored Adai", threshold),
         adaiw,
         factored(adaiw, "Factored AdaiW", threshold),
+        came,
     ]
     rows = []
     for contender in optimizers:

@@ -2,8 +2,8 @@
 
 Six tasks (`benchmarks/tasks.py`): scikit-learn's digits with the main job's MLP and with a
 small CNN, a character-level transformer on CPython's offline language reference, an
-ill-conditioned quadratic, Rosenbrock, and a noisy quadratic. All seven optimizers of the main
-job run on every task under one protocol (`benchmarks/protocol.py`): a learning-rate grid on
+ill-conditioned quadratic, Rosenbrock, and a noisy quadratic. Every optimizer of the main job
+runs on every task under one protocol (`benchmarks/protocol.py`): a learning-rate grid on
 seed 0, then the chosen rate on seeds 1, 2 and 3. The claims (`benchmarks/claims.py` states
 each test and its threshold) are evaluated on the results and reported PASS or FAIL with their
 numbers, whichever way they go. This module runs it all and writes the tables and figures.
