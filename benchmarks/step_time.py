@@ -138,7 +138,7 @@ def make_arrays(shapes: dict, dtype: Any, seed: int = 0) -> tuple[Any, Any]:
 
 # The published algorithms, which have peers and targets; the factored ones are optim_zoo's own
 # combinations, timed for their cost only.
-PUBLISHED = ("AdamW", "Adan", "Adafactor", "Apollo", "Adai", "AdaiW")
+PUBLISHED = ("AdamW", "Adan", "Adafactor", "Apollo", "Adai", "AdaiW", "CAME")
 
 
 # --- Measurement -------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def check_targets(rows: list[dict], headline: str, many_leaves: str) -> list[dic
     Only the published algorithms' default configurations take part, as targets or as peers:
     the variant rows (bfloat16 state) and optim_zoo's factored combinations are not compared.
     """
-    limits = {"Adan": 1.3, "Adafactor": 2.0, "Apollo": 2.0, "Adai": 2.0, "AdaiW": 2.0}
+    limits = {"Adan": 1.3, "Adafactor": 2.0, "Apollo": 2.0, "Adai": 2.0, "AdaiW": 2.0, "CAME": 2.0}
     timed = [
         r
         for r in rows

@@ -157,6 +157,19 @@ def _factored_adaiw_extra(shape: tuple[int, ...], itemsize: int, state: StateIte
     return int(np.prod(shape)) * itemsize  # Decoupled decay: pass 1 reads g only.
 
 
+def _came_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
+    size = int(np.prod(shape))
+    if len(shape) < 2:
+        # A full second moment: pass 1 reads g and v (the new v, then the update's rms); pass 2
+        # reads them again with m and p.
+        return size * (itemsize + state.second_moment)
+    # Factored over the last two axes, three reductions in a row: pass 1 reads g (row and
+    # column means of g^2); pass 2 reads g (the rms of the update, which needs the new
+    # statistics); pass 3 reads g and m and writes m (row and column means of (u - m)^2);
+    # pass 4 reads the new m and p and writes p.
+    return size * (2 * itemsize + state.momentum)
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     "AdamW": Algorithm("AdamW", "1 (elementwise)", _no_extra),
     "Adan": Algorithm("Adan", "1 (elementwise)", _no_extra),
@@ -169,6 +182,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "Factored Adai": Algorithm("Factored Adai", "2 (global mean)", _factored_adai_extra),
     "AdaiW": Algorithm("AdaiW", "2 (global mean)", _adaiw_extra),
     "Factored AdaiW": Algorithm("Factored AdaiW", "2 (global mean)", _factored_adaiw_extra),
+    "CAME": Algorithm("CAME", "4 over g and m (matrices)", _came_extra),
 }
 
 
@@ -184,6 +198,7 @@ STATE_ROLES: dict[type, dict[str, tuple[str, ...]]] = {
         "second_moment": ("hessian_diag",),
     },
     optim_zoo.ScaleByFactoredRmsState: {"second_moment": ("v_row", "v_col", "v")},
+    optim_zoo.ScaleByConfidenceState: {"momentum": ("m",), "second_moment": ("instability",)},
     optax.EmaState: {"momentum": ("ema",)},  # Adafactor's momentum, when it is on.
 }
 
