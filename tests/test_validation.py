@@ -20,6 +20,7 @@ _BASE = {
     # The 2 x 2 matrix of the tests below is factored.
     "factored_adan": {"learning_rate": 0.01, "min_dim_size_to_factor": 2},
     "factored_adai": {"learning_rate": 0.1, "min_dim_size_to_factor": 2},
+    "came": {"learning_rate": 1e-3},
 }
 _ALIASES = tuple(_BASE)
 
@@ -38,8 +39,17 @@ _INVALID = [
     *[(alias, "learning_rate", -0.1) for alias in _ALIASES],
     *[(alias, "eps", -0.5) for alias in _ALIASES],
     *[(alias, _weight_decay_name(alias), -0.5) for alias in _ALIASES],
-    # Adan: b1, b2, b3 in [0, 1).
-    *[("adan", b, value) for b in ("b1", "b2", "b3") for value in (-0.1, 1.0, 1.5)],
+    # Adan and CAME: b1, b2, b3 in [0, 1).
+    *[
+        (alias, b, v)
+        for alias in ("adan", "came")
+        for b in ("b1", "b2", "b3")
+        for v in (-0.1, 1.0, 1.5)
+    ],
+    # CAME.
+    ("came", "eps_confidence", -1e-16),
+    ("came", "clipping_threshold", 0.0),
+    ("came", "factoring", "largest"),
     # Apollo.
     ("apollo", "beta", -0.1),
     ("apollo", "beta", 1.0),
