@@ -6,11 +6,11 @@ directly with that variable set. For both auto and explicit mesh axes and every 
 
 * the sharded jitted run equals the single-device run;
 * every full-size state leaf has its parameter's sharding, factored statistics have it minus the
-  reduced axis, and no state leaf larger than a shard is replicated (after `init` and after
-  jitted updates);
+  reduced axis (CAME's second moment and instability alike, over the last two axes), and no
+  state leaf larger than a shard is replicated (after `init` and after jitted updates);
 * the compiled update gathers no whole parameter; Adai's global mean and Apollo's per-tensor
-  reductions are scalar all-reduces, Adan's update has no collective at all, and Adafactor's only
-  non-scalar all-reduces are its factored statistics;
+  reductions are scalar all-reduces, Adan's update has no collective at all, and Adafactor's and
+  CAME's only non-scalar all-reduces are their factored statistics;
 * `tx.init` under `jax.jit` with `out_shardings` taken from `jax.eval_shape` gives that state;
 * an Orbax checkpoint of the sharded state restores into a target with those shardings.
 """
@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from fixtures import registry
 from fixtures.mesh import NUM_HOST_DEVICES
 
-# The five paper optimizers and the sharded runs' additions: the "mesh_jax" family of
+# The six paper optimizers and the sharded runs' additions: the "mesh_jax" family of
 # fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("mesh_jax")
 
@@ -67,6 +67,17 @@ PARAM_NAMES = sorted(SHAPES)  # jax.tree.leaves order of a dict.
 # Adafactor's (small_axis, large_axis) for each factored leaf: `v_row` drops the large axis,
 # `v_col` the small one. Written out rather than computed, so the test checks the package.
 FACTORED_AXES = {"w1": (0, 1), "w2": (1, 0), "w3": (1, 2)}
+# CAME factors every leaf of rank >= 2 over its last two axes, whatever their sizes, both its
+# second moment and its instability: `v_row` drops the last axis, `v_col` the second-to-last.
+# For `w2` (16, 8) these are not the two largest axes' roles above.
+LAST_TWO_AXES = {"w1": (0, 1), "w2": (0, 1), "w3": (1, 2)}
+# The factored statistics CAME keeps, as (field names on the path, parameter): its second
+# moment's and its instability's row and column of every matrix, each of which must be found.
+CAME_STATISTICS = {
+    (fields, k)
+    for fields in (("v_row",), ("v_col",), ("instability", "v_row"), ("instability", "v_col"))
+    for k in LAST_TWO_AXES
+}
 NUM_STEPS = 4
 
 
@@ -99,17 +110,22 @@ def _step_fn(tx):
     return step
 
 
-def _expected_spec(path, leaf) -> tuple:
+def _factored_axes(name: str) -> dict[str, tuple[int, int]]:
+    """The axes each factored leaf of optimizer `name` is factored over."""
+    return LAST_TWO_AXES if name == "came" else FACTORED_AXES
+
+
+def _expected_spec(path, leaf, factored_axes: dict[str, tuple[int, int]]) -> tuple:
     """The sharding a state leaf must have, from its path in the state tree."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     if keys and keys[-1] in SPECS:  # A full-size leaf in a params-like subtree.
         return _padded(SPECS[keys[-1]], leaf.ndim)
     attrs = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
-    if attrs and attrs[-1] in ("v_row", "v_col", "v"):  # Adafactor's per-leaf tuples.
+    if attrs and attrs[-1] in ("v_row", "v_col", "v"):  # Per-leaf tuples of statistics.
         name = PARAM_NAMES[path[-1].idx]
         spec = list(_padded(SPECS[name], len(SHAPES[name])))
         if attrs[-1] != "v":
-            small_axis, large_axis = FACTORED_AXES[name]
+            small_axis, large_axis = factored_axes[name]
             del spec[large_axis if attrs[-1] == "v_row" else small_axis]
         return tuple(spec)
     assert leaf.ndim == 0, f"unexpected state leaf {jax.tree_util.keystr(path)} {leaf.shape}"
@@ -127,16 +143,30 @@ def _smallest_shard_size() -> int:
     return min(math.prod(_shard_shape(k)) for k in SHAPES)
 
 
-def _assert_state_sharded_like_params(state, mesh) -> None:
+def _factored_statistics(state) -> set[tuple[tuple[str, ...], str]]:
+    """(field names on the path, parameter) of every factored statistic in `state`."""
+    found = set()
+    for path, _ in jax.tree.leaves_with_path(state):
+        attrs = tuple(k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey))
+        if attrs and attrs[-1] in ("v_row", "v_col"):
+            found.add((attrs, PARAM_NAMES[path[-1].idx]))
+    return found
+
+
+def _assert_state_sharded_like_params(name: str, state, mesh) -> None:
     smallest_shard = _smallest_shard_size()
+    factored_axes = _factored_axes(name)
     for path, leaf in jax.tree.leaves_with_path(state):
         where = jax.tree_util.keystr(path)
         assert isinstance(leaf.sharding, NamedSharding), (where, leaf.sharding)
         assert leaf.sharding.mesh.axis_names == mesh.axis_names, where
         actual = _padded(leaf.sharding.spec, leaf.ndim)
-        assert actual == _expected_spec(path, leaf), (where, actual)
+        assert actual == _expected_spec(path, leaf, factored_axes), (where, actual)
         if leaf.sharding.is_fully_replicated:
             assert leaf.size <= smallest_shard, f"{where} {leaf.shape} is replicated"
+    if name == "came":
+        # Both factored statistics of every matrix were among the leaves checked above.
+        assert _factored_statistics(state) == CAME_STATISTICS, _factored_statistics(state)
 
 
 def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
@@ -153,6 +183,15 @@ def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
             shapes = [tuple(int(d) for d in s.split(",") if d) for s in dims]
             found.append((match.group(2), shapes))
     return found
+
+
+def _largest_statistic_shard(factored_axes: dict[str, tuple[int, int]]) -> int:
+    """The size of the largest per-device shard of a factored statistic."""
+    return max(
+        math.prod(d for i, d in enumerate(_shard_shape(k)) if i != axis)
+        for k, axes in factored_axes.items()
+        for axis in axes
+    )
 
 
 def _assert_collectives(name: str, hlo: str, mesh) -> None:
@@ -173,11 +212,16 @@ def _assert_collectives(name: str, hlo: str, mesh) -> None:
     elif name == "adafactor":
         # Factored means of a sharded axis all-reduce one statistic's shard; the rest (clip,
         # parameter scale) are per-tensor scalars.
-        largest_statistic_shard = max(
-            math.prod(d for i, d in enumerate(_shard_shape(k)) if i != axis)
-            for k, axes in FACTORED_AXES.items()
-            for axis in axes
-        )
+        largest_statistic_shard = _largest_statistic_shard(FACTORED_AXES)
+        assert all(math.prod(shape) <= largest_statistic_shard for shape in reduced), reduced
+    elif name == "came":
+        # Factored means of a sharded axis (of the second moment and of the instability, both
+        # over the last two axes) all-reduce one statistic's shard; the clip's RMS is a
+        # per-tensor scalar. Nothing else crosses devices.
+        largest_statistic_shard = _largest_statistic_shard(LAST_TWO_AXES)
+        assert [op for op, _ in collectives if op != "all-reduce"] == [], collectives
+        assert any(shape == () for shape in reduced), reduced
+        assert any(shape != () for shape in reduced), reduced
         assert all(math.prod(shape) <= largest_statistic_shard for shape in reduced), reduced
 
 
@@ -199,13 +243,13 @@ def test_sharded_run_matches_single_device(axis_type, name):
         shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
         params = jax.device_put(values, shardings)
         state = tx.init(params)
-        _assert_state_sharded_like_params(state, mesh)
+        _assert_state_sharded_like_params(name, state, mesh)
         noise = [jax.device_put(n, shardings) for n in noise]
         compiled = jax.jit(step).lower(params, state, noise[0]).compile()
         _assert_collectives(name, compiled.as_text(), mesh)
         for n in noise:
             params, state = compiled(params, state, n)
-        _assert_state_sharded_like_params(state, mesh)
+        _assert_state_sharded_like_params(name, state, mesh)
         for k, p in params.items():
             assert _padded(p.sharding.spec, p.ndim) == _padded(SPECS[k], p.ndim), k
 
@@ -260,7 +304,7 @@ def test_jit_init_with_out_shardings_from_eval_shape(axis_type, name):
             candidates["eval_shape"] = jax.tree.map(lambda s: s.sharding, abstract_state)
         for how, shardings in candidates.items():
             state = jax.jit(tx.init, out_shardings=shardings)(params)
-            _assert_state_sharded_like_params(state, mesh)
+            _assert_state_sharded_like_params(name, state, mesh)
             chex.assert_trees_all_equal(state, eager_state, custom_message=how)
 
 
@@ -293,6 +337,6 @@ def test_sharded_checkpoint_restores_with_its_shardings(tmp_path, axis_type, nam
         }
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(tmp_path / "ckpt", target)
-        _assert_state_sharded_like_params(restored["opt_state"], mesh)
+        _assert_state_sharded_like_params(name, restored["opt_state"], mesh)
         assert jax.tree.structure(restored) == jax.tree.structure(saved)
         jax.tree.map(np.testing.assert_array_equal, restored, saved)

@@ -5,9 +5,10 @@ Run by `tests/test_flax_nnx.py` in a subprocess with
 `jax.set_mesh` with a (2, 4) mesh, for auto and explicit axes and every optimizer,
 `nnx.Optimizer(model, tx, wrt=nnx.Param)` builds, `optimizer.update(model, grads)` trains under
 `nnx.jit` to the same values as the unsharded model, every full-size state leaf keeps its
-parameter's sharding and Adafactor's factored statistics get it minus the reduced axis. This is
-the setting where NNX copies a matrix's sharding metadata onto every state leaf mapped from it,
-which `optax.adafactor`'s factored state (0.2.8) cannot take.
+parameter's sharding and factored statistics (Adafactor's; CAME's second moment and
+instability, over the last two axes) get it minus the reduced axis. This is the setting where
+NNX copies a matrix's sharding metadata onto every state leaf mapped from it, which
+`optax.adafactor`'s factored state (0.2.8) cannot take.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from fixtures import registry
 from fixtures.mesh import NUM_HOST_DEVICES
 
-# The five paper optimizers and the sharded runs' additions: the "mesh_nnx" family of
+# The six paper optimizers and the sharded runs' additions: the "mesh_nnx" family of
 # fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("mesh_nnx")
 
@@ -49,6 +50,16 @@ SPECS = {
     ("l2", "kernel"): P("model", "data"),
 }
 FACTORED_AXES = {("l1", "kernel"): (0, 1), ("l2", "kernel"): (1, 0)}  # (small, large)
+# CAME factors every kernel over its last two axes, both its second moment and its instability:
+# `v_row` drops the last axis, `v_col` the first, also for the (16, 8) kernel of `l2`.
+LAST_TWO_AXES = {("l1", "kernel"): (0, 1), ("l2", "kernel"): (0, 1)}
+# CAME's factored statistics, as (field names on the path, parameter): its second moment's and
+# its instability's row and column of every kernel, each of which must be found and checked.
+CAME_STATISTICS = {
+    (fields, key)
+    for fields in (("v_row",), ("v_col",), ("instability", "v_row"), ("instability", "v_col"))
+    for key in LAST_TWO_AXES
+}
 NUM_STEPS = 3
 
 
@@ -107,7 +118,7 @@ def _padded(spec, ndim: int) -> tuple:
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
-def _expected_spec(path, leaf, param_keys) -> tuple:
+def _expected_spec(path, leaf, param_keys, factored_axes) -> tuple:
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
     if keys[-2:] in SPECS:  # A full-size leaf mapped from a parameter.
         return _padded(SPECS[keys[-2:]], leaf.ndim)
@@ -119,14 +130,27 @@ def _expected_spec(path, leaf, param_keys) -> tuple:
         key = param_keys[index]
         spec = list(_padded(SPECS[key], 2 if key[1] == "kernel" else 1))
         if statistic != "v":
-            small_axis, large_axis = FACTORED_AXES[key]
+            small_axis, large_axis = factored_axes[key]
             del spec[large_axis if statistic == "v_row" else small_axis]
         return tuple(spec)
     assert leaf.ndim == 0, f"unexpected state leaf {jax.tree_util.keystr(path)} {leaf.shape}"
     return ()
 
 
-def _assert_sharded_like_params(model, optimizer) -> None:
+def _factored_statistics(opt_state, param_keys) -> set[tuple[tuple[str, ...], tuple]]:
+    """(field names on the path, parameter key) of every factored statistic in `opt_state`."""
+    found = set()
+    for path, _ in jax.tree.leaves_with_path(opt_state):
+        attrs = tuple(k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey))
+        fields = tuple(a for a in attrs if a in ("instability", "v_row", "v_col", "v"))
+        if fields and fields[-1] in ("v_row", "v_col"):
+            index = next(k.idx for k in reversed(path) if isinstance(k, jax.tree_util.SequenceKey))
+            found.add((fields, param_keys[index]))
+    return found
+
+
+def _assert_sharded_like_params(name, model, optimizer) -> None:
+    factored_axes = LAST_TWO_AXES if name == "came" else FACTORED_AXES
     params = nnx.state(model, nnx.Param)
     param_keys = [
         tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
@@ -139,7 +163,11 @@ def _assert_sharded_like_params(model, optimizer) -> None:
         where = jax.tree_util.keystr(path)
         assert isinstance(leaf.sharding, NamedSharding), (where, leaf.sharding)
         actual = _padded(leaf.sharding.spec, leaf.ndim)
-        assert actual == _expected_spec(path, leaf, param_keys), (where, actual)
+        assert actual == _expected_spec(path, leaf, param_keys, factored_axes), (where, actual)
+    if name == "came":
+        # Both factored statistics of every kernel were among the leaves checked above.
+        found = _factored_statistics(optimizer.opt_state, param_keys)
+        assert found == CAME_STATISTICS, found
 
 
 def _params_as_numpy(model) -> dict:
@@ -159,10 +187,10 @@ def test_sharded_nnx_model_trains_like_unsharded(axis_type, name):
         model = MLP(nnx.Rngs(0), explicit=explicit)
         initial = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        _assert_sharded_like_params(model, optimizer)
+        _assert_sharded_like_params(name, model, optimizer)
         for t in range(NUM_STEPS):
             _train_step(model, optimizer, *_batch(t))
-        _assert_sharded_like_params(model, optimizer)
+        _assert_sharded_like_params(name, model, optimizer)
         sharded = _params_as_numpy(model)
 
     reference = MLP(nnx.Rngs(1), sharded=False)
@@ -185,6 +213,6 @@ def test_optimizer_built_under_nnx_jit_with_explicit_axes(name):
     with jax.set_mesh(mesh):
         model = MLP(nnx.Rngs(0), explicit=True)
         optimizer = nnx.jit(lambda model: nnx.Optimizer(model, tx, wrt=nnx.Param))(model)
-        _assert_sharded_like_params(model, optimizer)
+        _assert_sharded_like_params(name, model, optimizer)
         _train_step(model, optimizer, *_batch(0))
-        _assert_sharded_like_params(model, optimizer)
+        _assert_sharded_like_params(name, model, optimizer)
