@@ -16,7 +16,7 @@ from flax import nnx
 
 from fixtures import registry
 
-# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+# The six paper optimizers: the "ecosystem" family of fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("ecosystem")
 
 

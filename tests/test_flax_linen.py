@@ -15,7 +15,7 @@ from flax.training import train_state
 
 from fixtures import registry
 
-# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+# The six paper optimizers: the "ecosystem" family of fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("ecosystem")
 
 

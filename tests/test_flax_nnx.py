@@ -15,7 +15,7 @@ from flax import nnx
 from fixtures import registry
 from fixtures.mesh import run_pytest_on_host_devices
 
-# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+# The six paper optimizers: the "ecosystem" family of fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("ecosystem")
 
 
@@ -133,7 +133,7 @@ def test_nnx_sharding_metadata_fits_every_state_leaf(name):
         if sharding is not None:
             annotated += 1
             assert len(sharding) == variable[...].ndim, (jax.tree_util.keystr(path), sharding)
-    # The kernels' full-size state leaves (Adan, Apollo, Adai) keep their annotation.
+    # The kernels' full-size state leaves (Adan, Apollo, Adai, CAME) keep their annotation.
     assert annotated > 0 or name == "adafactor"
 
 

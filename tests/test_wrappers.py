@@ -20,7 +20,7 @@ import pytest
 import optim_zoo
 from fixtures import registry
 
-# The five paper optimizers: the "ecosystem" family of fixtures/registry.py.
+# The six paper optimizers: the "ecosystem" family of fixtures/registry.py.
 OPTIMIZER_IDS = registry.names("ecosystem")
 
 NUM_STEPS = 4
@@ -116,6 +116,7 @@ SCHEDULED = {
     "apollo": ("beta", 0.9, 0.5),
     "adai": ("beta0", 0.1, 0.05),
     "adaiw": ("weight_decay", 1e-3, 1e-2),
+    "came": ("b1", 0.9, 0.8),
 }
 
 
@@ -291,7 +292,14 @@ def test_weight_decay_mask(name):
 # multi_transform
 
 
-GROUPS = [("adafactor", "adan"), ("adai", "apollo"), ("adaiw", "adafactor")]
+# CAME on the matrices (both factored statistics), and on the vector alone (no instability).
+GROUPS = [
+    ("adafactor", "adan"),
+    ("adai", "apollo"),
+    ("adaiw", "adafactor"),
+    ("came", "adai"),
+    ("apollo", "came"),
+]
 
 
 @pytest.mark.parametrize(("for_matrices", "for_vectors"), GROUPS)
