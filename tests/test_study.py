@@ -24,7 +24,8 @@ def test_every_task_has_every_optimizer(quick_study):
     _, results = quick_study
     assert list(results["tasks"]) == list(tasks.TASK_BUILDERS)
     names = [method.name for method in protocol.METHODS]
-    assert len(names) == 7 and "optax.adamw" in names and "optax.sgd" in names
+    assert len(names) == 8 and "optax.adamw" in names and "optax.sgd" in names
+    assert "optim_zoo.came" in names
     for task in results["tasks"].values():
         assert list(task["results"]) == names
         for name in names:
