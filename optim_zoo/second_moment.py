@@ -94,14 +94,19 @@ def factored_dims(
     """
     if not factored or len(shape) < 2 or 0 in shape:
         return None
-    if callable(factoring):
-        return _checked_axes(factoring(path, tuple(shape)), shape, path)
-    if factoring == LAST_TWO:
-        return len(shape) - 2, len(shape) - 1
-    small_axis, large_axis = _largest_axes(shape)
-    if shape[small_axis] < min_dim_size_to_factor:
+    axes = _rule_axes(factoring, path, shape)
+    if factoring == LARGEST_TWO and shape[axes[0]] < min_dim_size_to_factor:
         return None
-    return small_axis, large_axis
+    return axes
+
+
+def _rule_axes(rule: FactoringRule, path: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The axes `rule` factors a leaf of rank >= 2 over, before any size threshold."""
+    if callable(rule):
+        return _checked_axes(rule(path, tuple(shape)), shape, path)
+    if rule == LAST_TWO:
+        return len(shape) - 2, len(shape) - 1
+    return _largest_axes(shape)
 
 
 def _largest_axes(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -141,18 +146,14 @@ def _stored_axes(
     """
     if leaf[0] is None:
         return None
-    if callable(factoring.rule):
-        axes = _checked_axes(factoring.rule(path, tuple(shape)), shape, path)
-        if axes is None:
-            where = jax.tree_util.keystr(path) or "(the root)"
-            raise ValueError(
-                f"factoring returned None for {where}, which it factored at init: the rule must "
-                "be a function of the path and shape alone."
-            )
-        return axes
-    if factoring.rule == LAST_TWO:
-        return len(shape) - 2, len(shape) - 1
-    return _largest_axes(shape)
+    axes = _rule_axes(factoring.rule, path, shape)
+    if axes is None:  # only a callable rule answers None
+        where = jax.tree_util.keystr(path) or "(the root)"
+        raise ValueError(
+            f"factoring returned None for {where}, which it factored at init: the rule must "
+            "be a function of the path and shape alone."
+        )
+    return axes
 
 
 class LeafMoment(NamedTuple):
