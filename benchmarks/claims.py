@@ -25,6 +25,7 @@ ADAN_STEP_FRACTION = 0.6
 ADAI_EARLY_FRACTION = 0.2
 ADAI_EARLY_TOLERANCE = 1.10
 ADAFACTOR_LOSS_TOLERANCE = 1.03
+CAME_LOSS_TOLERANCE = 1.03
 
 CLAIMS = {
     "adan": (
@@ -49,6 +50,12 @@ CLAIMS = {
         "Adafactor's mean final validation loss on the transformer is within "
         f"{ADAFACTOR_LOSS_TOLERANCE - 1:.0%} of AdamW's, while every weight matrix's "
         "second-moment state is n + m floats (AdamW keeps 2nm)."
+    ),
+    "came": (
+        "CAME converges like Adam with the memory of Adafactor: its mean final validation loss "
+        f"on the transformer is within {CAME_LOSS_TOLERANCE - 1:.0%} of AdamW's, and its "
+        "optimizer state is at most Adafactor's plus one full first moment (as many bytes as "
+        "the parameters)."
     ),
 }
 
@@ -264,12 +271,44 @@ def claim_adafactor(tasks: dict[str, Any], matrices: list[dict[str, Any]]) -> li
     ]
 
 
+def claim_came(tasks: dict[str, Any]) -> list[dict]:
+    methods = ("optim_zoo.came", "optim_zoo.adafactor", BASELINE)
+    results = need(tasks, "char_transformer", *methods)
+    if results is None:
+        return []
+    came, adafactor, adamw = (results[m] for m in methods)
+    came_loss, adamw_loss = came["final"]["val_loss"], adamw["final"]["val_loss"]
+    ratio = came_loss["mean"] / adamw_loss["mean"]
+    first_moment = tasks["char_transformer"]["param_bytes"]
+    budget = adafactor["state_bytes"] + first_moment
+    return [
+        _check(
+            "char_transformer",
+            f"validation loss, mean ± std: CAME {came_loss['mean']:.4f} ± {came_loss['std']:.2g}"
+            f", AdamW {adamw_loss['mean']:.4f} ± {adamw_loss['std']:.2g}; CAME / AdamW",
+            ratio,
+            CAME_LOSS_TOLERANCE,
+            ratio <= CAME_LOSS_TOLERANCE,
+        ),
+        _check(
+            "char_transformer",
+            f"optimizer state bytes: CAME {came['state_bytes']:,} against Adafactor's "
+            f"{adafactor['state_bytes']:,} plus one first moment of {first_moment:,} "
+            f"(= {budget:,}; AdamW {adamw['state_bytes']:,}); CAME / that",
+            came["state_bytes"] / budget,
+            1.0,
+            came["state_bytes"] <= budget,
+        ),
+    ]
+
+
 def evaluate_claims(tasks: dict[str, Any], matrices: list[dict[str, Any]]) -> dict[str, Any]:
     checks = {
         "adan": claim_adan(tasks),
         "adai": claim_adai(tasks),
         "apollo": claim_apollo(tasks),
         "adafactor": claim_adafactor(tasks, matrices),
+        "came": claim_came(tasks),
     }
     claims = {}
     for name, found in checks.items():

@@ -9,6 +9,11 @@ Every optimizer of the main job (`benchmarks/contenders.py`) runs on a task
 2. Report: the chosen learning rate is trained again with seeds 1, 2 and 3, and everything is
    reported over the four seeds at the chosen rate (mean, standard deviation, min and max).
 
+The learning rate follows one of two schedules (`SCHEDULES`): held constant for the whole run,
+or the papers' own protocol, a linear warmup from zero over the first tenth of the run and then
+a cosine decay to zero at its end (`learning_rate_schedule`). Under the schedule, the grid's rate
+is the peak, and the rate is chosen again from the grid.
+
 A seed sets the initial parameters and the minibatch order (or the gradient noise); every
 optimizer sees the same ones. The runs of one optimizer on one task are batched with `jax.vmap`
 (the learning rate is an argument of the training step) and whole stretches of training are
@@ -50,6 +55,13 @@ SEEDS = (SELECTION_SEED, *REPORT_SEEDS)
 HESSIAN_ITERATIONS = {"quick": 5, "full": 50}  # 50: settled to 1e-4 here (see JSON)
 APOLLO_WARMUP_FRACTION = 0.1  # of each run's steps; init_lr is learning_rate / 1000
 
+# "constant": the rate is the grid's value at every step. "warmup_cosine": the papers' protocol,
+# linear from 0 to the grid's value over the first WARMUP_FRACTION of the steps, then a cosine
+# decay to 0 at the end of the run (Adan, CAME and Apollo train this way; Adafactor and Adai use
+# other decays, the cosine stands in for them).
+SCHEDULES = ("constant", "warmup_cosine")
+WARMUP_FRACTION = 0.1
+
 # What the claims and the variants of the beyond study are measured against.
 BASELINE = "optax.adamw"
 
@@ -65,27 +77,54 @@ class Method:
     def name(self) -> str:
         return self.contender.name
 
-    def kwargs(self, learning_rate: Any, steps: int) -> dict[str, Any]:
-        kwargs = {**self.contender.kwargs, "learning_rate": learning_rate}
+    def kwargs(self, learning_rate: Any, steps: int, schedule: str = "constant") -> dict[str, Any]:
+        kwargs = {
+            **self.contender.kwargs,
+            "learning_rate": learning_rate_schedule(learning_rate, steps, schedule),
+        }
         if self.contender.factory is optim_zoo.apollo:
             # The warmup is part of Apollo as its authors run it; scale it with the run (also for
             # a variant of the contender under another name, as benchmarks/beyond.py runs).
-            kwargs["warmup"] = max(1, round(APOLLO_WARMUP_FRACTION * steps))
+            # Under the papers' schedule its warmup is the schedule's: Apollo adds none.
+            warmup = max(1, round(APOLLO_WARMUP_FRACTION * steps))
+            kwargs["warmup"] = warmup if schedule == "constant" else 0
             kwargs["init_lr"] = None
         return kwargs
 
-    def build(self, learning_rate: Any, steps: int) -> optax.GradientTransformation:
-        return self.contender.factory(**self.kwargs(learning_rate, steps))
+    def build(
+        self, learning_rate: Any, steps: int, schedule: str = "constant"
+    ) -> optax.GradientTransformation:
+        return self.contender.factory(**self.kwargs(learning_rate, steps, schedule))
 
-    def fixed_hyperparameters(self, steps: int) -> str:
-        kwargs = self.kwargs(None, steps)
-        del kwargs["learning_rate"]
+    def fixed_hyperparameters(self, steps: int, schedule: str = "constant") -> str:
+        kwargs = self.kwargs(None, steps, schedule)
+        del kwargs["learning_rate"]  # the grid and the schedule are stated apart
         return format_kwargs(kwargs)
 
     def lr_grid(self, task: tasks_lib.Task, mode: str) -> tuple[float, ...]:
         if task.family == "landscape":
             return landscape_lr_grid(mode)
         return tuple(float(f"{self.center_lr * f:.3g}") for f in NEURAL_LR_FACTORS[mode])
+
+
+def learning_rate_schedule(peak: Any, steps: int, schedule: str) -> optax.ScalarOrSchedule:
+    """The learning rate of a run of `steps` steps whose grid value is `peak` (see SCHEDULES).
+
+    `peak` may be traced (the study vmaps over rates), so the schedule is optax's warmup-cosine
+    shape with a peak of 1, scaled by `peak`.
+    """
+    if schedule == "constant":
+        return peak
+    if schedule != "warmup_cosine":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    shape = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=1.0,
+        warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+        decay_steps=steps,
+        end_value=0.0,
+    )
+    return lambda count: peak * shape(count)
 
 
 def landscape_lr_grid(mode: str) -> tuple[float, ...]:
@@ -144,19 +183,19 @@ class TaskRunner:
             jax.random.key(tasks_lib.TASK_SEED),
         )
 
-    def trainer(self, method: Method) -> Trainer:
-        return Trainer(self, method)
+    def trainer(self, method: Method, schedule: str = "constant") -> Trainer:
+        return Trainer(self, method, schedule)
 
 
 class Trainer:
-    """One task and one method, compiled once, training any batch of (learning rate, seed)."""
+    """One task, method and schedule, compiled once, training any batch of (rate, seed)."""
 
-    def __init__(self, runner: TaskRunner, method: Method):
-        self.runner, self.method = runner, method
+    def __init__(self, runner: TaskRunner, method: Method, schedule: str = "constant"):
+        self.runner, self.method, self.schedule = runner, method, schedule
         task = runner.task
 
         def segment(data, learning_rate, params, opt_state, batches):
-            tx = method.build(learning_rate, task.steps)
+            tx = method.build(learning_rate, task.steps, schedule)
 
             def step(carry, batch):
                 params, opt_state = carry
@@ -182,9 +221,9 @@ class Trainer:
         batches = _stack([task.batches(seed) for seed in seeds])
         params = runner.init_params(keys)
         # Op by op: the state's zeros need no program of their own.
-        opt_state = jax.vmap(lambda lr, p: self.method.build(lr, task.steps).init(p))(
-            lrs_array, params
-        )
+        opt_state = jax.vmap(
+            lambda lr, p: self.method.build(lr, task.steps, self.schedule).init(p)
+        )(lrs_array, params)
         records = [runner.evaluate(params, task.data)]
         every = task.eval_every
         for start in tqdm(
@@ -297,10 +336,12 @@ def top_hessian_eigenvalue(
 # --- Optimizer state --------------------------------------------------------------------------
 
 
-def state_shapes(task: tasks_lib.Task, method: Method) -> tuple[Any, Any]:
+def state_shapes(
+    task: tasks_lib.Task, method: Method, schedule: str = "constant"
+) -> tuple[Any, Any]:
     """The shapes and dtypes of the task's parameters and of the method's state for them."""
     params = jax.eval_shape(task.init_params, jax.random.key(0))
-    state = jax.eval_shape(lambda p: method.build(1.0, task.steps).init(p), params)
+    state = jax.eval_shape(lambda p: method.build(1.0, task.steps, schedule).init(p), params)
     return params, state
 
 
@@ -313,10 +354,12 @@ def run_task(
     mode: str,
     progress: bool,
     runner: TaskRunner | None = None,
+    schedule: str = "constant",
 ) -> dict[str, Any]:
     """Selection and report (the module's protocol) for each method on one task.
 
     `runner` reuses a task's compiled initialisation and evaluation; by default one is built.
+    `schedule` is the learning rate's course over each run, one of `SCHEDULES`.
     """
     if runner is None:
         runner = TaskRunner(task, mode)
@@ -324,7 +367,7 @@ def run_task(
     results: dict[str, Any] = {}
     for method in methods:
         started = time.perf_counter()
-        trainer = runner.trainer(method)
+        trainer = runner.trainer(method, schedule)
         grid = method.lr_grid(task, mode)
         short = method.name.split(".")[-1]
         grid_curves, grid_params = trainer.run(
@@ -353,7 +396,7 @@ def run_task(
         )
         row: dict[str, Any] = {
             "optimizer": method.name,
-            "fixed_hyperparameters": method.fixed_hyperparameters(task.steps),
+            "fixed_hyperparameters": method.fixed_hyperparameters(task.steps, schedule),
             "lr_grid": list(grid),
             "grid_final": {m: [float(v) for v in values] for m, values in grid_final.items()},
             # Seed 0 at every grid point, for what-if questions about the selection rule.
@@ -371,7 +414,7 @@ def run_task(
             earlier = quotients[:, -max(2, len(quotients[0]) // 10)]
             change = np.abs(quotients[:, -1] - earlier) / np.abs(quotients[:, -1])
             row["hessian_relative_change"] = float(np.max(change))
-        _, state = state_shapes(task, method)
+        _, state = state_shapes(task, method, schedule)
         row["state_bytes"] = tree_bytes(state)
         row["seconds"] = time.perf_counter() - started
         results[method.name] = row
@@ -379,6 +422,7 @@ def run_task(
     return {
         "name": task.name,
         "title": task.title,
+        "schedule": schedule,
         "family": task.family,
         "steps": task.steps,
         "eval_every": task.eval_every,

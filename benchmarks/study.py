@@ -47,8 +47,11 @@ from benchmarks.protocol import (
     HESSIAN_ITERATIONS,
     METHODS,
     NEURAL_LR_FACTORS,
+    SCHEDULES,
     SEEDS,
     SELECTION_SEED,
+    WARMUP_FRACTION,
+    TaskRunner,
     landscape_lr_grid,
     run_task,
 )
@@ -109,24 +112,24 @@ def claims_table(claims: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(results: dict[str, Any]) -> str:
-    parts = [
-        f"# optim_zoo study ({results['mode']} mode)",
-        "",
-        f"Total time {results['runtime_seconds']:.0f} s on {results['environment']['cpu_count']}"
-        f" CPU cores (jax {results['environment']['jax']}, optax "
-        f"{results['environment']['optax']}, Python {results['environment']['python']}). "
-        "Values are mean ± standard deviation over seeds "
-        f"{', '.join(map(str, results['config']['seeds']))} at the chosen learning rate; "
-        "the seconds column (compilation included) varies between runs, nothing else does.",
-        "",
-        "## Claims",
-        "",
-    ]
-    for name, claim in results["claims"].items():
-        parts.append(f"- **{name}: {claim['verdict']}.** {claim['claim']}")
-    parts += ["", results["claims_table"], ""]
-    for check in results["claims"]["adan"]["checks"]:
+SCHEDULE_TITLES = {
+    "constant": "constant learning rate",
+    "warmup_cosine": (
+        f"the papers' schedule (linear warmup over the first {WARMUP_FRACTION:.0%} of the steps, "
+        "then cosine decay to zero)"
+    ),
+}
+
+
+def protocols(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each schedule's tasks, claims and claims table: "constant", then `results["schedules"]`."""
+    constant = {key: results[key] for key in ("tasks", "claims", "claims_table")}
+    return {"constant": constant, **results.get("schedules", {})}
+
+
+def _adan_supplementary(claims: dict[str, Any]) -> list[str]:
+    parts = []
+    for check in claims["adan"]["checks"]:
         extra = check["supplementary"]
         reached = (
             "does not reach it within the run"
@@ -139,22 +142,65 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"{extra['adan_lr']:g} {reached}."
         )
         parts.append("")
+    return parts
+
+
+def _task_section(task: dict[str, Any], heading: str) -> list[str]:
+    grid = shared_grid(task)
+    return [
+        f"{heading} {task['name']}: {task['title']}",
+        "",
+        f"{task['steps']} steps, {task['param_count']:,} parameters; learning rate chosen by "
+        f"final {' then '.join(task['select'])} on seed {SELECTION_SEED}"
+        + (
+            f", from the grid {', '.join(f'{lr:g}' for lr in grid)} (every optimizer)."
+            if grid is not None
+            else "."
+        ),
+        "",
+        task_table(task),
+        "",
+    ]
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    runs = protocols(results)
+    parts = [
+        f"# optim_zoo study ({results['mode']} mode)",
+        "",
+        f"Total time {results['runtime_seconds']:.0f} s on {results['environment']['cpu_count']}"
+        f" CPU cores (jax {results['environment']['jax']}, optax "
+        f"{results['environment']['optax']}, Python {results['environment']['python']}). "
+        "Values are mean ± standard deviation over seeds "
+        f"{', '.join(map(str, results['config']['seeds']))} at the chosen learning rate; "
+        "the seconds column (compilation included) varies between runs, nothing else does.",
+        "",
+        "## Claims",
+        "",
+        "Every claim is tested under each learning-rate schedule, with the rate chosen again from "
+        "the grid under each: "
+        + "; ".join(
+            f"**{name}**, {SCHEDULE_TITLES[name]}, on {', '.join(run['tasks'])}"
+            for name, run in runs.items()
+        )
+        + ".",
+        "",
+    ]
+    for name, claim in results["claims"].items():
+        verdicts = ", ".join(f"{run['claims'][name]['verdict']} ({s})" for s, run in runs.items())
+        parts.append(f"- **{name}: {verdicts}.** {claim['claim']}")
+    parts.append("")
+    for name, run in runs.items():
+        parts += [f"### Checks: {SCHEDULE_TITLES[name]}", "", run["claims_table"], ""]
+        parts += _adan_supplementary(run["claims"])
     for task in results["tasks"].values():
-        parts += [
-            f"## {task['name']}: {task['title']}",
-            "",
-            f"{task['steps']} steps, {task['param_count']:,} parameters; learning rate chosen by "
-            f"final {' then '.join(task['select'])} on seed {SELECTION_SEED}"
-            + (
-                f", from the grid {', '.join(f'{lr:g}' for lr in shared_grid(task))} "
-                "(every optimizer)."
-                if shared_grid(task) is not None
-                else "."
-            ),
-            "",
-            task_table(task),
-            "",
-        ]
+        parts += _task_section(task, "##")
+    for name, run in runs.items():
+        if name == "constant":
+            continue
+        parts += [f"## Under {SCHEDULE_TITLES[name]}", ""]
+        for task in run["tasks"].values():
+            parts += _task_section(task, "###")
     return "\n".join(parts)
 
 
@@ -319,12 +365,13 @@ def _claim_apollo_figure(tasks, claims, path: Path) -> None:
     report.save_figure(fig, path)
 
 
-def _claim_adafactor_figure(tasks, claims, matrices, path: Path) -> None:
-    results = need(tasks, "char_transformer", "optim_zoo.adafactor", BASELINE)
+def _claim_memory_figure(tasks, claims, claim: str, methods: Sequence[str], path: Path) -> None:
+    """A memory claim on the transformer: validation loss against AdamW's, and state bytes."""
+    results = need(tasks, "char_transformer", *methods, BASELINE)
     fig, axes = _two_panels()
     loss_ax, bytes_ax = axes[0]
     if results is not None:
-        for method in ("optim_zoo.adafactor", BASELINE):
+        for method in (*methods, BASELINE):
             report.band(loss_ax, results[method], "val_loss")
         loss_ax.set(xlabel="step", ylabel="validation loss (nats/char)", title="char_transformer")
         loss_ax.grid(True, alpha=0.3)
@@ -341,36 +388,50 @@ def _claim_adafactor_figure(tasks, claims, matrices, path: Path) -> None:
         bytes_ax.set(yscale="log", ylabel="optimizer state bytes", title="state size")
         bytes_ax.tick_params(axis="x", labelrotation=30)
         bytes_ax.legend(fontsize="small")
-    fig.suptitle(f"Adafactor vs AdamW: {claims['adafactor']['verdict']}")
+    label = methods[0].split(".")[-1]
+    fig.suptitle(f"{label} vs AdamW: {claims[claim]['verdict']}")
     report.save_figure(fig, path)
 
 
-def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Writes the study's PNGs into out_dir; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tasks, claims = results["tasks"], results["claims"]
+def _figures(tasks, claims, out_dir: Path, suffix: str) -> list[Path]:
+    """One schedule's task, grid and claim figures, each file name ending in `suffix`."""
     paths = []
     for task in tasks.values():
-        path = out_dir / f"task_{task['name']}.png"
-        _task_figure(task, path)
-        paths.append(path)
+        paths.append(out_dir / f"task_{task['name']}{suffix}.png")
+        _task_figure(task, paths[-1])
     if tasks:
-        paths.append(out_dir / "lr_grids.png")
+        paths.append(out_dir / f"lr_grids{suffix}.png")
         _lr_figure(tasks, paths[-1])
-    figures = (
-        ("claim_adan.png", lambda p: _claim_adan_figure(tasks, claims, p)),
-        ("claim_adai.png", lambda p: _claim_adai_figure(tasks, claims, p)),
-        ("claim_apollo.png", lambda p: _claim_apollo_figure(tasks, claims, p)),
-        (
-            "claim_adafactor.png",
-            lambda p: _claim_adafactor_figure(tasks, claims, results["adafactor_matrices"], p),
+    figures = {
+        "adan": lambda p: _claim_adan_figure(tasks, claims, p),
+        "adai": lambda p: _claim_adai_figure(tasks, claims, p),
+        "apollo": lambda p: _claim_apollo_figure(tasks, claims, p),
+        "adafactor": lambda p: _claim_memory_figure(
+            tasks, claims, "adafactor", ("optim_zoo.adafactor",), p
         ),
-    )
-    for name, draw in figures:
-        if claims[name[len("claim_") : -len(".png")]]["verdict"] != "NOT RUN":
-            draw(out_dir / name)
-            paths.append(out_dir / name)
+        "came": lambda p: _claim_memory_figure(
+            tasks, claims, "came", ("optim_zoo.came", "optim_zoo.adafactor"), p
+        ),
+    }
+    for name, draw in figures.items():
+        if claims[name]["verdict"] != "NOT RUN":
+            paths.append(out_dir / f"claim_{name}{suffix}.png")
+            draw(paths[-1])
+    return paths
+
+
+def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Writes the study's PNGs into out_dir; returns their paths.
+
+    The constant-rate figures are named as before (`task_<name>.png`, `claim_<name>.png`, ...);
+    another schedule's carry its name (`task_<name>_warmup_cosine.png`, ...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, run in protocols(results).items():
+        suffix = "" if name == "constant" else f"_{name}"
+        paths += _figures(run["tasks"], run["claims"], out_dir, suffix)
     return paths
 
 
@@ -415,19 +476,39 @@ def run_study(
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
 
     started = time.perf_counter()
+    # Every task at constant rates; under the papers' schedule, the tasks the claims are tested
+    # on (the neural ones: the landscapes' claims-free baselines gain nothing from a second run).
     task_results: dict[str, Any] = {}
+    scheduled: dict[str, dict[str, Any]] = {s: {} for s in SCHEDULES if s != "constant"}
     matrices: list[dict[str, Any]] = []
     for name in task_names:
         task = tasks_lib.TASK_BUILDERS[name](sizes)
-        result = run_task(task, methods, mode, progress)
-        result["table"] = task_table(result)
-        task_results[name] = result
-        if progress:
-            print(f"\n{name}: {task.title}\n{result['table']}", file=sys.stderr, flush=True)
+        runner = TaskRunner(task, mode)
+        runs = {"constant": task_results}
+        if task.family == "neural":
+            runs.update(scheduled)
+        for schedule, found in runs.items():
+            result = run_task(task, methods, mode, progress, runner, schedule)
+            result["table"] = task_table(result)
+            found[name] = result
+            if progress:
+                print(
+                    f"\n{name} ({schedule}): {task.title}\n{result['table']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         adafactor = [m for m in methods if m.name == "optim_zoo.adafactor"]
         if name == "char_transformer" and adafactor:
             matrices = factored_matrix_report(task, adafactor[0])
     claims = evaluate_claims(task_results, matrices)
+    schedules = {}
+    for schedule, found in scheduled.items():
+        schedule_claims = evaluate_claims(found, matrices)
+        schedules[schedule] = {
+            "tasks": found,
+            "claims": schedule_claims,
+            "claims_table": claims_table(schedule_claims),
+        }
     results = {
         "mode": mode,
         "config": {
@@ -437,6 +518,8 @@ def run_study(
             "landscape_lr_grid": list(landscape_lr_grid(mode)),
             "hessian_iterations": HESSIAN_ITERATIONS[mode],
             "apollo_warmup_fraction": APOLLO_WARMUP_FRACTION,
+            "schedules": list(SCHEDULES),
+            "warmup_fraction": WARMUP_FRACTION,
             "sizes": dataclasses.asdict(sizes),
         },
         "environment": environment(),
@@ -444,6 +527,8 @@ def run_study(
         "adafactor_matrices": matrices,
         "claims": claims,
         "claims_table": claims_table(claims),
+        # Each schedule but "constant" (whose results are the keys above): its tasks and claims.
+        "schedules": schedules,
     }
     results["runtime_seconds"] = time.perf_counter() - started
     # Strict JSON: a diverged value (NaN, infinity) or a target never reached becomes null.
