@@ -57,8 +57,7 @@ APOLLO_WARMUP_FRACTION = 0.1  # of each run's steps; init_lr is learning_rate / 
 
 # "constant": the rate is the grid's value at every step. "warmup_cosine": the papers' protocol,
 # linear from 0 to the grid's value over the first WARMUP_FRACTION of the steps, then a cosine
-# decay to 0 at the end of the run (Adan, CAME and Apollo train this way; Adafactor and Adai use
-# other decays, the cosine stands in for them).
+# decay to 0 at the end of the run: one schedule for every optimizer, not each paper's own.
 SCHEDULES = ("constant", "warmup_cosine")
 WARMUP_FRACTION = 0.1
 
