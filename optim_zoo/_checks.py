@@ -195,3 +195,12 @@ def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
             "(bfloat16 keeps float32's range in half the bytes)."
         )
     return dtype
+
+
+def check_state_rounding(rounding: Any, seed: Any) -> None:
+    """`state_rounding` is one of `_dtypes.STATE_ROUNDINGS`; `state_rounding_seed` an integer in
+    [0, 2**32) (a jax array, as `optax.inject_hyperparams` passes it, is not checked)."""
+    check_choice("state_rounding", rounding, _dtypes.STATE_ROUNDINGS)
+    check_interval("state_rounding_seed", seed, 0, 2**32)
+    if is_concrete_number(seed) and float(seed) != int(seed):
+        raise ValueError(f"state_rounding_seed must be an integer, got {seed!r}.")

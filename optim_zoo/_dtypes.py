@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +41,128 @@ def compute_dtype(*dtypes: jax.typing.DTypeLike | None) -> jnp.dtype:
     """
     given = [d for d in dtypes if d is not None]
     return functools.reduce(jnp.promote_types, given, jnp.dtype(jnp.float32))
+
+
+# --- Storing state: rounded to nearest, or stochastically ---------------------------------------
+
+STATE_ROUNDINGS = ("nearest", "stochastic")
+
+
+def is_narrower(dtype: jax.typing.DTypeLike, than: jax.typing.DTypeLike) -> bool:
+    """True when `dtype` cannot hold every value of `than` (bfloat16 than float32, say)."""
+    return jnp.promote_types(dtype, than) != jnp.dtype(dtype)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijection of uint32 whose every output bit depends on every input bit (Wellons'
+    ``lowbias32``): a counter-based generator in a few integer operations per element."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _element_bits(stream: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """32 uniform random bits per element of `shape`, from a uint32 scalar `stream`.
+
+    The bits hash each element's flat index with the stream. Computed from iotas, they fuse into
+    the loop that stores the state (no random array is written out), and a sharded leaf gets the
+    same bits as an unsharded one.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride = (stride * shape[axis]) % 2**32
+    return _mix(index * jnp.uint32(0x9E3779B9) + stream)
+
+
+def _stochastic_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """float32 `x` in bfloat16, rounded up (in magnitude) with the probability of the discarded
+    fraction: 16 random bits added to the 16 that bfloat16 drops, then truncated.
+
+    bfloat16 has float32's exponent, so the carry rounds across binades, into subnormals and, for
+    values above bfloat16's largest, to infinity, exactly as the bit patterns order the values.
+    Infinities stay infinite (their dropped bits are zero); NaN stays NaN.
+    """
+    pattern = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = (pattern + (bits >> 16)) & jnp.uint32(0xFFFF0000)
+    stored = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)  # exact
+    return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), stored)
+
+
+def _stochastic(x: jax.Array, dtype: jnp.dtype, bits: jax.Array) -> jax.Array:
+    """`x` in the narrower `dtype`: one of its two neighbours there, the farther one with the
+    probability of its share of the gap, so the expected value is `x` (any pair of dtypes).
+
+    Values that `dtype` holds exactly, infinities and NaN are rounded to nearest, and so are
+    values beyond the largest finite number of `dtype` (rounding up would give infinity).
+    """
+    near = x.astype(dtype)
+    near_wide = near.astype(x.dtype)
+    away = jnp.where(near_wide < x, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(near, away)
+    other_wide = other.astype(x.dtype)
+    probability = (x - near_wide) / (other_wide - near_wide)  # in [0, 1/2]
+    uniform = (bits >> 8).astype(x.dtype) * 2.0**-24  # [0, 1) in 24 exact bits
+    inside = jnp.isfinite(near_wide) & jnp.isfinite(other_wide) & (near_wide != x)
+    return jnp.where(inside & (uniform < probability), other, near)
+
+
+class StateRounding:
+    """How a transform stores state narrower than its arithmetic, at one update.
+
+    ``"nearest"``: ``x.astype(dtype)``. ``"stochastic"``: rounded up or down at random, up with
+    the probability of the discarded fraction, so that the stored value is `x` on average and
+    small increments to a state (an EMA with a decay near 1) are not lost to rounding. The random
+    bits are a function of the seed, the step count, the transform (`salt`), the leaf, the state
+    field and the element alone: a run is repeatable, and resumes bit for bit from a
+    checkpointed state, which holds the count. State as wide as the arithmetic is stored as is
+    under either rounding, and then no random bit is drawn.
+    """
+
+    def __init__(self, rounding: str, seed: Any, count: jax.Array, salt: int):
+        self.stochastic = rounding == "stochastic"
+        self._seed, self._count, self._salt = seed, count, salt
+        self._step_bits = None
+
+    def step_bits(self) -> jax.Array:
+        """One uint32 scalar per update from the seed and the count, drawn once if at all."""
+        if self._step_bits is None:
+            key = jax.random.fold_in(jax.random.key(self._seed, impl="threefry2x32"), self._count)
+            self._step_bits = jax.random.bits(key, (), jnp.uint32)
+        return self._step_bits
+
+    def for_leaf(self, index: int) -> LeafRounding:
+        """The rounding of the state of leaf `index`; leaves draw independent bits."""
+        return LeafRounding(self, (self._salt * 0x10001 + index) % 2**32)
+
+
+class LeafRounding:
+    """:class:`StateRounding` for the state of one leaf."""
+
+    def __init__(self, step: StateRounding, tag: int):
+        self._step, self._tag = step, tag
+
+    def store(self, x: jax.Array, dtype: jax.typing.DTypeLike, field: int) -> jax.Array:
+        """`x` in `dtype`; `field` tells the state arrays of one leaf apart (0, 1, ...)."""
+        dtype = jnp.dtype(dtype)
+        if not self._step.stochastic or not is_narrower(dtype, x.dtype):
+            return x.astype(dtype)
+        tag = _mix_int((self._tag * 31 + field) % 2**32)
+        stream = _mix(self._step.step_bits() ^ jnp.uint32(tag))
+        bits = _element_bits(stream, x.shape)
+        if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
+            return _stochastic_bfloat16(x, bits)
+        return _stochastic(x, dtype, bits)
+
+
+def _mix_int(x: int) -> int:
+    """:func:`_mix` on a Python int, for constants."""
+    mask = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & mask
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & mask
+    return x ^ (x >> 16)

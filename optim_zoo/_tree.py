@@ -212,6 +212,12 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
     return tuple(PerLeaf(column, keys) for column in results)
 
 
+def leaf_indices(updates: Any) -> PerLeaf:
+    """Each leaf's position in ``jax.tree.leaves(updates)``, as a field for :func:`map_leaves`."""
+    keys = leaf_keys(updates)
+    return PerLeaf(range(len(keys)), keys)
+
+
 def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
     """The columns of `rows` as tuples; `num_columns` empty tuples when `rows` is empty."""
     if not rows:

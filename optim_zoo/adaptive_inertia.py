@@ -11,6 +11,9 @@ import optax
 from optim_zoo import _checks, _dtypes, _fusion, _tree, second_moment
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
+# Tells this transform's random rounding bits from those of others chained with it.
+_SALT = 4
+
 
 class ScaleByAdaptiveInertiaState(NamedTuple):
     """State of :func:`scale_by_adaptive_inertia`."""
@@ -36,6 +39,8 @@ def scale_by_adaptive_inertia(
     factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adai's momentum with adaptive per-element inertia.
 
@@ -85,6 +90,10 @@ def scale_by_adaptive_inertia(
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
       dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic, and ``beta1_prod``, stay in at least float32.
+      state_rounding: how state stored narrower than the arithmetic is rounded:
+        ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
+        [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -120,6 +129,7 @@ def scale_by_adaptive_inertia(
     layout = layout if factored else None  # unfactored: a full v, a tree like the params
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     name = "scale_by_adaptive_inertia"
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
@@ -138,14 +148,16 @@ def scale_by_adaptive_inertia(
     ) -> tuple[optax.Updates, ScaleByAdaptiveInertiaState]:
         del params
         count = optax.safe_increment(state.count)
+        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
         # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
-        def second_moment_pass(g, m, v, beta1_prod):
+        def second_moment_pass(g, m, v, beta1_prod, index):
             dtype = _dtypes.compute_dtype(
                 g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
             )
             # Everything below reads v as stored (a no-op unless it is stored narrower).
-            v_stored = v.accumulate(g.astype(dtype), beta2).stored_as(v)
+            store = rounding.for_leaf(index).store
+            v_stored = v.accumulate(g.astype(dtype), beta2).stored_as(v, store, 0)
             v = v_stored.astype(dtype)
             return v_stored, v, v.total(), dtype
 
@@ -157,6 +169,7 @@ def scale_by_adaptive_inertia(
             state.m,
             second_moment.leaf_moments(state.v, updates, layout, name),
             state.beta1_prod,
+            _tree.leaf_indices(updates),
         )
         mean_dtype = _dtypes.compute_dtype(*dtypes)
         num_elements = sum(g.size for g in jax.tree.leaves(updates))
@@ -170,7 +183,8 @@ def scale_by_adaptive_inertia(
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
         # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
-        def inertia_pass(g, m, v, beta1_prod, dtype):
+        def inertia_pass(g, m, v, beta1_prod, dtype, index):
+            store = rounding.for_leaf(index).store
             row_part, col_part = v.factors()
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
             # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
@@ -181,15 +195,23 @@ def scale_by_adaptive_inertia(
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
             g_ = _fusion.own_copy(g.astype(dtype), _fusion.never_true(state.count))
-            new_m = (beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_).astype(m.dtype)
+            new_m = store(beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_, m.dtype, 3)
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - new_prod
             safe_correction = jnp.where(bias_correction == 0, 1, bias_correction)
             direction = new_m.astype(dtype) / safe_correction * beta0 ** (1 - dampening)
-            return direction.astype(g.dtype), new_m, new_prod.astype(beta1_prod.dtype)
+            return direction.astype(g.dtype), new_m, store(new_prod, beta1_prod.dtype, 4)
 
         direction, m, beta1_prod = _tree.map_leaves(
-            inertia_pass, 3, name, updates, state.m, v, state.beta1_prod, dtypes
+            inertia_pass,
+            3,
+            name,
+            updates,
+            state.m,
+            v,
+            state.beta1_prod,
+            dtypes,
+            _tree.leaf_indices(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByAdaptiveInertiaState(

@@ -32,6 +32,8 @@ def adan(
     max_grad_norm: jax.typing.ArrayLike | None = None,
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adan, the adaptive Nesterov momentum algorithm, exactly as its official code.
 
@@ -47,6 +49,18 @@ def adan(
     ``max_grad_norm``, every gradient is first scaled by
     :math:`\min(\text{max\_grad\_norm} / (\lVert g \rVert + \epsilon), 1)` over all leaves, and the
     clipped gradient is the one remembered for the next difference, as in the official code.
+
+    State stored narrower than the arithmetic (``dtype_momentum`` or ``dtype_second_moment``
+    bfloat16, say; the arithmetic runs in at least float32) is rounded to nearest by default.
+    With ``state_rounding="stochastic"`` each new state value :math:`x` is stored as one of its
+    two neighbours :math:`x_- \le x \le x_+` in the storage dtype, :math:`x_+` with probability
+    :math:`(x - x_-) / (x_+ - x_-)`, so that :math:`\mathbb E[\text{stored}] = x`: an EMA whose
+    increments are smaller than half a bfloat16 ulp (a decay of 0.99 and more) still moves on
+    average, where rounding to nearest would keep it where it is. The random bits are a hash of
+    ``state_rounding_seed``, the step count (in the state), the leaf, the state field and the
+    element, so a run is repeatable and resumes bit for bit from a checkpoint; no state is
+    added. Every optimizer of the package takes the same two arguments. State as wide as the
+    arithmetic is stored as is, with no random bits drawn, so float32 state is unaffected.
 
     Args:
       learning_rate: a float >= 0 or an optax schedule.
@@ -67,6 +81,9 @@ def adan(
       dtype_second_moment: dtype the squared moment ``n`` is stored in; None means
         float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
         float32 whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -92,6 +109,8 @@ def adan(
       difference inside the squared term by :math:`1 - b_2` instead of :math:`b_2`, and offers
       only decoupled decay, never the official default proximal step. From the paper: the betas
       follow the code's complemented convention, and decay is proximal as in the code.
+      Stochastic rounding of the state is optim_zoo's own option (the official code keeps the
+      state in the parameter's dtype, rounded to nearest; optax has no such option).
     """
     moment = scale_by_nesterov_moment(
         b1,
@@ -101,6 +120,8 @@ def adan(
         eps_root,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
+        state_rounding=state_rounding,
+        state_rounding_seed=state_rounding_seed,
     )
     return _adan_chain(
         moment, learning_rate, eps, weight_decay, no_prox, weight_decay_mask, max_grad_norm
@@ -154,6 +175,8 @@ def adafactor(
     weight_decay_mask: Any = None,
     factoring: FactoringRule = "largest_two",
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adafactor, with tensor2tensor's semantics and optax's signature.
 
@@ -198,6 +221,9 @@ def adafactor(
       dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
         means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
         least float32 whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -249,6 +275,8 @@ def adafactor(
             eps=eps,
             factoring=factoring,
             dtype_second_moment=dtype_second_moment,
+            state_rounding=state_rounding,
+            state_rounding_seed=state_rounding_seed,
         )
     ]
     if clipping_threshold is not None:
@@ -257,7 +285,9 @@ def adafactor(
     if multiply_by_parameter_scale:
         transforms.append(blocks.scale_by_param_rms())
     if momentum is not None:
-        transforms.append(blocks.momentum_of_steps(momentum, dtype_momentum))
+        transforms.append(
+            blocks.momentum_of_steps(momentum, dtype_momentum, state_rounding, state_rounding_seed)
+        )
     if weight_decay_rate is not None:
         transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
     transforms.append(optax.scale(-1.0))
@@ -277,6 +307,8 @@ def apollo(
     weight_decay_mask: Any = None,
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Apollo, the adaptive parameter-wise diagonal quasi-Newton method, as its official code.
 
@@ -305,6 +337,9 @@ def apollo(
       dtype_second_moment: dtype the Hessian estimate is stored in; None means
         float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
         float32 whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -349,6 +384,8 @@ def apollo(
             weight_decay_mask=weight_decay_mask,
             dtype_momentum=dtype_momentum,
             dtype_second_moment=dtype_second_moment,
+            state_rounding=state_rounding,
+            state_rounding_seed=state_rounding_seed,
         )
     )
     transforms.append(optax.scale_by_learning_rate(linear_warmup(learning_rate, init_lr, warmup)))
@@ -367,6 +404,8 @@ def adai(
     dampening: jax.typing.ArrayLike = 1.0,
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adai, SGD with adaptive per-element inertia, exactly as its official code.
 
@@ -397,6 +436,9 @@ def adai(
       dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic, and the product of past inertias, stay in at
         least float32 whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -428,6 +470,8 @@ def adai(
         dampening=dampening,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
+        state_rounding=state_rounding,
+        state_rounding_seed=state_rounding_seed,
     )
     return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)
 
@@ -460,6 +504,8 @@ def adaiw(
     dampening: jax.typing.ArrayLike = 1.0,
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaiW: Adai with decoupled weight decay.
 
@@ -482,6 +528,8 @@ def adaiw(
         dampening=dampening,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
+        state_rounding=state_rounding,
+        state_rounding_seed=state_rounding_seed,
     )
 
 
@@ -499,6 +547,8 @@ def came(
     factoring: FactoringRule = "last_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""CAME, confidence-guided adaptive memory-efficient optimization, as its official code.
 
@@ -530,6 +580,9 @@ def came(
       dtype_momentum: dtype the momentum is stored in; None means the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider. The arithmetic runs in at least float32.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -570,6 +623,8 @@ def came(
             eps=eps,
             factoring=factoring,
             dtype_second_moment=dtype_second_moment,
+            state_rounding=state_rounding,
+            state_rounding_seed=state_rounding_seed,
         )
     ]
     if clipping_threshold is not None:
@@ -582,6 +637,8 @@ def came(
             factoring=factoring,
             dtype_momentum=dtype_momentum,
             dtype_second_moment=dtype_second_moment,
+            state_rounding=state_rounding,
+            state_rounding_seed=state_rounding_seed,
         )
     )
     transforms.append(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -608,6 +665,8 @@ def factored_adan(
     factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adan with Adafactor's factored second moment. New here: not from a paper.
 
@@ -643,6 +702,9 @@ def factored_adan(
         the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -676,6 +738,8 @@ def factored_adan(
         factoring=factoring,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
+        state_rounding=state_rounding,
+        state_rounding_seed=state_rounding_seed,
     )
     return _adan_chain(
         moment, learning_rate, eps, weight_decay, no_prox, weight_decay_mask, max_grad_norm
@@ -696,6 +760,8 @@ def factored_adai(
     factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adai (or AdaiW) with Adafactor's factored second moment. New here: not from a paper.
 
@@ -728,6 +794,9 @@ def factored_adai(
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider.
+      state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
+        rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -758,5 +827,7 @@ def factored_adai(
         factoring=factoring,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
+        state_rounding=state_rounding,
+        state_rounding_seed=state_rounding_seed,
     )
     return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)

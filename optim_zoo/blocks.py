@@ -16,6 +16,8 @@ from optim_zoo import _checks, _dtypes, _fusion, _tree
 
 # Leaves at least this large are clipped one after another (see clip_by_block_rms).
 _SEQUENTIAL_CLIP_MIN_SIZE = 2**16
+# Tells the random rounding bits of Adafactor's momentum from those of its statistics.
+_SALT_MOMENTUM = 6
 
 
 def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransformation:
@@ -199,19 +201,37 @@ def add_decayed_weights(
 
 
 def momentum_of_steps(
-    decay: jax.typing.ArrayLike, dtype_momentum: jnp.dtype | None
+    decay: jax.typing.ArrayLike,
+    dtype_momentum: jnp.dtype | None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     """Adafactor's momentum: :func:`optax.ema` of the steps, without debiasing.
 
     The accumulator is kept in `dtype_momentum` (None: the update's dtype), and the updates come
     out in the dtype they came in with (`optax.ema` returns its accumulator, so a float32
     momentum would turn bfloat16 updates into float32 ones). On real pairs, so that a float32
-    accumulator keeps both parts of a complex step.
+    accumulator keeps both parts of a complex step. With ``state_rounding="stochastic"`` a
+    narrower accumulator is stored with stochastic rounding (``_dtypes.StateRounding``).
     """
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     ema = optax.ema(decay, debias=False, accumulator_dtype=dtype_momentum)
 
     def update_fn(updates, state, params=None):
-        new_updates, state = ema.update(updates, state, params)
-        return optax.tree.cast_like(new_updates, updates), state
+        new_updates, new_state = ema.update(updates, state, params)
+        if state_rounding == "stochastic":
+            # Without debiasing, optax.ema's updates are its accumulator before the cast.
+            rounding = _dtypes.StateRounding(
+                state_rounding, state_rounding_seed, new_state.count, _SALT_MOMENTUM
+            )
+            leaves, treedef = jax.tree.flatten(new_updates)
+            stored = [
+                rounding.for_leaf(i).store(x, cast.dtype, 0)
+                for i, (x, cast) in enumerate(
+                    zip(leaves, jax.tree.leaves(new_state.ema), strict=True)
+                )
+            ]
+            new_state = new_state._replace(ema=treedef.unflatten(stored))
+        return optax.tree.cast_like(new_updates, updates), new_state
 
     return _tree.on_real_arrays(optax.GradientTransformation(ema.init, update_fn), "adafactor")

@@ -5,15 +5,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optim_zoo import _checks, _dtypes, _tree, second_moment
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
+# Tells this transform's random rounding bits from those of others chained with it.
+_SALT = 5
+
 
 class ScaleByConfidenceState(NamedTuple):
     """State of :func:`scale_by_confidence`."""
 
+    count: jax.Array  # shape (), int32: updates taken so far (the stochastic rounding's clock).
     m: optax.Updates  # EMA of the incoming updates; dtype_momentum (default: parameter dtype).
     # Factored EMA of the instability (u - m)**2, laid out as a FactoredSecondMoment with
     # nothing for leaves that are not factored; dtype_second_moment (default: >= float32).
@@ -28,6 +33,8 @@ def scale_by_confidence(
     factoring: FactoringRule = "last_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Scales a momentum of the updates by CAME's confidence in it.
 
@@ -57,6 +64,10 @@ def scale_by_confidence(
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
       dtype_second_moment: dtype the instability statistics are stored in; None means float32,
         or the parameter's dtype when it is wider.
+      state_rounding: how state stored narrower than the arithmetic is rounded:
+        ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
+        [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -91,10 +102,12 @@ def scale_by_confidence(
     layout = second_moment.checked_factoring(True, 0, factoring)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     name = "scale_by_confidence"
 
     def init_fn(params: optax.Params) -> ScaleByConfidenceState:
         return ScaleByConfidenceState(
+            count=jnp.zeros([], jnp.int32),
             m=_tree.first_moment_zeros(params, dtype_momentum),
             instability=second_moment.init(params, layout, dtype_second_moment, factored_only=True),
         )
@@ -103,23 +116,29 @@ def scale_by_confidence(
         updates: optax.Updates, state: ScaleByConfidenceState, params: Any = None
     ) -> tuple[optax.Updates, ScaleByConfidenceState]:
         del params
+        count = optax.safe_increment(state.count)
+        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(u, m, r):
+        def leaf_update(u, m, r, index):
+            store = rounding.for_leaf(index).store
             dtype = _dtypes.compute_dtype(u.dtype, m.dtype, *(x.dtype for x in r.arrays()))
             u_ = u.astype(dtype)
             # The step reads m and the statistics as stored (a no-op unless stored narrower).
-            m = (b1 * m.astype(dtype) + (1 - b1) * u_).astype(m.dtype)
+            m = store(b1 * m.astype(dtype) + (1 - b1) * u_, m.dtype, 0)
             if r.is_empty:  # not factored: the momentum itself
                 return m.astype(u.dtype), m, r
             m_ = m.astype(dtype)
-            r = r.accumulate(u_ - m_, b3, eps_confidence).stored_as(r)
+            r = r.accumulate(u_ - m_, b3, eps_confidence).stored_as(r, store, 1)
             row_factor, col_factor = r.astype(dtype).factors(jax.lax.rsqrt)
             return (m_ * row_factor * col_factor).astype(u.dtype), m, r
 
         instability = second_moment.leaf_moments(state.instability, updates, layout, name)
-        step, m, instability = _tree.map_leaves(leaf_update, 3, name, updates, state.m, instability)
+        step, m, instability = _tree.map_leaves(
+            leaf_update, 3, name, updates, state.m, instability, _tree.leaf_indices(updates)
+        )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByConfidenceState(
+            count=count,
             m=treedef.unflatten(m),
             instability=second_moment.from_leaf_moments(instability, state.instability, treedef),
         )

@@ -13,6 +13,9 @@ from optim_zoo import _checks, _dtypes, _fusion, _tree
 # The official code's constant rebound: the smallest curvature the direction divides by.
 CONSTANT_REBOUND = 0.01
 
+# Tells this transform's random rounding bits from those of others chained with it.
+_SALT = 3
+
 
 class ScaleByRectifiedDiagHessianState(NamedTuple):
     """State of :func:`scale_by_rectified_diag_hessian`."""
@@ -33,6 +36,8 @@ def scale_by_rectified_diag_hessian(
     weight_decay_mask: Any = None,
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Apollo's rectified diagonal quasi-Newton Hessian estimate.
 
@@ -69,6 +74,10 @@ def scale_by_rectified_diag_hessian(
       dtype_second_moment: dtype the Hessian estimate ``B`` is stored in; None means float32,
         or the parameter's dtype when it is wider. The arithmetic runs in at least float32
         whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic is rounded:
+        ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
+        [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -108,6 +117,7 @@ def scale_by_rectified_diag_hessian(
     no_decay = _checks.is_literal_zero(weight_decay)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
 
     name = "scale_by_rectified_diag_hessian"
 
@@ -131,9 +141,11 @@ def scale_by_rectified_diag_hessian(
         mask = _tree.resolve_mask(weight_decay_mask, params)
         # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
         decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
+        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, m, hessian, direction, p, decayed):
-            m_dtype, hessian_dtype = m.dtype, hessian.dtype
+        def leaf_update(g, m, hessian, direction, p, decayed, index):
+            store = rounding.for_leaf(index).store
+            m_dtype, hessian_dtype, direction_dtype = m.dtype, hessian.dtype, direction.dtype
             dtype = _dtypes.compute_dtype(g.dtype, m_dtype, hessian_dtype)
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
@@ -155,10 +167,10 @@ def scale_by_rectified_diag_hessian(
             hessian_dot = jnp.sum(hessian * direction * direction)
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
             # The direction reads m and B as stored (a no-op unless stored narrower).
-            m = (m_ + alpha * grad_diff).astype(m_dtype)
+            m = store(m_ + alpha * grad_diff, m_dtype, 0)
             unit = direction / norm4
             unit_sq = jnp.square(unit)
-            hessian = (hessian + delta * unit_sq).astype(hessian_dtype)
+            hessian = store(hessian + delta * unit_sq, hessian_dtype, 1)
             curvature = jnp.maximum(jnp.abs(hessian.astype(dtype)), sigma)
             if belief:
                 curvature = curvature + e / alpha
@@ -169,7 +181,7 @@ def scale_by_rectified_diag_hessian(
             # XLA recomputes m inside the loop that writes the direction, reading the old m;
             # so m is overwritten (in place, when donated) only once the direction exists.
             m = _fusion.written_after(m, never, direction)
-            return direction.astype(g.dtype), m, hessian, direction
+            return direction.astype(g.dtype), m, hessian, store(direction, direction_dtype, 2)
 
         out, m, hessian, direction = _tree.map_leaves(
             leaf_update,
@@ -181,6 +193,7 @@ def scale_by_rectified_diag_hessian(
             state.direction,
             params,
             decayed,
+            _tree.leaf_indices(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByRectifiedDiagHessianState(

@@ -11,6 +11,9 @@ import optax
 from optim_zoo import _checks, _dtypes, _tree, second_moment
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
+# Tells this transform's random rounding bits from those of others chained with it.
+_SALT = 2
+
 
 class ScaleByFactoredRmsState(NamedTuple):
     """State of :func:`scale_by_factored_rms`: the step count and a factored second moment.
@@ -39,6 +42,8 @@ def scale_by_factored_rms(
     factoring: FactoringRule = "largest_two",
     decay: jax.typing.ArrayLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adafactor's (factored) estimate of the gradient's RMS.
 
@@ -77,6 +82,10 @@ def scale_by_factored_rms(
         ``decay_offset`` are not used), as CAME keeps its second moment.
       dtype_second_moment: dtype the statistics are stored in; None means float32, or the
         parameter's dtype when it is wider.
+      state_rounding: how statistics stored narrower than the arithmetic are rounded:
+        ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
+      state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
+        [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -119,6 +128,7 @@ def scale_by_factored_rms(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("decay", decay, 0.0, 1.0, allow_none=True)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     name = "scale_by_factored_rms"
 
     def decay_at(count: jax.Array, dtype: jnp.dtype) -> jax.typing.ArrayLike:
@@ -137,20 +147,28 @@ def scale_by_factored_rms(
     ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
         del params
         moment = FactoredSecondMoment(state.v_row, state.v_col, state.v)
+        count = optax.safe_increment(state.count)
+        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, leaf):
+        def leaf_update(g, leaf, index):
             dtype = _dtypes.compute_dtype(g.dtype, *(x.dtype for x in leaf.arrays()))
             g_ = g.astype(dtype)
             # The update reads the statistics as stored (a no-op unless stored narrower).
-            leaf = leaf.accumulate(g_, decay_at(state.count, dtype), eps).stored_as(leaf)
+            new = leaf.accumulate(g_, decay_at(state.count, dtype), eps)
+            leaf = new.stored_as(leaf, rounding.for_leaf(index).store)
             row_factor, col_factor = leaf.astype(dtype).factors(jax.lax.rsqrt)
             return (g_ * row_factor * col_factor).astype(g.dtype), leaf
 
         scaled, leaves = _tree.map_leaves(
-            leaf_update, 2, name, updates, second_moment.leaf_moments(moment, updates, layout, name)
+            leaf_update,
+            2,
+            name,
+            updates,
+            second_moment.leaf_moments(moment, updates, layout, name),
+            _tree.leaf_indices(updates),
         )
         new_moment = second_moment.from_leaf_moments(leaves, moment, jax.tree.structure(updates))
-        new_state = ScaleByFactoredRmsState(optax.safe_increment(state.count), *new_moment)
+        new_state = ScaleByFactoredRmsState(count, *new_moment)
         return jax.tree.structure(updates).unflatten(scaled), new_state
 
     return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)

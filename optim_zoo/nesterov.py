@@ -11,6 +11,9 @@ import optax
 from optim_zoo import _checks, _dtypes, _fusion, _tree, second_moment
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
+# Tells this transform's random rounding bits from those of others chained with it.
+_SALT = 1
+
 
 class ScaleByNesterovMomentState(NamedTuple):
     """State of :func:`scale_by_nesterov_moment`."""
@@ -36,6 +39,8 @@ def scale_by_nesterov_moment(
     factoring: FactoringRule = "largest_two",
     dtype_momentum: jax.typing.DTypeLike | None = None,
     dtype_second_moment: jax.typing.DTypeLike | None = None,
+    state_rounding: str = "nearest",
+    state_rounding_seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adan's Nesterov moment estimate, as the official code computes it.
 
@@ -77,6 +82,11 @@ def scale_by_nesterov_moment(
         the parameter's.
       dtype_second_moment: dtype ``n`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic runs in at least float32 whatever the storage.
+      state_rounding: how state stored narrower than the arithmetic is rounded:
+        ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see
+        :func:`optim_zoo.adan`). No effect on state as wide as the arithmetic.
+      state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
+        [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -113,6 +123,7 @@ def scale_by_nesterov_moment(
     layout = layout if factored else None  # unfactored: a full n, a tree like the params
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
+    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     name = "scale_by_nesterov_moment"
 
     def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:
@@ -131,8 +142,10 @@ def scale_by_nesterov_moment(
         count = optax.safe_increment(state.count)
         is_first = state.count == 0
         never = _fusion.never_true(state.count)
+        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, m, v, n, prev_grad):
+        def leaf_update(g, m, v, n, prev_grad, index):
+            store = rounding.for_leaf(index).store
             moment_dtype = m.dtype  # m, v and prev_grad share it.
             dtype = _dtypes.compute_dtype(g.dtype, m.dtype, *(x.dtype for x in n.arrays()))
             t = count.astype(dtype)
@@ -141,15 +154,17 @@ def scale_by_nesterov_moment(
             # The official code starts prev_grad at the first gradient: no difference on step 1.
             diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev_grad.astype(dtype))
             # The direction reads the state as stored (a no-op unless it is stored narrower).
-            m = (b1 * m.astype(dtype) + (1 - b1) * g_).astype(moment_dtype)
-            v = (b2 * v.astype(dtype) + (1 - b2) * diff).astype(moment_dtype)
-            n = n.accumulate(g_ + b2 * diff, b3).stored_as(n)
+            m = store(b1 * m.astype(dtype) + (1 - b1) * g_, moment_dtype, 0)
+            v = store(b2 * v.astype(dtype) + (1 - b2) * diff, moment_dtype, 1)
+            n = n.accumulate(g_ + b2 * diff, b3).stored_as(n, store, 2)
             row_part, col_part = n.astype(dtype).factors()
             n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
             numerator = m.astype(dtype) / (1 - b1**t) + b2 * v.astype(dtype) / (1 - b2**t)
             direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
             # v and n read the old prev_grad: overwrite it (in place, when donated) only after.
-            prev_grad = _fusion.written_after(g.astype(moment_dtype), never, v, *n.broadcastable())
+            prev_grad = _fusion.written_after(
+                store(g, moment_dtype, 5), never, v, *n.broadcastable()
+            )
             return direction.astype(g.dtype), m, v, n, prev_grad
 
         direction, m, v, n, prev_grad = _tree.map_leaves(
@@ -161,6 +176,7 @@ def scale_by_nesterov_moment(
             state.v,
             second_moment.leaf_moments(state.n, updates, layout, name),
             state.prev_grad,
+            _tree.leaf_indices(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByNesterovMomentState(

@@ -201,12 +201,22 @@ class LeafMoment(NamedTuple):
         row, col, full = (None if x is None else x.astype(dtype) for x in self[:3])
         return LeafMoment(row, col, full, self.axes)
 
-    def stored_as(self, old: LeafMoment) -> LeafMoment:
-        """The statistics in the dtypes of `old`, the stored ones."""
-        row, col, full = (
-            None if x is None else x.astype(o.dtype) for x, o in zip(self[:3], old[:3], strict=True)
-        )
-        return LeafMoment(row, col, full, self.axes)
+    def stored_as(
+        self, old: LeafMoment, store: Callable[..., jax.Array] | None = None, field: int = 0
+    ) -> LeafMoment:
+        """The statistics in the dtypes of `old`, the stored ones.
+
+        Cast with ``store(x, dtype, field)`` when given (a ``_dtypes.LeafRounding.store``; the
+        row, column and full statistics are its fields `field`, `field` + 1 and `field` + 2),
+        else with ``astype``.
+        """
+        stored = []
+        for i, (x, o) in enumerate(zip(self[:3], old[:3], strict=True)):
+            if x is None:
+                stored.append(None)
+            else:
+                stored.append(x.astype(o.dtype) if store is None else store(x, o.dtype, field + i))
+        return LeafMoment(*stored, self.axes)
 
     def broadcastable(self) -> list[jax.Array]:
         """The statistics, each expanded to broadcast against the leaf (to order writes)."""

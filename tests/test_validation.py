@@ -85,6 +85,13 @@ _INVALID = [
         for argument in ("dtype_momentum", "dtype_second_moment")
         for value in (jnp.int32, "not-a-dtype", jnp.bool_, "complex64")
     ],
+    # State rounding, on every optimizer: "nearest" or "stochastic", and an integer seed.
+    *[
+        (alias, "state_rounding", value)
+        for alias in _ALIASES
+        for value in ("bogus", "Stochastic", True, None)
+    ],
+    *[(alias, "state_rounding_seed", value) for alias in _ALIASES for value in (-1, 2**32, 1.5)],
     # float16 (and 8-bit floats) cannot hold g**2 of ordinary gradients.
     *[
         (alias, "dtype_second_moment", value)
@@ -158,6 +165,15 @@ _VALID = [
             ("bfloat16", jnp.bfloat16),
             (jnp.float16, "float32"),
             (jnp.float32, "float32"),
+        )
+    ],
+    *[
+        (alias, {"dtype_second_moment": "bfloat16", **rounding})
+        for alias in _ALIASES
+        for rounding in (
+            {"state_rounding": "stochastic"},
+            {"state_rounding": "stochastic", "state_rounding_seed": 2**32 - 1},
+            {"state_rounding": "nearest", "state_rounding_seed": 3},
         )
     ],
 ]
