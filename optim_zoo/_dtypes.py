@@ -82,14 +82,17 @@ def _stochastic_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
     """float32 `x` in bfloat16, rounded up (in magnitude) with the probability of the discarded
     fraction: 16 random bits added to the 16 that bfloat16 drops, then truncated.
 
-    bfloat16 has float32's exponent, so the carry rounds across binades, into subnormals and, for
-    values above bfloat16's largest, to infinity, exactly as the bit patterns order the values.
-    Infinities stay infinite (their dropped bits are zero); NaN stays NaN.
+    bfloat16 has float32's exponent, so the carry rounds across binades and, for values above
+    bfloat16's largest, to infinity, as the bit patterns order the values. Infinities and NaN
+    get no random bits; a NaN keeps its quiet bit set, so that truncation leaves it a NaN. All in
+    integers on one input, so it stays one loop with the arithmetic that computes `x`.
     """
     pattern = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    rounded = (pattern + (bits >> 16)) & jnp.uint32(0xFFFF0000)
-    stored = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)  # exact
-    return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), stored)
+    special = (pattern & jnp.uint32(0x7F800000)) == jnp.uint32(0x7F800000)
+    nan_bit = jnp.where(pattern & jnp.uint32(0x007FFFFF), jnp.uint32(0x00400000), jnp.uint32(0))
+    rounded = jnp.where(special, pattern | nan_bit, pattern + (bits >> 16))
+    truncated = jax.lax.bitcast_convert_type(rounded & jnp.uint32(0xFFFF0000), jnp.float32)
+    return truncated.astype(jnp.bfloat16)  # exact: the low 16 bits are zero
 
 
 def _stochastic(x: jax.Array, dtype: jnp.dtype, bits: jax.Array) -> jax.Array:

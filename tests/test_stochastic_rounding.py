@@ -155,6 +155,10 @@ def test_exact_values_and_non_finite_values_are_kept():
     for narrow in (BF16, F16):
         stored = _store(jnp.broadcast_to(x, (512, 8)), narrow)
         np.testing.assert_array_equal(stored, jnp.broadcast_to(x.astype(narrow), (512, 8))[:, :])
+    # NaNs whose payload lies in the bits bfloat16 drops stay NaN (not infinity, not -0).
+    patterns = jnp.array([0x7F800001, 0x7FFFFFFF, 0xFF800001, 0x7FC00000], jnp.uint32)
+    nans = jax.lax.bitcast_convert_type(patterns, F32)
+    assert jnp.all(jnp.isnan(_store(jnp.broadcast_to(nans, (512, 4)), BF16)))
     # Beyond bfloat16's largest finite value, rounding up reaches infinity; below it, never.
     big = _store(jnp.full((4096,), 3.3e38, F32), BF16)
     assert jnp.all(jnp.isfinite(big))
