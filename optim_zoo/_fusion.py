@@ -13,6 +13,10 @@ below answers one, without changing a single value:
 * A donated state leaf is updated in place only when XLA can prove that every reader of the old
   value runs first; otherwise it copies the old value out (on CPU, a page fault per page of a
   fresh buffer). :func:`written_after` makes that order explicit.
+* A value shared by a reduction and other consumers is kept in a temporary even when every
+  consumer could recompute it, and XLA merges identical expressions into one shared value.
+  :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction,
+  equal bit for bit, so that the reduction computes it from the arrays in memory.
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 
@@ -64,3 +68,17 @@ def mean_squares(x: jax.Array, small_axis: int, large_axis: int) -> tuple[jax.Ar
 def measured_after(x: jax.Array, previous: jax.Array) -> jax.Array:
     """`x` itself, read only once `previous`, a sum of squares (never negative), exists."""
     return jnp.where(previous < 0, jnp.zeros_like(x), x)
+
+
+def decayed_for_reduction(
+    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike
+) -> jax.Array:
+    """``g + weight_decay * p``, bit for bit, as ``g - (-weight_decay) * p``: for a reduction.
+
+    Negating a factor negates a product exactly, and subtracting a negated value is adding it,
+    so every element is the same float (in any dtype, and for any decay, traced ones included).
+    As a different expression it is not merged with the elementwise consumers' ``g + wd * p``,
+    so it has the reduction as its only consumer, which fuses it instead of reading a
+    temporary as large as the leaf.
+    """
+    return g - (-weight_decay) * p

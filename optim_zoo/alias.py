@@ -369,18 +369,19 @@ def apollo(
     )
     if weight_decay_type is None:
         weight_decay_type = "L2" if rebound == "constant" else "decoupled"
-    l2 = weight_decay_type == "L2"
     transforms = []
-    if l2:
-        _checks.check_interval("weight_decay", weight_decay, 0.0)  # optax's block checks nothing
-        transforms.append(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
+    if weight_decay_type == "L2":
+        # L2 decay used to be optax.add_decayed_weights in this place of the chain; the
+        # primitive applies it now (faster, the same values), and this keeps the chain's state
+        # layout, so that checkpoints of earlier versions restore.
+        transforms.append(optax.identity())
     transforms.append(
         scale_by_rectified_diag_hessian(
             beta,
             eps,
-            0.0 if l2 else weight_decay,
+            weight_decay,
             rebound=rebound,
-            weight_decay_type="decoupled" if l2 else weight_decay_type,
+            weight_decay_type=weight_decay_type,
             weight_decay_mask=weight_decay_mask,
             dtype_momentum=dtype_momentum,
             dtype_second_moment=dtype_second_moment,

@@ -54,20 +54,24 @@ def scale_by_rectified_diag_hessian(
       D_t &= \max(|B_t|, \sigma)\ [+\, e / \alpha_t \text{ for belief}] \\
       d_t &= m_t / D_t + w\, p_t
 
-    Constant rebound: :math:`\sigma = 0.01`, :math:`e = \epsilon / 0.01`. Belief rebound:
-    :math:`\sigma = \lVert \delta g \rVert_\infty`, :math:`e = \epsilon`. Decoupled decay uses
-    :math:`w = \lambda`, stable decay :math:`w = \lambda / \mathrm{mean}(D_t)`. The output is
+    with :math:`g_t` replaced by :math:`g_t + \lambda p_t` first for L2 decay (then
+    :math:`w = 0`). Constant rebound: :math:`\sigma = 0.01`, :math:`e = \epsilon / 0.01`. Belief
+    rebound: :math:`\sigma = \lVert \delta g \rVert_\infty`, :math:`e = \epsilon`. Decoupled
+    decay uses :math:`w = \lambda`, stable decay :math:`w = \lambda / \mathrm{mean}(D_t)`. The
+    output is
     :math:`d_t`; it is also stored, decay included, for the next secant update, which is why
     decoupled decay lives here rather than in :func:`optax.add_decayed_weights`. No learning rate
-    and no sign flip are applied. L2 decay (the official default for constant rebound) is
-    :func:`optax.add_decayed_weights` chained before this transform.
+    and no sign flip are applied. L2 decay (the official default for constant rebound) gives
+    what :func:`optax.add_decayed_weights` chained before this transform gives, bit for bit; done
+    here, the secant sum computes :math:`g_t + \lambda p_t` from :math:`g_t` and :math:`p_t` in its
+    own loop instead of reading it from a temporary as large as the leaf.
 
     Args:
       beta: decay of the gradient EMA, in [0, 1).
       eps: the official ``eps``, >= 0.
-      weight_decay: decoupled or stable decay rate :math:`\lambda`, >= 0.
+      weight_decay: L2, decoupled or stable decay rate :math:`\lambda`, >= 0.
       rebound: ``'constant'`` or ``'belief'``.
-      weight_decay_type: ``'decoupled'`` or ``'stable'``.
+      weight_decay_type: ``'L2'``, ``'decoupled'`` or ``'stable'``.
       weight_decay_mask: a tree of booleans like the params (or a callable returning one):
         True where decay applies. None means everywhere.
       dtype_momentum: dtype ``m`` and the direction are stored in; None means the parameter's.
@@ -110,9 +114,10 @@ def scale_by_rectified_diag_hessian(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_choice("rebound", rebound, ("constant", "belief"))
-    _checks.check_choice("weight_decay_type", weight_decay_type, ("decoupled", "stable"))
+    _checks.check_choice("weight_decay_type", weight_decay_type, ("L2", "decoupled", "stable"))
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
+    l2 = weight_decay_type == "L2"
     # A literal zero decay needs neither params nor a read of them.
     no_decay = _checks.is_literal_zero(weight_decay)
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
@@ -146,9 +151,16 @@ def scale_by_rectified_diag_hessian(
         def leaf_update(g, m, hessian, direction, p, decayed, index):
             store = rounding.for_leaf(index).store
             m_dtype, hessian_dtype, direction_dtype = m.dtype, hessian.dtype, direction.dtype
+            out_dtype = g.dtype
             dtype = _dtypes.compute_dtype(g.dtype, m_dtype, hessian_dtype)
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
+            g_for_sum = g
+            if l2 and decayed and not no_decay:
+                # As optax.add_decayed_weights, in the gradient's dtype; the secant sum reads
+                # the same values spelled its own way, computed from g and p in its loop.
+                g_for_sum = _fusion.decayed_for_reduction(g, p, weight_decay)
+                g = g + weight_decay * p
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
             grad_diff = g_ - m_
             if belief:
@@ -162,7 +174,7 @@ def scale_by_rectified_diag_hessian(
             # sum(hessian * unit**2), with the scalar 1 / norm4**2 taken out (equal up to
             # rounding). Each reads the state directly, with no intermediate shared with
             # the elementwise updates, which XLA would keep in a buffer as large as the leaf.
-            grad_dot = jnp.sum(g_ * direction - m_ * direction)
+            grad_dot = jnp.sum(g_for_sum.astype(dtype) * direction - m_ * direction)
             hessian = hessian.astype(dtype)
             hessian_dot = jnp.sum(hessian * direction * direction)
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
@@ -175,13 +187,13 @@ def scale_by_rectified_diag_hessian(
             if belief:
                 curvature = curvature + e / alpha
             direction = m.astype(dtype) / curvature
-            if decayed and not no_decay:
+            if decayed and not no_decay and not l2:
                 decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
                 direction = direction + decay * p.astype(dtype)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;
             # so m is overwritten (in place, when donated) only once the direction exists.
             m = _fusion.written_after(m, never, direction)
-            return direction.astype(g.dtype), m, hessian, store(direction, direction_dtype, 2)
+            return direction.astype(out_dtype), m, hessian, store(direction, direction_dtype, 2)
 
         out, m, hessian, direction = _tree.map_leaves(
             leaf_update,
