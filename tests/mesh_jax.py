@@ -18,7 +18,6 @@ directly with that variable set. For both auto and explicit mesh axes and every 
 from __future__ import annotations
 
 import math
-import re
 
 import chex
 import jax
@@ -31,7 +30,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fixtures import registry
-from fixtures.mesh import NUM_HOST_DEVICES
+from fixtures.mesh import NUM_HOST_DEVICES, hlo_collectives
 
 # The six paper optimizers and the sharded runs' additions: the "mesh_jax" family of
 # fixtures/registry.py.
@@ -169,22 +168,6 @@ def _assert_state_sharded_like_params(name: str, state, mesh) -> None:
         assert _factored_statistics(state) == CAME_STATISTICS, _factored_statistics(state)
 
 
-def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """(op name, result shapes) of every cross-device collective in optimized HLO text."""
-    found = []
-    pattern = re.compile(
-        r"= (.+?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-        r"(?:-start)?\("
-    )
-    for line in hlo.splitlines():
-        match = pattern.search(line)
-        if match:
-            dims = re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", match.group(1))
-            shapes = [tuple(int(d) for d in s.split(",") if d) for s in dims]
-            found.append((match.group(2), shapes))
-    return found
-
-
 def _largest_statistic_shard(factored_axes: dict[str, tuple[int, int]]) -> int:
     """The size of the largest per-device shard of a factored statistic."""
     return max(
@@ -195,7 +178,7 @@ def _largest_statistic_shard(factored_axes: dict[str, tuple[int, int]]) -> int:
 
 
 def _assert_collectives(name: str, hlo: str, mesh) -> None:
-    collectives = _collectives(hlo)
+    collectives = hlo_collectives(hlo)
     smallest_param = min(math.prod(s) for s in SHAPES.values())
     for op, shapes in collectives:
         if op in ("all-gather", "all-to-all", "collective-permute"):
