@@ -10,8 +10,10 @@ under the protocol of the study (`benchmarks/protocol.py`, results in `results/s
    like the Adafactor contender, so that every weight matrix is factored. Compared with the
    originals and AdamW of the committed study (`results/study/study.json`).
 2. bfloat16 state storage: each of the five optimizers with its moments stored in bfloat16
-   (float32 params), at the original's chosen learning rate in the committed study and the same
-   four seeds, against the same runs with float32 state: an A/B of the storage alone.
+   (float32 params), rounded to nearest and with stochastic rounding
+   (``state_rounding="stochastic"``), at the original's chosen learning rate in the committed
+   study and the same four seeds, against the same runs with float32 state: an A/B of the
+   storage alone.
 3. The public golden problem (`fixtures/goldens.py`, every package configuration) for 5 and
    200 steps with float32 params: bfloat16 against float32 state, and float32 against float64
    for scale.
@@ -20,6 +22,8 @@ The variants themselves are the contender registry's (`benchmarks/contenders.py`
 
     python benchmarks/beyond.py            # full: writes results/beyond/ (~20 min, 2 shared cores)
     python benchmarks/beyond.py --quick    # every code path at tiny sizes (used by the tests)
+    python benchmarks/beyond.py --parts storage --out-dir benchmarks/results/beyond_rounding
+                                           # part 2 alone (~1 h on 2 shared cores)
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ FACTORED = {
     "optim_zoo.factored_adai(decoupled=True)": "optim_zoo.adaiw",
 }
 BF16_SUFFIX = " [bf16 state]"
+BF16_SR_SUFFIX = " [bf16 state, stochastic rounding]"
+PARTS = ("factored", "storage", "golden")
 
 
 def _study_method(name: str) -> Method:
@@ -101,10 +107,12 @@ def original_methods() -> tuple[Method, ...]:
     return tuple(m for m in protocol.METHODS if m.name in ORIGINALS)
 
 
-def bf16_state_method(method: Method) -> Method:
-    """`method` with its moments stored in bfloat16 (`contenders.bf16_state`)."""
-    name = method.contender.name + BF16_SUFFIX
-    return Method(contenders.bf16_state(method.contender, name), method.center_lr)
+def bf16_state_method(method: Method, *, stochastic: bool = False) -> Method:
+    """`method` with its moments stored in bfloat16 (`contenders.bf16_state`), rounded to
+    nearest or, with `stochastic`, with ``state_rounding="stochastic"``."""
+    name = method.contender.name + (BF16_SR_SUFFIX if stochastic else BF16_SUFFIX)
+    variant = contenders.bf16_state(method.contender, name, stochastic=stochastic)
+    return Method(variant, method.center_lr)
 
 
 # --- Which leaves are factored ------------------------------------------------------------------
@@ -223,14 +231,32 @@ def run_fixed_rate(
 # --- One task -----------------------------------------------------------------------------------
 
 
-def run_task(name: str, mode: str, originals: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Parts 1 and 2 on one task; `originals` is the committed study's entry for the task."""
+def run_task(
+    name: str,
+    mode: str,
+    originals: dict[str, Any],
+    progress: bool,
+    parts: Sequence[str] = PARTS,
+) -> dict[str, Any]:
+    """Parts 1 and 2 (those in `parts`) on one task; `originals` is the committed study's
+    entry for the task."""
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
     task = tasks_lib.TASK_BUILDERS[name](sizes)
     runner = protocol.TaskRunner(task, mode)
 
-    methods = factored_methods()
-    result = protocol.run_task(task, methods, mode, progress, runner=runner)
+    methods = factored_methods() if "factored" in parts else ()
+    if methods:
+        result = protocol.run_task(task, methods, mode, progress, runner=runner)
+    else:  # part 2 alone: the task's description, no protocol run
+        result = {
+            "name": task.name,
+            "title": task.title,
+            "family": task.family,
+            "steps": task.steps,
+            "metric_labels": task.metric_labels,
+            "higher_is_better": list(task.higher_is_better),
+            "results": {},
+        }
     for method in methods:
         row = result["results"][method.name]
         original = FACTORED[method.name]
@@ -245,15 +271,20 @@ def run_task(name: str, mode: str, originals: dict[str, Any], progress: bool) ->
     result["factored"] = result.pop("results")
 
     storage = {}
-    for method in original_methods():
+    for method in original_methods() if "storage" in parts else ():
         learning_rate = originals["results"][method.name]["best_lr"]
         float32 = run_fixed_rate(runner, method, learning_rate, progress)
         bfloat16 = run_fixed_rate(runner, bf16_state_method(method), learning_rate, progress)
+        rounded = bf16_state_method(method, stochastic=True)
+        stochastic = run_fixed_rate(runner, rounded, learning_rate, progress)
         storage[method.name] = {
             "lr": learning_rate,
             "float32": float32,
             "bfloat16": bfloat16,
+            "bfloat16_stochastic": stochastic,
             "bf16_vs_f32": _compare_all(bfloat16, float32, result),
+            "bf16_sr_vs_f32": _compare_all(stochastic, float32, result),
+            "bf16_sr_vs_bf16": _compare_all(stochastic, bfloat16, result),
             "bytes_saved": float32["state_bytes"] - bfloat16["state_bytes"],
             # The float32 rerun against the committed study's four runs (meaningful in full
             # mode only): its seed 0 ran in a batch of four rather than in the grid's batch.
@@ -426,35 +457,43 @@ def factored_verdicts(tasks: dict[str, Any]) -> str:
     return report.markdown_table(header, rows, left=len(header))
 
 
+def _fmt_paired(comparison: dict[str, Any], metric: str) -> str:
+    paired = comparison["paired"]
+    if paired is None:
+        return "n/a"
+    std = f"{paired['std']:.2%}" if metric.endswith("accuracy") else f"{paired['std']:.2g}"
+    return f"{_fmt_delta(paired['mean'], metric)} ± {std}"
+
+
 def storage_table(task: dict[str, Any]) -> str:
     lines = [
-        "| optimizer | lr | metric | float32 state | bfloat16 state | paired Δ (bf16 - f32) "
-        "| verdict |",
-        "|---|--:|---|--:|--:|--:|---|",
+        "| optimizer | lr | metric | float32 state | bf16, nearest | paired Δ (nearest - f32) "
+        "| verdict | bf16, stochastic | paired Δ (stochastic - f32) | verdict "
+        "| stochastic vs nearest |",
+        "|---|--:|---|--:|--:|--:|---|--:|--:|---|---|",
     ]
     for name, entry in task["bf16_state"].items():
         for metric in task["metric_labels"]:
-            comparison = entry["bf16_vs_f32"][metric]
-            paired = comparison["paired"]
-            delta = (
-                "n/a"
-                if paired is None
-                else f"{_fmt_delta(paired['mean'], metric)} ± "
-                + (
-                    f"{paired['std']:.2%}"
-                    if metric.endswith("accuracy")
-                    else f"{paired['std']:.2g}"
-                )
-            )
+            nearest = entry["bf16_vs_f32"][metric]
             cells = [
                 name,
                 f"{entry['lr']:g}",
                 metric,
                 _fmt_range(entry["float32"]["final"][metric], metric),
                 _fmt_range(entry["bfloat16"]["final"][metric], metric),
-                delta,
-                comparison["verdict"],
+                _fmt_paired(nearest, metric),
+                nearest["verdict"],
             ]
+            if "bfloat16_stochastic" in entry:
+                stochastic = entry["bf16_sr_vs_f32"][metric]
+                cells += [
+                    _fmt_range(entry["bfloat16_stochastic"]["final"][metric], metric),
+                    _fmt_paired(stochastic, metric),
+                    stochastic["verdict"],
+                    entry["bf16_sr_vs_bf16"][metric]["verdict"],
+                ]
+            else:
+                cells += ["not run"] * 4
             lines.append(report.markdown_row(cells))
     return "\n".join(lines)
 
@@ -473,20 +512,30 @@ def storage_bytes_table(tasks: dict[str, Any]) -> str:
 
 
 def storage_verdicts(tasks: dict[str, Any]) -> str:
-    header = ["task", "optimizer", "worse", "better", "f32 rerun vs study (max abs)"]
+    header = [
+        "task",
+        "optimizer",
+        "nearest vs f32: worse",
+        "better",
+        "stochastic vs f32: worse",
+        "better",
+        "f32 rerun vs study (max abs)",
+    ]
     rows = []
     for task in tasks.values():
         for name, entry in task["bf16_state"].items():
             repro = entry["f32_max_difference_from_study"]
+            stochastic = entry.get("bf16_sr_vs_f32")
             rows.append(
                 [
                     task["name"],
                     name,
                     *_judged_cells(entry["bf16_vs_f32"]),
+                    *(["not run"] * 2 if stochastic is None else _judged_cells(stochastic)),
                     "n/a" if repro is None else f"{repro:.2g}",
                 ]
             )
-    return report.markdown_table(header, rows, left=4)
+    return report.markdown_table(header, rows, left=6)
 
 
 def golden_table(golden: dict[str, Any]) -> str:
@@ -514,8 +563,8 @@ def golden_table(golden: dict[str, Any]) -> str:
     return report.markdown_table(header, rows, left=2)
 
 
-def _worse_list(tasks: dict[str, Any]) -> tuple[list[str], list[str]]:
-    factored, storage = [], []
+def _worse_list(tasks: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    factored, storage, stochastic = [], [], []
     for task in tasks.values():
         for name, row in task["factored"].items():
             for metric in _metrics_judged(row["vs_original"], "worse"):
@@ -532,7 +581,13 @@ def _worse_list(tasks: dict[str, Any]) -> tuple[list[str], list[str]]:
                     f"{name} on {task['name']}, {metric}: "
                     f"{_fmt_delta(difference, metric)} against float32 state"
                 )
-    return factored, storage
+            for metric in _metrics_judged(entry.get("bf16_sr_vs_f32", {}), "worse"):
+                difference = entry["bf16_sr_vs_f32"][metric]["difference"]
+                stochastic.append(
+                    f"{name} on {task['name']}, {metric}: "
+                    f"{_fmt_delta(difference, metric)} against float32 state"
+                )
+    return factored, storage, stochastic
 
 
 def _listed(what: str, items: list[str]) -> str:
@@ -542,7 +597,8 @@ def _listed(what: str, items: list[str]) -> str:
 def markdown_report(results: dict[str, Any]) -> str:
     env = results["environment"]
     tasks = results["tasks"]
-    factored_worse, storage_worse = _worse_list(tasks)
+    factored_worse, storage_worse, stochastic_worse = _worse_list(tasks)
+    parts_run = results.get("parts", list(PARTS))
     parts = [
         f"# Beyond the papers: factored Adan and Adai, bfloat16 state ({results['mode']} mode)",
         "",
@@ -563,30 +619,43 @@ def markdown_report(results: dict[str, Any]) -> str:
         "reference's by more than the larger of the two seed standard deviations; otherwise "
         "level. A diverged run is worse than a finite one.",
         "",
-        "## 1. Factored variants, the study's full protocol",
-        "",
-        factored_verdicts(tasks),
-        "",
-        _listed("Worse than the original by more than one seed std", factored_worse),
-        "",
     ]
-    for task in tasks.values():
-        originals = results["study_tasks"][task["name"]]
-        parts += [f"### {task['name']}", "", factored_table(task, originals), ""]
-    parts += [
-        "## 2. bfloat16 state storage at the original's chosen rate (A/B of storage alone)",
-        "",
-        "State bytes, float32 state → bfloat16 state:",
-        "",
-        storage_bytes_table(tasks),
-        "",
-        storage_verdicts(tasks),
-        "",
-        _listed("Worse with bfloat16 state by more than one seed std", storage_worse),
-        "",
-    ]
-    for task in tasks.values():
-        parts += [f"### {task['name']}", "", storage_table(task), ""]
+    if "factored" in parts_run:
+        parts += [
+            "## 1. Factored variants, the study's full protocol",
+            "",
+            factored_verdicts(tasks),
+            "",
+            _listed("Worse than the original by more than one seed std", factored_worse),
+            "",
+        ]
+        for task in tasks.values():
+            originals = results["study_tasks"][task["name"]]
+            parts += [f"### {task['name']}", "", factored_table(task, originals), ""]
+    if "storage" in parts_run:
+        parts += [
+            "## 2. bfloat16 state storage at the original's chosen rate (A/B of storage alone)",
+            "",
+            "bfloat16 state rounded to nearest (the default) and with stochastic rounding "
+            '(`state_rounding="stochastic"`, seed 0), each against float32 state, the same '
+            "seeds and learning rate.",
+            "",
+            "State bytes, float32 state → bfloat16 state:",
+            "",
+            storage_bytes_table(tasks),
+            "",
+            storage_verdicts(tasks),
+            "",
+            _listed("Worse with bfloat16 state by more than one seed std", storage_worse),
+            "",
+            _listed(
+                "Worse with bfloat16 state and stochastic rounding by more than one seed std",
+                stochastic_worse,
+            ),
+            "",
+        ]
+        for task in tasks.values():
+            parts += [f"### {task['name']}", "", storage_table(task), ""]
     if results["golden"] is not None:
         parts += [
             "## 3. The golden problem: bfloat16 against float32 state, float32 params",
@@ -614,10 +683,11 @@ def make_figure(results: dict[str, Any], path: Path) -> Path:
         row["original"]: name for name, row in next(iter(tasks.values()))["factored"].items()
     }
     series = (
-        ("original (study)", "o", "C0", -0.2),
-        ("float32 state (rerun)", "D", "C7", -0.07),
-        ("bfloat16 state", "s", "C3", 0.07),
-        ("factored", "^", "C2", 0.2),
+        ("original (study)", "o", "C0", -0.24),
+        ("float32 state (rerun)", "D", "C7", -0.12),
+        ("bfloat16 state", "s", "C3", 0.0),
+        ("bfloat16 state, stochastic rounding", "v", "C1", 0.12),
+        ("factored", "^", "C2", 0.24),
     )
     for ax, task in zip(axes.flat, tasks.values(), strict=False):
         metric = _headline(task)
@@ -626,12 +696,18 @@ def make_figure(results: dict[str, Any], path: Path) -> Path:
         for label, marker, color, offset in series:
             xs, means, spans = [], [], []
             for i, name in enumerate(names):
+                storage = task["bf16_state"].get(name, {})
+                runs = {
+                    "float32 state (rerun)": "float32",
+                    "bfloat16 state": "bfloat16",
+                    "bfloat16 state, stochastic rounding": "bfloat16_stochastic",
+                }
                 if label == "original (study)":
                     summary = originals[name]["final"][metric]
-                elif label == "float32 state (rerun)":
-                    summary = task["bf16_state"][name]["float32"]["final"][metric]
-                elif label == "bfloat16 state":
-                    summary = task["bf16_state"][name]["bfloat16"]["final"][metric]
+                elif label in runs:
+                    if runs[label] not in storage:
+                        continue
+                    summary = storage[runs[label]]["final"][metric]
                 elif name in variant_of:
                     summary = task["factored"][variant_of[name]]["final"][metric]
                 else:
@@ -674,7 +750,7 @@ def make_figure(results: dict[str, Any], path: Path) -> Path:
     axes.flat[0].legend(fontsize="x-small")
     fig.suptitle(
         "Final headline metric over the 4 seeds (mean, bars min to max): originals, bfloat16 "
-        "state, factored variants"
+        "state (nearest, stochastic rounding), factored variants"
     )
     report.save_figure(fig, path)
     return path
@@ -689,6 +765,7 @@ def run_beyond(
     *,
     tasks: Sequence[str] | None = None,
     golden: bool = True,
+    parts: Sequence[str] = PARTS,
     study_json: Path = STUDY_JSON,
     progress: bool = True,
     figure: bool = True,
@@ -700,13 +777,19 @@ def run_beyond(
       out_dir: default benchmarks/results/beyond (full) or .../beyond_quick (quick).
       tasks: names from `tasks.TASK_BUILDERS`; default all of them in full mode and
         `QUICK_TASKS` in quick mode.
-      golden: also run part 3, the golden problem.
+      golden: also run part 3, the golden problem (when "golden" is in `parts`).
+      parts: which of `PARTS` to run: "factored" (1), "storage" (2), "golden" (3).
       study_json: the committed study, source of the originals and their chosen rates.
       progress: progress bars and tables on stderr.
       figure: also write the PNG.
     """
     if mode not in ("quick", "full"):
         raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+    unknown_parts = set(parts) - set(PARTS)
+    if unknown_parts:
+        raise ValueError(f"parts {sorted(unknown_parts)} are not among {PARTS}")
+    parts = [p for p in PARTS if p in parts]
+    golden = golden and "golden" in parts
     out_dir = Path(out_dir or (DEFAULT_OUT_DIR if mode == "full" else QUICK_OUT_DIR))
     committed = json.loads(Path(study_json).read_text())
     if tasks is None:
@@ -720,12 +803,13 @@ def run_beyond(
     started = time.perf_counter()
     task_results = {}
     for name in task_names:
-        task_results[name] = run_task(name, mode, committed["tasks"][name], progress)
+        task_results[name] = run_task(name, mode, committed["tasks"][name], progress, parts)
         if progress:
             print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     golden_results = golden_deviations(mode, progress) if golden else None
     results = {
         "mode": mode,
+        "parts": parts,
         "config": {
             "seeds": list(SEEDS),
             "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR,
@@ -735,6 +819,10 @@ def run_beyond(
             },
             "bf16_state": {
                 m.name: bf16_state_method(m).fixed_hyperparameters(1) for m in original_methods()
+            },
+            "bf16_state_stochastic": {
+                m.name: bf16_state_method(m, stochastic=True).fixed_hyperparameters(1)
+                for m in original_methods()
             },
             "neural_lr_factors": list(protocol.NEURAL_LR_FACTORS[mode]),
             "golden_steps": list(GOLDEN_STEPS[mode]),
@@ -783,6 +871,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--tasks", default=None, help="comma-separated task names (default: all; quick: two)"
     )
     parser.add_argument("--no-golden", action="store_true", help="skip part 3")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     results = run_beyond(
@@ -790,6 +881,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out_dir,
         tasks=args.tasks.split(",") if args.tasks else None,
         golden=not args.no_golden,
+        parts=args.parts.split(","),
         progress=not args.no_progress,
     )
     print(markdown_report(results))
