@@ -30,7 +30,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fixtures import registry
-from fixtures.mesh import NUM_HOST_DEVICES, hlo_collectives
+from fixtures.mesh import NUM_HOST_DEVICES, hlo_collectives, opt_state_shardings
 
 # The six paper optimizers and the sharded runs' additions: the "mesh_jax" family of
 # fixtures/registry.py.
@@ -244,30 +244,6 @@ def test_sharded_run_matches_single_device(axis_type, name):
     )
     chex.assert_trees_all_close(
         jax.device_get(state), jax.device_get(single_state), rtol=1e-5, atol=1e-6
-    )
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, params) -> optax.OptState:
-    """Shardings of `tx.init(params)`, for auto or explicit mesh axes (the recipe in the docs).
-
-    With auto axes, shardings are not part of array types, so `jax.eval_shape` alone returns
-    `sharding=None`; tracing `init` over the same mesh with explicit axes recovers them.
-    """
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    explicit_mesh = jax.sharding.Mesh(
-        mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names)
-    )
-    abstract_params = jax.tree.map(
-        lambda p: jax.ShapeDtypeStruct(
-            p.shape, p.dtype, sharding=NamedSharding(explicit_mesh, p.sharding.spec)
-        ),
-        params,
-    )
-    with jax.set_mesh(explicit_mesh):
-        abstract_state = jax.eval_shape(tx.init, abstract_params)
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s.sharding.spec if s.sharding is not None else P()),
-        abstract_state,
     )
 
 
