@@ -9,7 +9,11 @@ Run by `tests/test_multiprocess.py`, never collected by pytest itself. Two layou
   its half of every leaf sharded over "data". Every optimizer trains `NUM_STEPS` steps; after
   `SAVE_AFTER`, all their states go into one Orbax checkpoint, each process writing its own
   shards. The checkpoint is then restored into the same layout and training resumed, both
-  compared with the uninterrupted run shard by shard, bit for bit, in each process.
+  compared with the uninterrupted run shard by shard, bit for bit, in each process. Then
+  ZeRO-1: the parameters replicated over "data" and the optimizer state split over it
+  (`zero1_shardings`, as `tx.init`'s `out_shardings`), against the state laid out like the
+  parameters: the bytes of state each process holds, and the step's collectives, go to
+  `<out>/zero1.json`.
 * ``single``: one process of 8 devices. The reference run on the same (2, 4) mesh; then, once
   the two processes have saved, their checkpoint restored onto a (4, 2) mesh (the state
   resharded by the restore target) and training resumed there.
@@ -34,6 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -41,8 +46,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fixtures import registry
-from fixtures.mesh import NUM_HOST_DEVICES, NUM_PROCESSES, hlo_collectives
-from fixtures.sharded_nnx import MLP, assert_sharded_like_params, batch
+from fixtures.mesh import NUM_HOST_DEVICES, NUM_PROCESSES, hlo_collectives, opt_state_shardings
+from fixtures.sharded_nnx import MLP, SPECS, assert_sharded_like_params, batch
 
 MESH_AXES = ("data", "model")
 MESH_SHAPE = (NUM_PROCESSES, NUM_HOST_DEVICES // NUM_PROCESSES)  # "data" across processes.
@@ -52,6 +57,8 @@ SAVE_AFTER = 2
 # Written by process 0 once the checkpoint is complete: the single process waits for it.
 SAVED = "checkpoint_saved"
 WAIT_FOR_CHECKPOINT = 600.0
+# ZeRO-1 is shown on the optimizer with the most full-size state.
+ZERO1_OPTIMIZER = "adan"
 
 
 def main() -> None:
@@ -71,6 +78,9 @@ def main() -> None:
         )
         assert jax.process_count() == NUM_PROCESSES, jax.process_count()
         arrays, collectives = _train_save_and_resume(cases, args.out)
+        zero1 = _zero1(registry.get("multiprocess", ZERO1_OPTIMIZER))
+        if jax.process_index() == 0:
+            (args.out / "zero1.json").write_text(json.dumps(zero1, indent=1))
     else:
         assert jax.process_count() == 1, jax.process_count()
         arrays, collectives = _train_then_reshard(cases, args.out)
@@ -238,6 +248,102 @@ class _Trainer:
         assert_sharded_like_params(self.case.name, model, optimizer)
 
 
+def _zero1(case) -> dict:
+    """ZeRO-1: parameters replicated over "data", the optimizer state split over it.
+
+    Plain optax on the model's parameter shapes, with a gradient that is elementwise in the
+    parameters; trains `NUM_STEPS` steps with the state laid out like the parameters and with
+    `zero1_shardings`. Returns the state's bytes this process holds in each layout, and the
+    collectives of the ZeRO-1 step.
+    """
+    mesh = _make_mesh(MESH_SHAPE)
+    tx = case.make()
+    specs = {
+        "/".join(key): P(*(None if axis == "data" else axis for axis in spec))
+        for key, spec in SPECS.items()
+    }
+    shapes = {"l1/bias": (16,), "l1/kernel": (8, 16), "l2/bias": (8,), "l2/kernel": (16, 8)}
+    rng = np.random.default_rng(0)
+    values = [
+        {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
+        for _ in range(NUM_STEPS + 1)
+    ]
+    with jax.set_mesh(mesh):
+        shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
+        params, *noise = (
+            {
+                k: jax.make_array_from_callback(v.shape, shardings[k], v.__getitem__)
+                for k, v in d.items()
+            }
+            for d in values
+        )
+        like_params = opt_state_shardings(tx, params)
+        split = zero1_shardings(tx, params, "data")
+
+        def step(params, state, noise):
+            grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, noise)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        results, held, collectives = {}, {}, None
+        for layout, state_shardings in (("like_params", like_params), ("zero1", split)):
+            state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+            compiled = (
+                jax.jit(step, out_shardings=(shardings, state_shardings))
+                .lower(params, state, noise[0])
+                .compile()
+            )
+            trained = params
+            for n in noise:
+                trained, state = compiled(trained, state, n)
+            held[layout] = sum(
+                shard.data.nbytes
+                for leaf in jax.tree.leaves(state)
+                for shard in leaf.addressable_shards
+            )
+            results[layout] = {"params": trained, "opt_state": state}
+            collectives = hlo_collectives(compiled.as_text())
+    # The same elementwise arithmetic in either layout, but on other per-device shapes, for
+    # which XLA generates other code: equal up to float32 rounding (the trained parameters,
+    # on the shards this process holds).
+    difference = 0.0
+    for key, leaf in results["zero1"]["params"].items():
+        for mine, theirs in zip(
+            leaf.addressable_shards,
+            results["like_params"]["params"][key].addressable_shards,
+            strict=True,
+        ):
+            np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-6)
+            difference = max(difference, float(np.max(np.abs(mine.data - theirs.data))))
+    return {
+        "optimizer": case.name,
+        "state_bytes_held": held,
+        "max_difference": difference,
+        "collectives": collectives,
+    }
+
+
+def zero1_shardings(tx, params, axis: str):
+    """Shardings for `tx.init(params)` that split each state leaf over mesh `axis` as well.
+
+    The recipe of docs/ecosystem.md: a leaf not yet split over `axis` gets it on its first
+    unsharded dimension that divides by the axis size.
+    """
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+
+    def split(abstract, sharding):
+        spec = list(sharding.spec) + [None] * (abstract.ndim - len(sharding.spec))
+        if axis in jax.tree.leaves(spec):  # Already split over `axis`.
+            return sharding
+        for i, (dim, entry) in enumerate(zip(abstract.shape, spec, strict=True)):
+            if entry is None and dim % mesh.shape[axis] == 0:
+                spec[i] = axis
+                return NamedSharding(mesh, P(*spec))
+        return sharding  # Scalars and leaves with no divisible dimension keep their layout.
+
+    return jax.tree.map(split, jax.eval_shape(tx.init, params), opt_state_shardings(tx, params))
+
+
 def _restore_target(case, mesh):
     """Shapes, dtypes and shardings on `mesh` of the saved state: nothing is computed.
 
@@ -272,8 +378,12 @@ def _states(trainers) -> dict:
 
 
 def _flat(states) -> dict:
-    """{leaf path: array} of a tree of `_Trainer.state()`s."""
-    pure = jax.tree.map(nnx.to_pure_dict, states, is_leaf=lambda x: isinstance(x, nnx.State))
+    """{leaf path: array} of a tree of arrays and `nnx.State`s."""
+    pure = jax.tree.map(
+        lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
+        states,
+        is_leaf=lambda x: isinstance(x, nnx.State),
+    )
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree.leaves_with_path(pure)}
 
 

@@ -5,7 +5,8 @@ Launches `tests/multiprocess_nnx.py` three times at once: two processes joined b
 all 8 devices, which also restores the two processes' checkpoint onto another mesh shape. What
 each process checks in itself (its share of every sharded leaf, the checkpoint restored into
 the two processes bit for bit, shardings after every stage) is in that file's docstring; this
-test compares the layouts' results and their compiled updates' collectives.
+test compares the layouts' results and their compiled updates' collectives, and checks the
+two processes' ZeRO-1 run (the optimizer state split over "data", the parameters not).
 
 Not bit for bit: in a multi-process run every collective goes through gloo, also one among a
 process's own devices, and gloo adds the 4 partial sums of an all-reduce over "model" in
@@ -141,4 +142,18 @@ def _check_results(out) -> None:
             f"resumed on (4, 2) vs uninterrupted {resumed[0]:.3g} (bitwise {resumed[1]}); "
             f"update collectives: {_summary(collectives['processes'][name])}"
         )
+    lines.append(_check_zero1(json.loads((out / "zero1.json").read_text())))
     print("\n".join(lines))
+
+
+def _check_zero1(zero1: dict) -> str:
+    """ZeRO-1 holds less state per process, and gathers only the updated parameters."""
+    held = zero1["state_bytes_held"]
+    assert held["zero1"] < 0.6 * held["like_params"], held
+    assert zero1["max_difference"] <= ATOL, zero1
+    assert {op for op, _ in zero1["collectives"]} == {"all-gather"}, zero1["collectives"]
+    return (
+        f"ZeRO-1 ({zero1['optimizer']}): state bytes per process {held['like_params']} -> "
+        f"{held['zero1']}; max |diff| {zero1['max_difference']:.3g}; "
+        f"step collectives: {_summary(zero1['collectives'])}"
+    )
