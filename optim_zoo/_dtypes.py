@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any
 
 import jax
@@ -119,8 +120,8 @@ class StateRounding:
     ``"nearest"``: ``x.astype(dtype)``. ``"stochastic"``: rounded up or down at random, up with
     the probability of the discarded fraction, so that the stored value is `x` on average and
     small increments to a state (an EMA with a decay near 1) are not lost to rounding. The random
-    bits are a function of the seed, the step count, the transform (`salt`), the leaf, the state
-    field and the element alone: a run is repeatable, and resumes bit for bit from a
+    bits are a function of the seed, the step count, the transform (`salt`), the leaf's path, the
+    state field and the element alone: a run is repeatable, and resumes bit for bit from a
     checkpointed state, which holds the count. State as wide as the arithmetic is stored as is
     under either rounding, and then no random bit is drawn.
     """
@@ -137,9 +138,13 @@ class StateRounding:
             self._step_bits = jax.random.bits(key, (), jnp.uint32)
         return self._step_bits
 
-    def for_leaf(self, index: int) -> LeafRounding:
-        """The rounding of the state of leaf `index`; leaves draw independent bits."""
-        return LeafRounding(self, (self._salt * 0x10001 + index) % 2**32)
+    def for_leaf(self, path: str) -> LeafRounding:
+        """The rounding of the state of the leaf at `path` (``jax.tree_util.keystr``).
+
+        Leaves draw independent bits, a function of their path: adding or removing other
+        leaves does not change them.
+        """
+        return LeafRounding(self, (self._salt * 0x10001 + zlib.crc32(path.encode())) % 2**32)
 
 
 class LeafRounding:

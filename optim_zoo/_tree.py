@@ -212,10 +212,10 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
     return tuple(PerLeaf(column, keys) for column in results)
 
 
-def leaf_indices(updates: Any) -> PerLeaf:
-    """Each leaf's position in ``jax.tree.leaves(updates)``, as a field for :func:`map_leaves`."""
+def leaf_paths(updates: Any) -> PerLeaf:
+    """Each leaf's path (:func:`leaf_keys`), as a field for :func:`map_leaves`."""
     keys = leaf_keys(updates)
-    return PerLeaf(range(len(keys)), keys)
+    return PerLeaf(keys, keys)
 
 
 def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:

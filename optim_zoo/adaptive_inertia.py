@@ -151,12 +151,12 @@ def scale_by_adaptive_inertia(
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
         # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
-        def second_moment_pass(g, m, v, beta1_prod, index):
+        def second_moment_pass(g, m, v, beta1_prod, path):
             dtype = _dtypes.compute_dtype(
                 g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
             )
             # Everything below reads v as stored (a no-op unless it is stored narrower).
-            store = rounding.for_leaf(index).store
+            store = rounding.for_leaf(path).store
             v_stored = v.accumulate(g.astype(dtype), beta2).stored_as(v, store, 0)
             v = v_stored.astype(dtype)
             return v_stored, v, v.total(), dtype
@@ -169,7 +169,7 @@ def scale_by_adaptive_inertia(
             state.m,
             second_moment.leaf_moments(state.v, updates, layout, name),
             state.beta1_prod,
-            _tree.leaf_indices(updates),
+            _tree.leaf_paths(updates),
         )
         mean_dtype = _dtypes.compute_dtype(*dtypes)
         num_elements = sum(g.size for g in jax.tree.leaves(updates))
@@ -183,8 +183,8 @@ def scale_by_adaptive_inertia(
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
         # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
-        def inertia_pass(g, m, v, beta1_prod, dtype, index):
-            store = rounding.for_leaf(index).store
+        def inertia_pass(g, m, v, beta1_prod, dtype, path):
+            store = rounding.for_leaf(path).store
             row_part, col_part = v.factors()
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
             # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
@@ -211,7 +211,7 @@ def scale_by_adaptive_inertia(
             v,
             state.beta1_prod,
             dtypes,
-            _tree.leaf_indices(updates),
+            _tree.leaf_paths(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByAdaptiveInertiaState(

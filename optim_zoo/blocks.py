@@ -225,11 +225,11 @@ def momentum_of_steps(
                 state_rounding, state_rounding_seed, new_state.count, _SALT_MOMENTUM
             )
             leaves, treedef = jax.tree.flatten(new_updates)
+            paths = _tree.leaf_keys(new_updates)
+            casts = jax.tree.leaves(new_state.ema)
             stored = [
-                rounding.for_leaf(i).store(x, cast.dtype, 0)
-                for i, (x, cast) in enumerate(
-                    zip(leaves, jax.tree.leaves(new_state.ema), strict=True)
-                )
+                rounding.for_leaf(path).store(x, cast.dtype, 0)
+                for path, x, cast in zip(paths, leaves, casts, strict=True)
             ]
             new_state = new_state._replace(ema=treedef.unflatten(stored))
         return optax.tree.cast_like(new_updates, updates), new_state

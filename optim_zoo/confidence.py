@@ -119,8 +119,8 @@ def scale_by_confidence(
         count = optax.safe_increment(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(u, m, r, index):
-            store = rounding.for_leaf(index).store
+        def leaf_update(u, m, r, path):
+            store = rounding.for_leaf(path).store
             dtype = _dtypes.compute_dtype(u.dtype, m.dtype, *(x.dtype for x in r.arrays()))
             u_ = u.astype(dtype)
             # The step reads m and the statistics as stored (a no-op unless stored narrower).
@@ -134,7 +134,7 @@ def scale_by_confidence(
 
         instability = second_moment.leaf_moments(state.instability, updates, layout, name)
         step, m, instability = _tree.map_leaves(
-            leaf_update, 3, name, updates, state.m, instability, _tree.leaf_indices(updates)
+            leaf_update, 3, name, updates, state.m, instability, _tree.leaf_paths(updates)
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByConfidenceState(

@@ -148,8 +148,8 @@ def scale_by_rectified_diag_hessian(
         decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, m, hessian, direction, p, decayed, index):
-            store = rounding.for_leaf(index).store
+        def leaf_update(g, m, hessian, direction, p, decayed, path):
+            store = rounding.for_leaf(path).store
             m_dtype, hessian_dtype, direction_dtype = m.dtype, hessian.dtype, direction.dtype
             out_dtype = g.dtype
             dtype = _dtypes.compute_dtype(g.dtype, m_dtype, hessian_dtype)
@@ -205,7 +205,7 @@ def scale_by_rectified_diag_hessian(
             state.direction,
             params,
             decayed,
-            _tree.leaf_indices(updates),
+            _tree.leaf_paths(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByRectifiedDiagHessianState(

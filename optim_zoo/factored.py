@@ -150,12 +150,12 @@ def scale_by_factored_rms(
         count = optax.safe_increment(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, leaf, index):
+        def leaf_update(g, leaf, path):
             dtype = _dtypes.compute_dtype(g.dtype, *(x.dtype for x in leaf.arrays()))
             g_ = g.astype(dtype)
             # The update reads the statistics as stored (a no-op unless stored narrower).
             new = leaf.accumulate(g_, decay_at(state.count, dtype), eps)
-            leaf = new.stored_as(leaf, rounding.for_leaf(index).store)
+            leaf = new.stored_as(leaf, rounding.for_leaf(path).store)
             row_factor, col_factor = leaf.astype(dtype).factors(jax.lax.rsqrt)
             return (g_ * row_factor * col_factor).astype(g.dtype), leaf
 
@@ -165,7 +165,7 @@ def scale_by_factored_rms(
             name,
             updates,
             second_moment.leaf_moments(moment, updates, layout, name),
-            _tree.leaf_indices(updates),
+            _tree.leaf_paths(updates),
         )
         new_moment = second_moment.from_leaf_moments(leaves, moment, jax.tree.structure(updates))
         new_state = ScaleByFactoredRmsState(count, *new_moment)

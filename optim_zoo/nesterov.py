@@ -144,8 +144,8 @@ def scale_by_nesterov_moment(
         never = _fusion.never_true(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
-        def leaf_update(g, m, v, n, prev_grad, index):
-            store = rounding.for_leaf(index).store
+        def leaf_update(g, m, v, n, prev_grad, path):
+            store = rounding.for_leaf(path).store
             moment_dtype = m.dtype  # m, v and prev_grad share it.
             dtype = _dtypes.compute_dtype(g.dtype, m.dtype, *(x.dtype for x in n.arrays()))
             t = count.astype(dtype)
@@ -176,7 +176,7 @@ def scale_by_nesterov_moment(
             state.v,
             second_moment.leaf_moments(state.n, updates, layout, name),
             state.prev_grad,
-            _tree.leaf_indices(updates),
+            _tree.leaf_paths(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByNesterovMomentState(

@@ -88,7 +88,7 @@ def _assert_bitwise_equal(actual, expected):
     jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
-def _store(x, dtype, count=1, seed=0, leaf=0, field=0):
+def _store(x, dtype, count=1, seed=0, leaf="['w']", field=0):
     rounding = _dtypes.StateRounding("stochastic", seed, jnp.int32(count), salt=1)
     return rounding.for_leaf(leaf).store(x, dtype, field)
 
@@ -175,7 +175,7 @@ def test_state_as_wide_as_the_arithmetic_is_stored_as_is():
 def test_fields_leaves_steps_and_seeds_draw_different_bits():
     x = jnp.full((4096,), 1.0 + 2**-8, F32)
     base = np.asarray(_store(x, BF16))
-    for change in ({"count": 2}, {"seed": 1}, {"leaf": 1}, {"field": 1}):
+    for change in ({"count": 2}, {"seed": 1}, {"leaf": "['b']"}, {"field": 1}):
         other = np.asarray(_store(x, BF16, **change))
         assert 0.3 < np.mean(other != base) < 0.7, change
     np.testing.assert_array_equal(_store(x, BF16), base)  # and the same arguments the same bits
@@ -267,3 +267,13 @@ def test_resolution_is_per_transform():
     _, state = _run(tx, 2)
     second_moment, confidence = state[0], state[2]
     assert int(second_moment.count) == int(confidence.count) == 2
+
+
+def test_a_leaf_draws_the_same_bits_whatever_other_leaves_there_are():
+    # The bits follow each leaf's path, not its position: a zero-size leaf changes nothing.
+    tx = optim_zoo.adan(1e-2, **BF16_STATE, state_rounding="stochastic")
+    x = {"x": jnp.array([0.5, -1.0, 2.0])}
+    with_empty = {"a_empty": jnp.zeros((0,)), **x}
+    alone, _ = _run(tx, 3, params=x)
+    beside, _ = _run(tx, 3, params=with_empty)
+    np.testing.assert_array_equal(alone["x"], beside["x"])
