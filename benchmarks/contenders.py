@@ -99,8 +99,8 @@ def factored(contender: Contender, name: str, min_dim_size_to_factor: int) -> Co
     return Contender(name, factory, kwargs)
 
 
-def bf16_state(contender: Contender, name: str) -> Contender:
-    """`contender` with its moments stored in bfloat16.
+def bf16_state(contender: Contender, name: str, *, stochastic: bool = False) -> Contender:
+    """`contender` with its moments stored in bfloat16, with `stochastic` rounding or not.
 
     Adafactor runs without momentum here, so only its second-moment statistics change.
     """
@@ -108,10 +108,25 @@ def bf16_state(contender: Contender, name: str) -> Contender:
         dtypes = {"dtype_second_moment": BF16}
     else:
         dtypes = {"dtype_momentum": BF16, "dtype_second_moment": BF16}
+    if stochastic:
+        dtypes["state_rounding"] = "stochastic"
     return Contender(name, contender.factory, {**contender.kwargs, **dtypes})
 
 
 # --- What the step-time benchmark times --------------------------------------------------------
+
+# The optim_zoo optimizers the step-time benchmark also times with bfloat16 state.
+ALGORITHMS_WITH_STATE_VARIANTS = (
+    "Adan",
+    "Factored Adan",
+    "Adafactor",
+    "Apollo",
+    "Adai",
+    "Factored Adai",
+    "AdaiW",
+    "Factored AdaiW",
+    "CAME",
+)
 
 # Shared hyperparameters, one setting per algorithm for every implementation.
 ADAN_HP = {"lr": 1e-3, "betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02}
@@ -121,6 +136,9 @@ ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 
 # The official CAME README's example.
 CAME_HP = {"lr": 2e-4, "betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16), "weight_decay": 1e-2}
 BF16_STATE = "bf16 state"
+BF16_STATE_SR = "bf16 state, stochastic rounding"
+NO_DECAY = "no decay"
+L2_DECAY, DECOUPLED_DECAY, STABLE_DECAY = "L2 decay", "decoupled decay", "stable decay"
 
 
 def implementation_label(library: str, variant: str) -> str:
@@ -310,12 +328,78 @@ def _optim_zoo_implementations() -> list[Implementation]:
     rows = []
     for contender in optimizers:
         half = bf16_state(contender, contender.name)
+        rounded = bf16_state(contender, contender.name, stochastic=True)
         note = "no momentum here: statistics only" if "dtype_momentum" not in half.kwargs else ""
         rows.append(Implementation(contender.name, "optim_zoo", contender.build))
         rows.append(
             Implementation(contender.name, "optim_zoo", half.build, note=note, variant=BF16_STATE)
         )
+        rows.append(
+            Implementation(
+                contender.name, "optim_zoo", rounded.build, note=note, variant=BF16_STATE_SR
+            )
+        )
+    # The same optimizers with another weight decay (or none): what a decay type costs.
+    decays = [
+        (adan, NO_DECAY, {"weight_decay": 0.0}),
+        (adan, DECOUPLED_DECAY, {"no_prox": True}),
+        (Contender("Adafactor", optim_zoo.adafactor, {}), DECOUPLED_DECAY, _ADAFACTOR_DECAY),
+        *[
+            (apollo, variant, {"weight_decay": ai["weight_decay"], "weight_decay_type": kind})
+            for variant, kind in ((L2_DECAY, "L2"), (DECOUPLED_DECAY, "decoupled"))
+            + ((STABLE_DECAY, "stable"),)
+        ],
+        (adai, NO_DECAY, {"weight_decay": 0.0}),
+        (factored(adai, "Factored Adai", threshold), NO_DECAY, {"weight_decay": 0.0}),
+        (came, NO_DECAY, {"weight_decay": 0.0}),
+    ]
+    for contender, variant, kwargs in decays:
+        other = Contender(contender.name, contender.factory, {**contender.kwargs, **kwargs})
+        rows.append(Implementation(contender.name, "optim_zoo", other.build, variant=variant))
     return rows
+
+
+# Adafactor's decay (not scaled by the learning rate): the official Adafactor's order of size.
+_ADAFACTOR_DECAY = {"weight_decay_rate": 1e-3}
+
+# Which rows `benchmarks/step_time.py` times together: every row compared with another (below)
+# shares its family.
+TIMING_FAMILY = {
+    "Factored Adan": "Adan",
+    "Factored Adai": "Adai",
+    "AdaiW": "Adai",
+    "Factored AdaiW": "Adai",
+}
+
+# What each variant row is compared with in the same run, and the ratio it should stay within:
+# (algorithm, variant) over (algorithm, variant) <= limit. A memory option (factored statistics,
+# bfloat16 state) moves fewer bytes, so it should be no slower; a weight decay adds one
+# elementwise term, so it should cost at most 10%.
+COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str], float], ...] = (
+    *[
+        ((algorithm, variant), (algorithm, ""), 1.0)
+        for algorithm in ALGORITHMS_WITH_STATE_VARIANTS
+        for variant in (BF16_STATE, BF16_STATE_SR)
+    ],
+    *[
+        ((algorithm, BF16_STATE_SR), (algorithm, BF16_STATE), 1.0)
+        for algorithm in ALGORITHMS_WITH_STATE_VARIANTS
+    ],
+    (("Factored Adan", ""), ("Adan", ""), 1.0),
+    (("Factored Adai", ""), ("Adai", ""), 1.0),
+    (("Factored AdaiW", ""), ("AdaiW", ""), 1.0),
+    (("Adan", ""), ("Adan", NO_DECAY), 1.1),  # proximal decay
+    (("Adan", DECOUPLED_DECAY), ("Adan", NO_DECAY), 1.1),
+    (("Adafactor", DECOUPLED_DECAY), ("Adafactor", ""), 1.1),
+    (("Apollo", L2_DECAY), ("Apollo", ""), 1.1),
+    (("Apollo", DECOUPLED_DECAY), ("Apollo", ""), 1.1),
+    (("Apollo", STABLE_DECAY), ("Apollo", ""), 1.1),
+    (("Adai", ""), ("Adai", NO_DECAY), 1.1),  # L2 decay
+    (("AdaiW", ""), ("Adai", NO_DECAY), 1.1),  # decoupled decay
+    (("Factored Adai", ""), ("Factored Adai", NO_DECAY), 1.1),  # L2 decay
+    (("Factored AdaiW", ""), ("Factored Adai", NO_DECAY), 1.1),  # decoupled decay
+    (("CAME", ""), ("CAME", NO_DECAY), 1.1),  # decoupled decay
+)
 
 
 def _jax_implementations() -> list[Implementation]:

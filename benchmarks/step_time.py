@@ -5,8 +5,9 @@ and the state. Its floor on any device is those bytes over the memory bandwidth.
 measures that bandwidth first (a jitted, donated in-place update of one large buffer), then times
 one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer and one
 ``optimizer.step()`` of each PyTorch peer, on three trees. Each row is timed in two rounds over
-all rows of its tree (median of repeated runs after warm-up in each round; the row keeps its
-better round), so that load elsewhere on the machine does not single out one row. The trees:
+the rows of its group (an algorithm family with its variants and peers: median of repeated runs
+after warm-up in each round; the row keeps its better round), so that load elsewhere on the
+machine does not single out one row, and rows that are compared run side by side. The trees:
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
 * ``5M``: a transformer-shaped tree of 5.8M parameters (d_model 256, 6 layers, vocab 4096);
@@ -63,6 +64,8 @@ import optax
 from benchmarks import report
 from benchmarks.contenders import (
     BF16_STATE,
+    COMPARISONS,
+    TIMING_FAMILY,
     Implementation,
     implementation_label,
     implementations,
@@ -262,6 +265,79 @@ def prepare_torch(
     return run, finish
 
 
+def timing_groups(contenders: Sequence[Implementation]) -> list[list[Implementation]]:
+    """The contenders in groups timed together: each algorithm family (`TIMING_FAMILY`) with
+    its variants and peers, in the order of `contenders`.
+
+    Rows compared with each other (a variant and its original, an implementation and its peers)
+    share a group, so they are timed side by side; only one group's arrays and compiled steps
+    are alive at a time, which bounds the memory of a run with many variant rows.
+    """
+    groups: dict[str, list[Implementation]] = {}
+    for contender in contenders:
+        family = TIMING_FAMILY.get(contender.algorithm, contender.algorithm)
+        groups.setdefault(family, []).append(contender)
+    return list(groups.values())
+
+
+def time_group(
+    group: Sequence[Implementation],
+    tree: tuple[str, int, int, Any, Any],
+    dtype: Any,
+    rounds: int,
+    timing: dict[str, Any],
+) -> list[dict]:
+    """Builds and times every contender of `group` on `tree`; returns their rows."""
+    tree_name, num_params, num_leaves, params_np, grads_np = tree
+    rows = []
+    prepared = []  # (row, name, run, finish) for every contender that could be built
+    for contender in group:
+        row: dict[str, Any] = {
+            "tree": tree_name,
+            "algorithm": contender.algorithm,
+            "library": contender.library,
+            "variant": contender.variant,
+            "note": contender.note,
+            "num_params": num_params,
+            "num_leaves": num_leaves,
+        }
+        rows.append(row)
+        reason = import_error(contender)
+        if reason is None and contender.framework == "torch" and dtype != np.float32:
+            reason = "float32 only"
+        if reason is None:
+            prepare = prepare_jax if contender.framework == "jax" else prepare_torch
+            try:
+                run, finish = prepare(contender, params_np, grads_np)
+                run()  # A peer that fails at run time is recorded, not fatal.
+            except Exception as e:
+                if contender.framework == "jax":
+                    raise
+                reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
+            row["skipped"] = reason
+            print(f"  {contender.name:40s} skipped: {reason}", flush=True)
+            continue
+        prepared.append((row, contender.name, run, finish))
+    # Rounds over the group's rows, so that a burst of load elsewhere on the machine hits one
+    # round of every row rather than every round of one row; each row keeps its best round's
+    # median.
+    for round_index in range(rounds):
+        for row, name, run, _ in prepared:
+            result = _median_time(run, **timing)
+            row.setdefault("round_medians_s", []).append(result["median_s"])
+            row["reps"] = row.get("reps", 0) + result["reps"]
+            row["min_s"] = min(row.get("min_s", np.inf), result["min_s"])
+            row["max_s"] = max(row.get("max_s", 0.0), result["max_s"])
+            if round_index == rounds - 1:
+                row["median_s"] = min(row["round_medians_s"])
+                row["ms_per_step"] = 1e3 * row["median_s"]
+                print(f"  {name:40s} {row['ms_per_step']:9.2f} ms", flush=True)
+    for row, _, _, finish in prepared:
+        row.update(finish())
+    return rows
+
+
 # --- Report ------------------------------------------------------------------------------------
 
 
@@ -303,6 +379,60 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
                 f"| {_fmt(None if temp is None else temp / MB, '.1f')} "
                 f"| {_fmt(row.get('compile_s'), '.1f')} |"
             )
+    return header + "\n".join(lines) + "\n"
+
+
+def variant_comparisons(rows: list[dict], trees: Sequence[str]) -> list[dict]:
+    """Each variant row against its original in this run (`contenders.COMPARISONS`)."""
+    timed = {
+        (r["tree"], r["algorithm"], r.get("variant", "")): r
+        for r in rows
+        if "skipped" not in r and r["library"] == "optim_zoo"
+    }
+    found = []
+    for tree in trees:
+        for subject, reference, limit in COMPARISONS:
+            a, b = timed.get((tree, *subject)), timed.get((tree, *reference))
+            if a is None or b is None:
+                continue
+            found.append(
+                {
+                    "tree": tree,
+                    "row": _name(subject),
+                    "reference": _name(reference),
+                    "ms": a["ms_per_step"],
+                    "reference_ms": b["ms_per_step"],
+                    "ratio": a["ms_per_step"] / b["ms_per_step"],
+                    "limit": limit,
+                    "temp_mb": _temp_mb(a),
+                    "reference_temp_mb": _temp_mb(b),
+                }
+            )
+    return found
+
+
+def _name(key: tuple[str, str]) -> str:
+    algorithm, variant = key
+    return algorithm + (f" [{variant}]" if variant else "")
+
+
+def _temp_mb(row: dict) -> float | None:
+    temp = row.get("temp_bytes")
+    return None if temp is None else temp / MB
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    header = (
+        "| tree | row | against | ms/step | against ms/step | ratio | at most "
+        "| temp MB (row / against) |\n|---|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {c['tree']} | {c['row']} | {c['reference']} | {c['ms']:.2f} "
+        f"| {c['reference_ms']:.2f} | {'**' if c['ratio'] > c['limit'] else ''}"
+        f"{c['ratio']:.2f}{'**' if c['ratio'] > c['limit'] else ''} | {c['limit']:.1f} "
+        f"| {_fmt(c['temp_mb'], '.1f')} / {_fmt(c['reference_temp_mb'], '.1f')} |"
+        for c in comparisons
+    ]
     return header + "\n".join(lines) + "\n"
 
 
@@ -478,58 +608,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_leaves = len(leaf_shapes(shapes))
         num_params = sum(int(np.prod(s)) for s in leaf_shapes(shapes))
         print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters in {num_leaves} leaves")
-        prepared = []  # (row, name, run, finish) for every contender that could be built
-        for contender in contenders:
-            row: dict[str, Any] = {
-                "tree": tree_name,
-                "algorithm": contender.algorithm,
-                "library": contender.library,
-                "variant": contender.variant,
-                "note": contender.note,
-                "num_params": num_params,
-                "num_leaves": num_leaves,
-            }
-            rows.append(row)
-            reason = import_error(contender)
-            if reason is None and contender.framework == "torch" and dtype != np.float32:
-                reason = "float32 only"
-            if reason is None:
-                prepare = prepare_jax if contender.framework == "jax" else prepare_torch
-                try:
-                    run, finish = prepare(contender, params_np, grads_np)
-                    run()  # A peer that fails at run time is recorded, not fatal.
-                except Exception as e:
-                    if contender.framework == "jax":
-                        raise
-                    reason = f"{type(e).__name__}: {e}"
-            if reason is not None:
-                row["skipped"] = reason
-                print(f"  {contender.name:40s} skipped: {reason}", flush=True)
+        for group in timing_groups(contenders):
+            tree = (tree_name, num_params, num_leaves, params_np, grads_np)
+            rows += time_group(group, tree, dtype, rounds, timing)
+            gc.collect()
+        for row in rows:
+            if row["tree"] != tree_name or "skipped" in row:
                 continue
-            prepared.append((row, contender.name, run, finish))
-        # Rounds over all rows, so that a burst of load elsewhere on the machine hits one
-        # round of every row rather than every round of one row; each row keeps its best
-        # round's median.
-        for round_index in range(rounds):
-            for row, name, run, _ in prepared:
-                result = _median_time(run, **timing)
-                row.setdefault("round_medians_s", []).append(result["median_s"])
-                row["reps"] = row.get("reps", 0) + result["reps"]
-                row["min_s"] = min(row.get("min_s", np.inf), result["min_s"])
-                row["max_s"] = max(row.get("max_s", 0.0), result["max_s"])
-                if round_index == rounds - 1:
-                    row["median_s"] = min(row["round_medians_s"])
-                    row["ms_per_step"] = 1e3 * row["median_s"]
-                    print(f"  {name:40s} {row['ms_per_step']:9.2f} ms", flush=True)
-        for row, _, _, finish in prepared:
-            row.update(finish())
             algorithm = ALGORITHMS[row["algorithm"]]
             sizes = row.get("state_itemsizes")
             state_sizes = None if sizes is None else StateItemsizes(**sizes)
             row.update(
                 traffic(leaf_shapes(shapes), itemsize, row["state_bytes"], algorithm, state_sizes)
             )
-        prepared = run = finish = None  # Free this tree's arrays before the next one.
         gc.collect()
     bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
     bandwidth = max(bandwidths)
@@ -550,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     headline = HEADLINE_TREE if HEADLINE_TREE in trees else tree_names[0]
     many = MANY_LEAVES_TREE if MANY_LEAVES_TREE in trees else tree_names[-1]
     checks = check_targets(rows, headline, many)
+    # Each option against its original: printed and reported apart from the issue's targets.
+    comparisons = variant_comparisons(rows, tree_names)
     result = {
         "config": {
             "quick": args.quick,
@@ -566,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "algorithms": {name: a.passes for name, a in ALGORITHMS.items()},
         "rows": rows,
         "targets": checks,
+        "comparisons": comparisons,
         "table": table,
         "wall_s": time.perf_counter() - started,
     }
@@ -573,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)
     for check in checks:
         print(f"{'met   ' if check['met'] else 'MISSED'} {check['target']}: {check['value']}")
+    print()
+    print(comparisons_table(comparisons))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "step_time.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -613,10 +709,20 @@ def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks
         " hyperparameters. `optim_zoo [bf16 state]` rows keep the state in bfloat16"
         " (`dtype_momentum` and `dtype_second_moment`; Adafactor's momentum is off here, so"
         " only its statistics) with float32 parameters; the bytes moved and the re-reads count"
-        " the state leaves at the dtype they are allocated in. Neither kind has peers or"
-        " targets.",
+        " the state leaves at the dtype they are allocated in. `[bf16 state, stochastic"
+        ' rounding]` rows store it with `state_rounding="stochastic"`. `[no decay]`,'
+        " `[L2 decay]`, `[decoupled decay]` and `[stable decay]` rows change only the weight"
+        " decay. None of these rows has peers or targets of its own; the table after the"
+        " main one compares each with its original.",
         "",
         markdown_table(rows, trees),
+        "## Variants against their originals (same run)",
+        "",
+        "Each option's row over the row without it, timed side by side in this run; bold where"
+        " the ratio exceeds the limit (a memory option moves fewer bytes, so it should be no"
+        " slower; a weight decay should cost at most 10%).",
+        "",
+        comparisons_table(result.get("comparisons", [])),
         "## Targets",
         "",
     ]

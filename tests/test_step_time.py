@@ -106,6 +106,24 @@ def test_factored_rows_hold_less_state_where_a_leaf_is_factored(quick_run):
     )
 
 
+def test_each_option_is_timed_against_its_original(quick_run):
+    out_dir, result = quick_run
+    rows = _rows_by_key(result)
+    for tree in result["config"]["trees"]:
+        for algorithm in OPTIM_ZOO_ALGORITHMS:
+            assert (tree, "optim_zoo", algorithm, contenders.BF16_STATE_SR) in rows
+        for variant in (contenders.L2_DECAY, contenders.DECOUPLED_DECAY, contenders.STABLE_DECAY):
+            assert (tree, "optim_zoo", "Apollo", variant) in rows
+        assert (tree, "optim_zoo", "Adai", contenders.NO_DECAY) in rows
+    # Every comparison found both its rows, on every tree, with the ratio of their times.
+    assert len(result["comparisons"]) == len(contenders.COMPARISONS) * len(
+        result["config"]["trees"]
+    )
+    for c in result["comparisons"]:
+        assert c["ratio"] == pytest.approx(c["ms"] / c["reference_ms"])
+    assert "## Variants against their originals" in (out_dir / "step_time.md").read_text()
+
+
 def test_rows_are_consistent(quick_run):
     _, result = quick_run
     assert result["bandwidth_gbs"]["used"] > 0
@@ -215,12 +233,18 @@ def test_only_selects_by_algorithm_word_library_or_variant():
     assert names("adan") == {
         "optim_zoo Adan",
         "optim_zoo [bf16 state] Adan",
+        "optim_zoo [bf16 state, stochastic rounding] Adan",
+        "optim_zoo [no decay] Adan",
+        "optim_zoo [decoupled decay] Adan",
         "optax Adan",
         "optim_zoo Factored Adan",
         "optim_zoo [bf16 state] Factored Adan",
+        "optim_zoo [bf16 state, stochastic rounding] Factored Adan",
     }
-    assert names("bf16") == {c.name for c in rows if c.variant}
-    assert len(names("factored")) == 6
+    assert names("bf16") == {c.name for c in rows if "bf16" in c.variant}
+    assert names("stochastic") == {c.name for c in rows if c.variant == contenders.BF16_STATE_SR}
+    assert names("decay") == {c.name for c in rows if c.variant.endswith("decay")}
+    assert len(names("factored")) == 10  # three algorithms, their variants, one no decay
 
 
 def test_unknown_filter_is_an_error(tmp_path):
