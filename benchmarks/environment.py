@@ -46,6 +46,13 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _gpu_description() -> str:
+    if jax.default_backend() != "gpu":
+        return "No GPU was available for these measurements (CPU only)"
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    return f"GPU: {len(jax.devices())} x {', '.join(kinds)}; JAX and PyTorch rows run on it"
+
+
 def machine_info() -> dict[str, Any]:
     """The processor, memory, devices and the versions of every library that was timed."""
     info: dict[str, Any] = {
@@ -56,7 +63,7 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "optax": optax.__version__,
         "optim_zoo": optim_zoo.__version__,
-        "gpu": "No GPU was available for these measurements (CPU only)",
+        "gpu": _gpu_description(),
     }
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

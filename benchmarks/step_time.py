@@ -4,14 +4,20 @@ An optimizer step reads every parameter, gradient and state leaf and writes back
 and the state. Its floor on any device is those bytes over the memory bandwidth. This script
 measures that bandwidth first (a jitted, donated in-place update of one large buffer), then times
 one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer and one
-``optimizer.step()`` of each PyTorch peer, on three trees. Each row is timed in two rounds over
+``optimizer.step()`` of each PyTorch peer. Each row is timed in two rounds over
 the rows of its group (an algorithm family with its variants and peers: median of repeated runs
 after warm-up in each round; the row keeps its better round), so that load elsewhere on the
-machine does not single out one row, and rows that are compared run side by side. The trees:
+machine does not single out one row, and rows that are compared run side by side. The trees
+(on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
 * ``5M``: a transformer-shaped tree of 5.8M parameters (d_model 256, 6 layers, vocab 4096);
-* ``1000x1k``: 1,000 leaves of 1,000 parameters each (per-leaf overhead).
+* ``1000x1k``: 1,000 leaves of 1,000 parameters each (per-leaf overhead);
+* ``185M``: a transformer-shaped tree of 184.7M parameters (d_model 1024, 12 layers, vocab
+  32768), whose arrays no GPU cache holds.
+
+When JAX's default backend is a GPU, the PyTorch peers run on it too (CUDA), and each of their
+steps is waited for like a JAX step.
 
 Per row it reports ms per step, the bytes a single pass moves, the single-pass floor, the floor
 of the fewest passes the algorithm's reductions force (``traffic.ALGORITHMS``;
@@ -111,15 +117,22 @@ TREES: dict[str, Callable[[], dict]] = {
     "30M": lambda: transformer_shapes(512, 8, 8192),
     "5M": lambda: transformer_shapes(256, 6, 4096),
     "1000x1k": lambda: many_leaves_shapes(1000, 1000),
+    # A GPU's last-level cache (60 MB on an H200) holds half of one of the 30M tree's arrays;
+    # this tree's (740 MB each) it does not, so device memory alone sets its floor.
+    "185M": lambda: transformer_shapes(1024, 12, 32768),
 }
+# The trees a run times unless `--trees` says otherwise, by JAX's default backend. A GPU run
+# leaves out the 1,000-leaf tree: compiling its 40 JAX programs for the GPU takes most of the
+# run, and per-leaf overhead is measured on the CPU.
+DEFAULT_TREES = {"cpu": ("30M", "5M", "1000x1k"), "gpu": ("185M", "30M")}
 QUICK_TREES: dict[str, Callable[[], dict]] = {
     # A 128 x 128 head: the one factored leaf (traffic.MIN_DIM_SIZE_TO_FACTOR), still small enough
     # that PyTorch keeps every tensor op on one thread.
     "tiny": lambda: {**transformer_shapes(32, 1, 64), "head": (128, 128)},
     "10x100": lambda: many_leaves_shapes(10, 100),
 }
-HEADLINE_TREE = "30M"
-MANY_LEAVES_TREE = "1000x1k"
+HEADLINE_TREE = {"cpu": "30M", "gpu": "185M"}
+MANY_LEAVES_TREES = ("1000x1k", "10x100")  # the full run's and the quick run's
 
 
 def _is_shape(x: Any) -> bool:
@@ -234,23 +247,34 @@ def prepare_jax(
     return run, finish
 
 
+def torch_device() -> str:
+    """Where the PyTorch peers run: on the GPU when JAX's rows run on one, else on the CPU."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def prepare_torch(
     contender: Implementation, params_np: Any, grads_np: Any
 ) -> tuple[Callable, Callable]:
-    """Builds the optimizer on float32 copies; returns `run` (one step) and `finish`."""
+    """Builds the optimizer on float32 copies on `torch_device()`; returns `run` (one step,
+    waited for) and `finish`."""
     import torch
 
+    device = torch_device()
     torch.set_num_threads(os.cpu_count() or 1)
     params = []
     for p, g in zip(jax.tree.leaves(params_np), jax.tree.leaves(grads_np), strict=True):
-        tensor = torch.nn.Parameter(torch.from_numpy(np.array(p, np.float32)))
-        tensor.grad = torch.from_numpy(np.array(g, np.float32))
+        tensor = torch.nn.Parameter(torch.from_numpy(np.array(p, np.float32)).to(device))
+        tensor.grad = torch.from_numpy(np.array(g, np.float32)).to(device)
         params.append(tensor)
     optimizer = contender.make(params)
 
     def run():
         with torch.no_grad():
             optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def finish():
         state_bytes = sum(
@@ -436,7 +460,7 @@ def comparisons_table(comparisons: list[dict]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def check_targets(rows: list[dict], headline: str, many_leaves: str) -> list[dict]:
+def check_targets(rows: list[dict], headline: str, many_leaves: str | None) -> list[dict]:
     """The issue's targets, evaluated on this run's rows.
 
     Only the published algorithms' default configurations take part, as targets or as peers:
@@ -514,7 +538,7 @@ def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
     ]
     colors = dict(zip(libraries, ["C0", "C0", "C1", "C2", "C3", "C4"], strict=True))
     hatches = {f"optim_zoo [{BF16_STATE}]": "//"}
-    trees = [t for t in trees if t != MANY_LEAVES_TREE] or list(trees)
+    trees = [t for t in trees if t not in MANY_LEAVES_TREES] or list(trees)
     fig, axes = plt.subplots(1, len(trees), figsize=(8.5 * len(trees), 4.5), squeeze=False)
     for ax, tree in zip(axes[0], trees, strict=True):
         timed = [r for r in rows if r["tree"] == tree and "skipped" not in r]
@@ -576,12 +600,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    trees = QUICK_TREES if args.quick else TREES
-    if args.trees:
-        unknown = set(args.trees) - set(trees)
-        if unknown:
-            raise SystemExit(f"unknown trees {sorted(unknown)}; choose from {list(trees)}")
-        trees = {k: v for k, v in trees.items() if k in args.trees}
+    available = QUICK_TREES if args.quick else TREES
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    names = args.trees or (list(QUICK_TREES) if args.quick else DEFAULT_TREES[backend])
+    unknown = set(names) - set(available)
+    if unknown:
+        raise SystemExit(f"unknown trees {sorted(unknown)}; choose from {list(available)}")
+    trees = {name: available[name] for name in names}
     timing = (
         {"warmup": 1, "min_reps": 3, "budget_s": 0.0}
         if args.quick
@@ -595,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"no contender matches {args.only}")
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else np.float32
     itemsize = np.dtype(dtype).itemsize
-    stream_elements = 2**20 if args.quick else 2**26
+    # The stream buffer is 4x (CPU) or 16x (GPU) the largest cache it could stay in.
+    stream_elements = 2**20 if args.quick else (2**28 if backend == "gpu" else 2**26)
     rounds = args.rounds or (1 if args.quick else 2)
 
     load_start = load_average()
@@ -638,8 +664,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     tree_names = list(trees)
     table = markdown_table(rows, tree_names)
-    headline = HEADLINE_TREE if HEADLINE_TREE in trees else tree_names[0]
-    many = MANY_LEAVES_TREE if MANY_LEAVES_TREE in trees else tree_names[-1]
+    headline = HEADLINE_TREE[backend] if HEADLINE_TREE[backend] in trees else tree_names[0]
+    many = next((t for t in MANY_LEAVES_TREES if t in trees), None)
     checks = check_targets(rows, headline, many)
     # Each option against its original: printed and reported apart from the issue's targets.
     comparisons = variant_comparisons(rows, tree_names)
