@@ -23,6 +23,7 @@ OPTIM_ZOO_ALGORITHMS = (
     "Factored Adai",
     "AdaiW",
     "Factored AdaiW",
+    "CAME",
 )
 FACTORED = {"Factored Adan": "Adan", "Factored Adai": "Adai", "Factored AdaiW": "AdaiW"}
 
