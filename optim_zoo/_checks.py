@@ -106,6 +106,20 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
         raise ValueError(f"{name} must be one of {{{allowed}}}, got {value!r}.")
 
 
+def check_axis_names(value: Any) -> tuple[str, ...] | None:
+    """`axis_name` as a tuple of distinct mesh axis names (a single name allowed), or None."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise HyperparameterTypeError(
+            f"axis_name must be a mesh axis name, a tuple of them or None, got {value!r}."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"axis_name names an axis twice: {value!r}.")
+    return tuple(names)
+
+
 def check_flag(name: str, value: Any) -> None:
     """Raises `HyperparameterTypeError` naming `name` unless `value` is a bool (a mode switch)."""
     if not isinstance(value, bool | np.bool_):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _tree, second_moment
+from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree, second_moment
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
 # Tells this transform's random rounding bits from those of others chained with it.
@@ -41,6 +41,7 @@ def scale_by_adaptive_inertia(
     dtype_second_moment: jax.typing.DTypeLike | None = None,
     state_rounding: str = "nearest",
     state_rounding_seed: int = 0,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adai's momentum with adaptive per-element inertia.
 
@@ -76,6 +77,15 @@ def scale_by_adaptive_inertia(
     The update runs in two passes over the leaves: the second moments and their global mean
     :math:`\bar v_t`, then each leaf's inertia and momentum.
 
+    Sharded parameters: under ``jax.jit`` with sharded arrays the mean is over the whole
+    arrays, and XLA all-reduces each leaf's sum over the mesh axes that leaf is split over (one
+    all-reduce per distinct set of axes). Inside :func:`jax.shard_map` the transform sees only
+    each device's shards: ``axis_name`` names the mesh axes to average across, and the mean is
+    then one scalar ``psum`` over them, each leaf's local sum divided by the number of devices
+    along those axes holding the same shard (read from shard_map's types, so its
+    ``check_vma`` must stay on). Without ``axis_name``, leaves split over shard_map axes raise
+    an error rather than give a per-device mean silently; ``axis_name=()`` asks for exactly that.
+
     Args:
       beta0: the inertia scale, >= 0 (no upper bound, as in the official code).
       beta2: decay of the squared-gradient EMA, in [0, 1).
@@ -94,6 +104,9 @@ def scale_by_adaptive_inertia(
         ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in
         [0, 2**32); the bits also depend on the step count, so a resumed run continues exactly.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis name or names the global mean is
+        taken across (one ``psum``); None (default) outside shard_map. Not with ``factored``,
+        whose statistics average along axes a shard may split.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -130,6 +143,12 @@ def scale_by_adaptive_inertia(
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
     dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
     _checks.check_state_rounding(state_rounding, state_rounding_seed)
+    axis_names = _checks.check_axis_names(axis_name)
+    if factored and axis_name is not None:
+        raise ValueError(
+            "axis_name cannot be combined with factored=True: the factored statistics average "
+            "along axes that shard_map may split."
+        )
     name = "scale_by_adaptive_inertia"
 
     def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
@@ -172,12 +191,16 @@ def scale_by_adaptive_inertia(
             _tree.leaf_paths(updates),
         )
         mean_dtype = _dtypes.compute_dtype(*dtypes)
-        num_elements = sum(g.size for g in jax.tree.leaves(updates))
-        v_bar = (
-            sum(v_sums, jnp.zeros([], mean_dtype))
-            / (1 - beta2 ** count.astype(mean_dtype))
-            / max(num_elements, 1)
-        )
+        leaves = jax.tree.leaves(updates)
+        if axis_names is None:
+            _shards.check_whole_leaves(leaves, name)
+            v_total = sum(v_sums, jnp.zeros([], mean_dtype))
+            num_elements = sum(g.size for g in leaves)
+        else:  # Inside shard_map: one psum over the named axes.
+            v_total, num_elements = _shards.total_and_count(
+                v_sums, leaves, axis_names, jnp.zeros([], mean_dtype), name
+            )
+        v_bar = v_total / (1 - beta2 ** count.astype(mean_dtype)) / max(num_elements, 1)
         # An infinite mean (an infinite gradient anywhere) would set every other ratio to 0,
         # the largest inertia, silently and for good: NaN instead, so that it shows.
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)

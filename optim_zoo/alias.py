@@ -407,6 +407,7 @@ def adai(
     dtype_second_moment: jax.typing.DTypeLike | None = None,
     state_rounding: str = "nearest",
     state_rounding_seed: int = 0,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adai, SGD with adaptive per-element inertia, exactly as its official code.
 
@@ -440,6 +441,9 @@ def adai(
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
+      axis_name: only for an update computed inside :func:`jax.shard_map`: the mesh axis name
+        or names to take the mean across, with one ``psum`` (see
+        :func:`optim_zoo.scale_by_adaptive_inertia`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -473,6 +477,7 @@ def adai(
         dtype_second_moment=dtype_second_moment,
         state_rounding=state_rounding,
         state_rounding_seed=state_rounding_seed,
+        axis_name=axis_name,
     )
     return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)
 
@@ -507,6 +512,7 @@ def adaiw(
     dtype_second_moment: jax.typing.DTypeLike | None = None,
     state_rounding: str = "nearest",
     state_rounding_seed: int = 0,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaiW: Adai with decoupled weight decay.
 
@@ -531,6 +537,7 @@ def adaiw(
         dtype_second_moment=dtype_second_moment,
         state_rounding=state_rounding,
         state_rounding_seed=state_rounding_seed,
+        axis_name=axis_name,
     )
 
 

@@ -13,6 +13,9 @@ directly with that variable set. For both auto and explicit mesh axes and every 
   CAME's only non-scalar all-reduces are their factored statistics;
 * `tx.init` under `jax.jit` with `out_shardings` taken from `jax.eval_shape` gives that state;
 * an Orbax checkpoint of the sharded state restores into a target with those shardings.
+
+And Adai's update computed inside `jax.shard_map` with `axis_name`: equal to the jitted run,
+its global mean one scalar all-reduce over all 8 devices; without `axis_name` it refuses.
 """
 
 from __future__ import annotations
@@ -29,8 +32,15 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import optim_zoo
 from fixtures import registry
-from fixtures.mesh import NUM_HOST_DEVICES, hlo_collectives, opt_state_shardings
+from fixtures.mesh import (
+    NUM_HOST_DEVICES,
+    all_reduce_group_sizes,
+    hlo_collectives,
+    opt_state_shardings,
+    shard_mapped_update,
+)
 
 # The six paper optimizers and the sharded runs' additions: the "mesh_jax" family of
 # fixtures/registry.py.
@@ -299,3 +309,112 @@ def test_sharded_checkpoint_restores_with_its_shardings(tmp_path, axis_type, nam
         _assert_state_sharded_like_params(name, restored["opt_state"], mesh)
         assert jax.tree.structure(restored) == jax.tree.structure(saved)
         jax.tree.map(np.testing.assert_array_equal, restored, saved)
+
+
+# Adai inside jax.shard_map, with `axis_name`: the model's leaves plus one replicated on every
+# device, so that leaves held by 1, 2, 4 and 8 devices each meet in the global mean.
+SHARD_MAP_SHAPES = {**SHAPES, "r": (5,)}
+SHARD_MAP_SPECS = {**SPECS, "r": P()}
+ADAI_SHARD_MAP = {
+    "adai": lambda **kw: optim_zoo.adai(0.1, weight_decay=1e-2, **kw),
+    "adaiw": lambda **kw: optim_zoo.adaiw(0.1, weight_decay=1e-2, **kw),
+}
+
+
+def _shard_map_values(mesh) -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(1)
+    shardings = {k: NamedSharding(mesh, s) for k, s in SHARD_MAP_SPECS.items()}
+
+    def put(scale):
+        return {
+            k: jax.device_put((scale * rng.standard_normal(s)).astype(np.float32), shardings[k])
+            for k, s in SHARD_MAP_SHAPES.items()
+        }
+
+    return put(0.5), [put(1.0) for _ in range(NUM_STEPS)]
+
+
+def _trained(update, tx, params, grads):
+    state = tx.init(params)
+    for g in grads:
+        params, state = update(g, state, params)
+    return params, state
+
+
+@pytest.mark.parametrize("name", sorted(ADAI_SHARD_MAP))
+def test_adai_in_shard_map_takes_its_mean_with_one_scalar_all_reduce(name):
+    """The same run as under plain jit, its global mean one f32[] all-reduce over all 8."""
+    mesh = _make_mesh("auto")
+    params, grads = _shard_map_values(mesh)
+    plain, manual = ADAI_SHARD_MAP[name](), ADAI_SHARD_MAP[name](axis_name=MESH_AXES)
+    with jax.set_mesh(mesh):
+        expected = _trained(jax.jit(_update_fn(plain)), plain, params, grads)
+        update = shard_mapped_update(manual, mesh, SHARD_MAP_SPECS, manual.init(params))
+        actual = _trained(update, manual, params, grads)
+        hlo = update.lower(grads[0], manual.init(params), params).compile().as_text()
+    assert hlo_collectives(hlo) == [("all-reduce", [()])], hlo_collectives(hlo)
+    assert all_reduce_group_sizes(hlo) == [NUM_HOST_DEVICES]
+    # The same sums, added in another order (per device, then across): float32 rounding, at
+    # the tolerance of the sharded runs above.
+    chex.assert_trees_all_close(
+        jax.device_get(actual), jax.device_get(expected), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_adai_in_shard_map_without_axis_name_refuses_a_per_device_mean():
+    mesh = _make_mesh("auto")
+    params, grads = _shard_map_values(mesh)
+    tx = optim_zoo.adai(0.1)
+    with jax.set_mesh(mesh):
+        update = shard_mapped_update(tx, mesh, SHARD_MAP_SPECS, tx.init(params))
+        with pytest.raises(ValueError, match=r"split over the shard_map axes \['data', 'model'\]"):
+            update(grads[0], tx.init(params), params)
+
+
+def test_adai_in_shard_map_with_an_unknown_axis_name():
+    mesh = _make_mesh("auto")
+    params, grads = _shard_map_values(mesh)
+    tx = optim_zoo.adai(0.1, axis_name=("data", "batch"))
+    with jax.set_mesh(mesh):
+        update = shard_mapped_update(tx, mesh, SHARD_MAP_SPECS, tx.init(params))
+        with pytest.raises(ValueError, match="axis_name 'batch' is not an axis"):
+            update(grads[0], tx.init(params), params)
+
+
+def test_adai_in_shard_map_with_no_axes_averages_each_device_own_shards():
+    """`axis_name=()`: each device's update is Adai on its own shards alone.
+
+    Only the leaves split over both axes: the others' results now differ between the devices
+    that hold the same shard, which no out_specs can describe.
+    """
+    mesh = _make_mesh("auto")
+    split = {k: s for k, s in SHARD_MAP_SPECS.items() if {"data", "model"} <= set(s)}
+    params, grads = _shard_map_values(mesh)
+    params, *grads = ({k: tree[k] for k in split} for tree in (params, *grads))
+    tx = optim_zoo.adai(0.1, axis_name=())
+    with jax.set_mesh(mesh):
+        update = shard_mapped_update(tx, mesh, split, tx.init(params))
+        trained, _ = _trained(update, tx, params, grads)
+    device = mesh.devices.flat[0]
+
+    def shard(x):
+        return next(s.data for s in x.addressable_shards if s.device == device)
+
+    local = jax.tree.map(lambda x: jnp.asarray(np.asarray(shard(x))), params)
+    local_grads = [jax.tree.map(lambda x: jnp.asarray(np.asarray(shard(x))), g) for g in grads]
+    plain = optim_zoo.adai(0.1)
+    expected, _ = _trained(jax.jit(_update_fn(plain)), plain, local, local_grads)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: np.asarray(shard(x)), trained),
+        jax.device_get(expected),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def _update_fn(tx):
+    def update(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return update

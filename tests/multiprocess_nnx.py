@@ -13,7 +13,8 @@ Run by `tests/test_multiprocess.py`, never collected by pytest itself. Two layou
   ZeRO-1: the parameters replicated over "data" and the optimizer state split over it
   (`zero1_shardings`, as `tx.init`'s `out_shardings`), against the state laid out like the
   parameters: the bytes of state each process holds, and the step's collectives, go to
-  `<out>/zero1.json`.
+  `<out>/zero1.json`. Last, Adai's update inside `jax.shard_map` with `axis_name` against the
+  jitted one: its collectives, and the difference, go to `<out>/adai_shard_map.json`.
 * ``single``: one process of 8 devices. The reference run on the same (2, 4) mesh; then, once
   the two processes have saved, their checkpoint restored onto a (4, 2) mesh (the state
   resharded by the restore target) and training resumed there.
@@ -45,8 +46,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import optim_zoo
 from fixtures import registry
-from fixtures.mesh import NUM_HOST_DEVICES, NUM_PROCESSES, hlo_collectives, opt_state_shardings
+from fixtures.mesh import (
+    NUM_HOST_DEVICES,
+    NUM_PROCESSES,
+    all_reduce_group_sizes,
+    hlo_collectives,
+    opt_state_shardings,
+    shard_mapped_update,
+)
 from fixtures.sharded_nnx import MLP, SPECS, assert_sharded_like_params, batch
 
 MESH_AXES = ("data", "model")
@@ -79,8 +88,10 @@ def main() -> None:
         assert jax.process_count() == NUM_PROCESSES, jax.process_count()
         arrays, collectives = _train_save_and_resume(cases, args.out)
         zero1 = _zero1(registry.get("multiprocess", ZERO1_OPTIMIZER))
+        shard_map = _adai_in_shard_map()
         if jax.process_index() == 0:
             (args.out / "zero1.json").write_text(json.dumps(zero1, indent=1))
+            (args.out / "adai_shard_map.json").write_text(json.dumps(shard_map, indent=1))
     else:
         assert jax.process_count() == 1, jax.process_count()
         arrays, collectives = _train_then_reshard(cases, args.out)
@@ -259,24 +270,12 @@ def _zero1(case) -> dict:
     mesh = _make_mesh(MESH_SHAPE)
     tx = case.make()
     specs = {
-        "/".join(key): P(*(None if axis == "data" else axis for axis in spec))
-        for key, spec in SPECS.items()
+        key: P(*(None if axis == "data" else axis for axis in spec))
+        for key, spec in _plain_specs().items()
     }
-    shapes = {"l1/bias": (16,), "l1/kernel": (8, 16), "l2/bias": (8,), "l2/kernel": (16, 8)}
-    rng = np.random.default_rng(0)
-    values = [
-        {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
-        for _ in range(NUM_STEPS + 1)
-    ]
     with jax.set_mesh(mesh):
         shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
-        params, *noise = (
-            {
-                k: jax.make_array_from_callback(v.shape, shardings[k], v.__getitem__)
-                for k, v in d.items()
-            }
-            for d in values
-        )
+        params, *noise = _plain_values(shardings)
         like_params = opt_state_shardings(tx, params)
         split = zero1_shardings(tx, params, "data")
 
@@ -321,6 +320,79 @@ def _zero1(case) -> dict:
         "max_difference": difference,
         "collectives": collectives,
     }
+
+
+def _adai_in_shard_map() -> dict:
+    """Adai's update inside `jax.shard_map` with `axis_name`, against the jitted update.
+
+    The model's shapes and shardings, as plain arrays, with a gradient that is elementwise in
+    the parameters (as in `_zero1`). Returns the collectives of the shard_map'd update, the
+    number of devices each of its all-reduces spans, and the largest difference of the trained
+    parameters (on this process's shards) from the jitted run's.
+    """
+    mesh = _make_mesh(MESH_SHAPE)
+    specs = _plain_specs()
+    plain, manual = optim_zoo.adai(0.1), optim_zoo.adai(0.1, axis_name=MESH_AXES)
+    with jax.set_mesh(mesh):
+        params, *noise = _plain_values({k: NamedSharding(mesh, s) for k, s in specs.items()})
+        runs = {}
+        for name, tx in (("jit", plain), ("shard_map", manual)):
+            state = tx.init(params)
+            if name == "jit":
+                update = jax.jit(functools.partial(_plain_update, tx))
+            else:
+                update = shard_mapped_update(tx, mesh, specs, state)
+            grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, noise[0])
+            compiled = update.lower(grads, state, params).compile()
+            trained = params
+            for n in noise:
+                grads = jax.tree.map(lambda p, n: 0.5 * p + n, trained, n)
+                trained, state = compiled(grads, state, trained)
+            runs[name] = (trained, compiled.as_text())
+    difference = 0.0
+    for key, leaf in runs["shard_map"][0].items():
+        for mine, theirs in zip(
+            leaf.addressable_shards, runs["jit"][0][key].addressable_shards, strict=True
+        ):
+            np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-6)
+            difference = max(difference, float(np.max(np.abs(mine.data - theirs.data))))
+    hlo = runs["shard_map"][1]
+    return {
+        "collectives": hlo_collectives(hlo),
+        "group_sizes": all_reduce_group_sizes(hlo),
+        "jit_collectives": hlo_collectives(runs["jit"][1]),
+        "max_difference": difference,
+    }
+
+
+def _plain_update(tx, grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def _plain_specs() -> dict:
+    """The model's parameter shardings, keyed "layer/name"."""
+    return {"/".join(key): spec for key, spec in SPECS.items()}
+
+
+def _plain_values(shardings) -> list[dict]:
+    """Parameters then `NUM_STEPS` noise trees of the model's shapes, as `shardings` says.
+
+    The same in every process; each makes only the shards it holds.
+    """
+    shapes = {"l1/bias": (16,), "l1/kernel": (8, 16), "l2/bias": (8,), "l2/kernel": (16, 8)}
+    rng = np.random.default_rng(0)
+    values = [
+        {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
+        for _ in range(NUM_STEPS + 1)
+    ]
+    return [
+        {
+            k: jax.make_array_from_callback(v.shape, shardings[k], v.__getitem__)
+            for k, v in d.items()
+        }
+        for d in values
+    ]
 
 
 def zero1_shardings(tx, params, axis: str):

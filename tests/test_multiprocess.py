@@ -143,7 +143,24 @@ def _check_results(out) -> None:
             f"update collectives: {_summary(collectives['processes'][name])}"
         )
     lines.append(_check_zero1(json.loads((out / "zero1.json").read_text())))
+    lines.append(_check_adai_shard_map(json.loads((out / "adai_shard_map.json").read_text())))
     print("\n".join(lines))
+
+
+def _check_adai_shard_map(run: dict) -> str:
+    """Inside shard_map with `axis_name`, Adai's global mean is one scalar all-reduce, over
+    all 8 devices of both processes; the jitted update takes one per set of axes a leaf is
+    split over. Both train alike (the sums add in another order: float32 rounding)."""
+    collectives = [(op, [tuple(s) for s in shapes]) for op, shapes in run["collectives"]]
+    assert collectives == [("all-reduce", [()])], collectives
+    assert run["group_sizes"] == [NUM_HOST_DEVICES], run["group_sizes"]
+    assert len(run["jit_collectives"]) > 1, run["jit_collectives"]
+    assert run["max_difference"] <= ATOL, run
+    return (
+        f"Adai in shard_map: update collectives {_summary(run['collectives'])} over "
+        f"{run['group_sizes']} devices (jitted: {_summary(run['jit_collectives'])}); "
+        f"max |diff| from the jitted run {run['max_difference']:.3g}"
+    )
 
 
 def _check_zero1(zero1: dict) -> str:

@@ -92,6 +92,12 @@ _INVALID = [
         for value in ("bogus", "Stochastic", True, None)
     ],
     *[(alias, "state_rounding_seed", value) for alias in _ALIASES for value in (-1, 2**32, 1.5)],
+    # Adai's shard_map axes: a mesh axis name or a tuple of distinct ones.
+    *[
+        (alias, "axis_name", value)
+        for alias in ("adai", "adaiw")
+        for value in (1, True, ("data", "data"), ("data", 2))
+    ],
     # float16 (and 8-bit floats) cannot hold g**2 of ordinary gradients.
     *[
         (alias, "dtype_second_moment", value)
@@ -417,3 +423,15 @@ def test_apollo_schedule_with_init_lr_is_not_compared():
     # init_lr <= learning_rate can only be checked against a number, not a schedule.
     tx = optim_zoo.apollo(optax.linear_schedule(0.01, 0.0, 10), init_lr=0.005)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def test_adai_axis_name_is_not_for_factored_statistics():
+    with pytest.raises(ValueError, match="axis_name cannot be combined with factored"):
+        optim_zoo.scale_by_adaptive_inertia(factored=True, axis_name="data")
+
+
+def test_adai_axis_name_outside_shard_map_names_the_axis():
+    tx = optim_zoo.adai(0.1, axis_name="data")
+    params = {"w": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match="axis_name 'data' is not an axis of an enclosing"):
+        tx.update(params, tx.init(params), params)
