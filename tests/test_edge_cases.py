@@ -340,10 +340,15 @@ def test_complex_least_squares_converges(name, factory, kwargs):
     tx = factory(**kwargs)
     params = {"z": jnp.zeros(3, jnp.complex64)}
     state = tx.init(params)
-    for _ in range(300):
+
+    @jax.jit
+    def step(params, state):
         grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))
         updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(300):
+        params, state = step(params, state)
     assert float(loss(params)) < float(loss({"z": jnp.zeros(3, jnp.complex64)}))
 
 
