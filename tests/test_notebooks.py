@@ -22,9 +22,9 @@ from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
-# Each notebook is meant to run in a few minutes on a CPU. No single cell may take ten: the
-# comparison notebook's quick study runs the neural tasks under both learning-rate schedules,
-# beside the other test worker on a 2-core machine.
+# Each notebook is meant to run in a few minutes on a CPU. No single cell may take ten, beside
+# the other test worker on a 2-core machine (the longest: the comparison notebook's quick study
+# of one task under both learning-rate schedules, about a minute).
 CELL_TIMEOUT_S = 600
 KERNEL_NAME = "optim-zoo-tests"
 COLAB_URL = "https://colab.research.google.com/github/optim-zoo/optim_zoo/blob/main/notebooks/"
