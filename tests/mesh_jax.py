@@ -40,6 +40,7 @@ from fixtures.mesh import (
     hlo_collectives,
     opt_state_shardings,
     shard_mapped_update,
+    update_step,
 )
 
 # The six paper optimizers and the sharded runs' additions: the "mesh_jax" family of
@@ -348,7 +349,7 @@ def test_adai_in_shard_map_takes_its_mean_with_one_scalar_all_reduce(name):
     params, grads = _shard_map_values(mesh)
     plain, manual = ADAI_SHARD_MAP[name](), ADAI_SHARD_MAP[name](axis_name=MESH_AXES)
     with jax.set_mesh(mesh):
-        expected = _trained(jax.jit(_update_fn(plain)), plain, params, grads)
+        expected = _trained(jax.jit(update_step(plain)), plain, params, grads)
         update = shard_mapped_update(manual, mesh, SHARD_MAP_SPECS, manual.init(params))
         actual = _trained(update, manual, params, grads)
         hlo = update.lower(grads[0], manual.init(params), params).compile().as_text()
@@ -403,18 +404,10 @@ def test_adai_in_shard_map_with_no_axes_averages_each_device_own_shards():
     local = jax.tree.map(lambda x: jnp.asarray(np.asarray(shard(x))), params)
     local_grads = [jax.tree.map(lambda x: jnp.asarray(np.asarray(shard(x))), g) for g in grads]
     plain = optim_zoo.adai(0.1)
-    expected, _ = _trained(jax.jit(_update_fn(plain)), plain, local, local_grads)
+    expected, _ = _trained(jax.jit(update_step(plain)), plain, local, local_grads)
     chex.assert_trees_all_close(
         jax.tree.map(lambda x: np.asarray(shard(x)), trained),
         jax.device_get(expected),
         rtol=1e-6,
         atol=1e-7,
     )
-
-
-def _update_fn(tx):
-    def update(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return update

@@ -55,6 +55,7 @@ from fixtures.mesh import (
     hlo_collectives,
     opt_state_shardings,
     shard_mapped_update,
+    update_step,
 )
 from fixtures.sharded_nnx import MLP, SPECS, assert_sharded_like_params, batch
 
@@ -305,15 +306,7 @@ def _zero1(case) -> dict:
     # The same elementwise arithmetic in either layout, but on other per-device shapes, for
     # which XLA generates other code: equal up to float32 rounding (the trained parameters,
     # on the shards this process holds).
-    difference = 0.0
-    for key, leaf in results["zero1"]["params"].items():
-        for mine, theirs in zip(
-            leaf.addressable_shards,
-            results["like_params"]["params"][key].addressable_shards,
-            strict=True,
-        ):
-            np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-6)
-            difference = max(difference, float(np.max(np.abs(mine.data - theirs.data))))
+    difference = _max_local_difference(results["zero1"]["params"], results["like_params"]["params"])
     return {
         "optimizer": case.name,
         "state_bytes_held": held,
@@ -339,7 +332,7 @@ def _adai_in_shard_map() -> dict:
         for name, tx in (("jit", plain), ("shard_map", manual)):
             state = tx.init(params)
             if name == "jit":
-                update = jax.jit(functools.partial(_plain_update, tx))
+                update = jax.jit(update_step(tx))
             else:
                 update = shard_mapped_update(tx, mesh, specs, state)
             grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, noise[0])
@@ -349,13 +342,7 @@ def _adai_in_shard_map() -> dict:
                 grads = jax.tree.map(lambda p, n: 0.5 * p + n, trained, n)
                 trained, state = compiled(grads, state, trained)
             runs[name] = (trained, compiled.as_text())
-    difference = 0.0
-    for key, leaf in runs["shard_map"][0].items():
-        for mine, theirs in zip(
-            leaf.addressable_shards, runs["jit"][0][key].addressable_shards, strict=True
-        ):
-            np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-6)
-            difference = max(difference, float(np.max(np.abs(mine.data - theirs.data))))
+    difference = _max_local_difference(runs["shard_map"][0], runs["jit"][0])
     hlo = runs["shard_map"][1]
     return {
         "collectives": hlo_collectives(hlo),
@@ -365,9 +352,17 @@ def _adai_in_shard_map() -> dict:
     }
 
 
-def _plain_update(tx, grads, state, params):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+def _max_local_difference(actual: dict, expected: dict) -> float:
+    """Max |difference| of two dicts of arrays on this process's shards, each pair asserted
+    equal up to float32 rounding (1e-6)."""
+    difference = 0.0
+    for key, leaf in actual.items():
+        for mine, theirs in zip(
+            leaf.addressable_shards, expected[key].addressable_shards, strict=True
+        ):
+            np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-6)
+            difference = max(difference, float(np.max(np.abs(mine.data - theirs.data))))
+    return difference
 
 
 def _plain_specs() -> dict:
