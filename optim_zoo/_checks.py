@@ -11,8 +11,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optim_zoo import _dtypes
+
+# Optax 0.2.8 leaves an injected hyperparameter that is already a jax array of a definite dtype
+# as it is; earlier releases cast every floating-point one to the parameters' dtype.
+_INJECT_HYPERPARAMS_KEEPS_DTYPES = tuple(
+    int(part) for part in optax.__version__.split(".")[:3] if part.isdigit()
+) >= (0, 2, 8)
 
 
 class HyperparameterTypeError(TypeError, ValueError):
@@ -183,7 +190,9 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
     """None, or `value` as a floating-point dtype; raises `ValueError` naming `name` otherwise.
 
     A jax array stands for its dtype: `optax.inject_hyperparams` takes a callable such as
-    `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead.
+    `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead. Optax
+    before 0.2.8 casts that value to the parameters' dtype, losing the dtype asked for, so there a
+    floating-point array is refused with the two ways out.
     """
     if value is None:
         return None
@@ -196,6 +205,14 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
+    if isinstance(value, jax.Array) and not _INJECT_HYPERPARAMS_KEEPS_DTYPES:
+        raise ValueError(
+            f"{name} arrived as a {dtype.name} array, as optax.inject_hyperparams passes a dtype "
+            f"it took for a schedule; optax {optax.__version__} casts that array to the "
+            f"parameters' dtype, so the dtype asked for is lost. Give static_args=({name!r},) "
+            "to optax.inject_hyperparams, pass a dtype instance such as jnp.dtype(jnp.bfloat16) "
+            "(passed through untouched), or upgrade optax to 0.2.8 or later."
+        )
     return dtype
 
 
