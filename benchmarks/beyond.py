@@ -9,7 +9,7 @@ under the protocol of the study (`benchmarks/protocol.py`, results in `results/s
    each with its original's main-job hyperparameters and grid, and `min_dim_size_to_factor=8`
    like the Adafactor contender, so that every weight matrix is factored. Compared with the
    originals and AdamW of the committed study (`results/study/study.json`).
-2. bfloat16 state storage: each of the five optimizers with its moments stored in bfloat16
+2. bfloat16 state storage: each of the six optimizers with its moments stored in bfloat16
    (float32 params), rounded to nearest and with stochastic rounding
    (``state_rounding="stochastic"``), at the original's chosen learning rate in the committed
    study and the same four seeds, against the same runs with float32 state: an A/B of the
@@ -24,6 +24,8 @@ The variants themselves are the contender registry's (`benchmarks/contenders.py`
     python benchmarks/beyond.py --quick    # every code path at tiny sizes (used by the tests)
     python benchmarks/beyond.py --parts storage --out-dir benchmarks/results/beyond_rounding
                                            # part 2 alone (~1 h on 2 shared cores)
+    python benchmarks/beyond.py --parts storage --methods optim_zoo.came --out-dir ...
+                                           # part 2 for some of the optimizers only
 """
 
 from __future__ import annotations
@@ -91,20 +93,24 @@ def factored_methods() -> tuple[Method, ...]:
     return tuple(methods)
 
 
-# The optim_zoo optimizers of the committed study, whose best rates this study reuses; CAME
-# joined the main job after that run, and joins here once the study is run again.
+# The optim_zoo optimizers of the committed study, whose best rates this study reuses.
 ORIGINALS = (
     "optim_zoo.adan",
     "optim_zoo.adafactor",
     "optim_zoo.apollo",
     "optim_zoo.adai",
     "optim_zoo.adaiw",
+    "optim_zoo.came",
 )
 
 
-def original_methods() -> tuple[Method, ...]:
-    """The committed study's five optim_zoo optimizers, unchanged (float32 state)."""
-    return tuple(m for m in protocol.METHODS if m.name in ORIGINALS)
+def original_methods(names: Sequence[str] = ORIGINALS) -> tuple[Method, ...]:
+    """The committed study's optim_zoo optimizers `names` (of `ORIGINALS`), unchanged (float32
+    state), in the study's order."""
+    unknown = set(names) - set(ORIGINALS)
+    if unknown:
+        raise ValueError(f"methods {sorted(unknown)} are not among {ORIGINALS}")
+    return tuple(m for m in protocol.METHODS if m.name in names)
 
 
 def bf16_state_method(method: Method, *, stochastic: bool = False) -> Method:
@@ -237,9 +243,10 @@ def run_task(
     originals: dict[str, Any],
     progress: bool,
     parts: Sequence[str] = PARTS,
+    stored: Sequence[str] = ORIGINALS,
 ) -> dict[str, Any]:
-    """Parts 1 and 2 (those in `parts`) on one task; `originals` is the committed study's
-    entry for the task."""
+    """Parts 1 and 2 (those in `parts`) on one task, part 2 for the optimizers `stored`;
+    `originals` is the committed study's entry for the task."""
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
     task = tasks_lib.TASK_BUILDERS[name](sizes)
     runner = protocol.TaskRunner(task, mode)
@@ -271,7 +278,7 @@ def run_task(
     result["factored"] = result.pop("results")
 
     storage = {}
-    for method in original_methods() if "storage" in parts else ():
+    for method in original_methods(stored) if "storage" in parts else ():
         learning_rate = originals["results"][method.name]["best_lr"]
         float32 = run_fixed_rate(runner, method, learning_rate, progress)
         bfloat16 = run_fixed_rate(runner, bf16_state_method(method), learning_rate, progress)
@@ -499,7 +506,7 @@ def storage_table(task: dict[str, Any]) -> str:
 
 
 def storage_bytes_table(tasks: dict[str, Any]) -> str:
-    names = [m.name for m in original_methods()]
+    names = list(next(iter(tasks.values()))["bf16_state"])  # the optimizers part 2 ran
     rows = []
     for task in tasks.values():
         cells = [task["name"]]
@@ -766,6 +773,7 @@ def run_beyond(
     tasks: Sequence[str] | None = None,
     golden: bool = True,
     parts: Sequence[str] = PARTS,
+    methods: Sequence[str] = ORIGINALS,
     study_json: Path = STUDY_JSON,
     progress: bool = True,
     figure: bool = True,
@@ -779,6 +787,7 @@ def run_beyond(
         `QUICK_TASKS` in quick mode.
       golden: also run part 3, the golden problem (when "golden" is in `parts`).
       parts: which of `PARTS` to run: "factored" (1), "storage" (2), "golden" (3).
+      methods: the optimizers of part 2, of `ORIGINALS` (default all of them).
       study_json: the committed study, source of the originals and their chosen rates.
       progress: progress bars and tables on stderr.
       figure: also write the PNG.
@@ -789,6 +798,7 @@ def run_beyond(
     if unknown_parts:
         raise ValueError(f"parts {sorted(unknown_parts)} are not among {PARTS}")
     parts = [p for p in PARTS if p in parts]
+    storage_methods = original_methods(methods)
     golden = golden and "golden" in parts
     out_dir = Path(out_dir or (DEFAULT_OUT_DIR if mode == "full" else QUICK_OUT_DIR))
     committed = json.loads(Path(study_json).read_text())
@@ -803,7 +813,9 @@ def run_beyond(
     started = time.perf_counter()
     task_results = {}
     for name in task_names:
-        task_results[name] = run_task(name, mode, committed["tasks"][name], progress, parts)
+        task_results[name] = run_task(
+            name, mode, committed["tasks"][name], progress, parts, methods
+        )
         if progress:
             print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     golden_results = golden_deviations(mode, progress) if golden else None
@@ -818,11 +830,11 @@ def run_beyond(
                 for m in factored_methods()
             },
             "bf16_state": {
-                m.name: bf16_state_method(m).fixed_hyperparameters(1) for m in original_methods()
+                m.name: bf16_state_method(m).fixed_hyperparameters(1) for m in storage_methods
             },
             "bf16_state_stochastic": {
                 m.name: bf16_state_method(m, stochastic=True).fixed_hyperparameters(1)
-                for m in original_methods()
+                for m in storage_methods
             },
             "neural_lr_factors": list(protocol.NEURAL_LR_FACTORS[mode]),
             "golden_steps": list(GOLDEN_STEPS[mode]),
@@ -874,6 +886,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(ORIGINALS),
+        help="comma-separated optimizers of part 2 (default: all six)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     results = run_beyond(
@@ -882,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tasks=args.tasks.split(",") if args.tasks else None,
         golden=not args.no_golden,
         parts=args.parts.split(","),
+        methods=args.methods.split(","),
         progress=not args.no_progress,
     )
     print(markdown_report(results))

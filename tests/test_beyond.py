@@ -127,3 +127,12 @@ def test_compare_finals(variant, reference, higher, verdict):
     assert beyond.compare_finals(summary(*variant), summary(*reference), higher)["verdict"] == (
         verdict
     )
+
+
+def test_part_two_runs_the_optimizers_asked_for():
+    assert [m.name for m in beyond.original_methods(("optim_zoo.came",))] == ["optim_zoo.came"]
+    # In the study's order, whatever order they are asked in.
+    names = ("optim_zoo.adaiw", "optim_zoo.adan")
+    assert [m.name for m in beyond.original_methods(names)] == list(reversed(names))
+    with pytest.raises(ValueError, match="optax.adamw"):
+        beyond.original_methods(("optax.adamw",))
