@@ -17,6 +17,9 @@ below answers one, without changing a single value:
   consumer could recompute it, and XLA merges identical expressions into one shared value.
   :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction,
   equal bit for bit, so that the reduction computes it from the arrays in memory.
+  :func:`rebounded_for_reduction` does the same for a floored magnitude ``max(|x|, floor)``,
+  and :func:`zeroed_for_reduction` for a value zeroed under a condition, which a reduction
+  fuses as a clamp but not as a select.
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 
@@ -53,15 +56,20 @@ def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Arra
     return jnp.where(late, jnp.zeros_like(x), x)
 
 
-def mean_squares(x: jax.Array, small_axis: int, large_axis: int) -> tuple[jax.Array, jax.Array]:
-    """``(mean(x**2, large_axis), mean(x**2, small_axis))``, each squaring `x` on its own.
+def mean_squares(
+    x: jax.Array, small_axis: int, large_axis: int, y: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(mean(x**2, large_axis), mean(y**2, small_axis))``, each squaring on its own.
 
-    One shared ``x**2`` would be kept in a temporary buffer as large as `x`; squared inside each
-    reduction (as ``|x| * |x|`` in the second, so XLA does not merge the two squares), it is not.
+    `y` defaults to `x`; given, it is `x` up to the sign of zeros, computed apart (see
+    :func:`zeroed_for_reduction`). One shared ``x**2`` would be kept in a temporary buffer as
+    large as `x`; squared inside each reduction (as ``|y| * |y|`` in the second, so XLA does not
+    merge the two squares), it is not.
     """
+    y = x if y is None else y
     return (
         jnp.mean(jnp.square(x), axis=large_axis),
-        jnp.mean(jnp.abs(x) * jnp.abs(x), axis=small_axis),
+        jnp.mean(jnp.abs(y) * jnp.abs(y), axis=small_axis),
     )
 
 
@@ -82,3 +90,42 @@ def decayed_for_reduction(
     temporary as large as the leaf.
     """
     return g - (-weight_decay) * p
+
+
+def rebounded_for_reduction(
+    x: jax.Array, floor: jax.typing.ArrayLike, never: jax.Array
+) -> jax.Array:
+    """``max(|x|, floor)``, bit for bit, as ``max(|-x|, floor')``: for a reduction.
+
+    ``|-x|`` is ``|x|`` in every bit, and ``floor'`` is `floor` passed through a select on
+    `never` (see :func:`never_true`). As different instructions they are merged neither with
+    the elementwise consumers' ``max(|x|, floor)`` nor with its broadcast of a constant `floor`
+    (which XLA would then write out as large as `x`), so the reduction reads `x` from memory and
+    computes the rest in its own loop instead of reading a temporary as large as the leaf.
+    """
+    return jnp.maximum(jnp.abs(-x), own_scalar(jnp.asarray(floor, x.dtype), never))
+
+
+def own_scalar(value: jax.typing.ArrayLike, never: jax.Array) -> jax.Array:
+    """`value` (a scalar, dtype and weak type kept) passed through a select on `never`.
+
+    A constant that several reductions multiply by is broadcast once and written out as large
+    as the leaf; each reduction's own scalar is broadcast inside its loop.
+    """
+    value = jnp.asarray(value)
+    return jnp.where(never, jnp.zeros_like(value), value)
+
+
+def zeroed_for_reduction(x: jax.Array, zero: jax.Array, spelling: int = 0) -> jax.Array:
+    """``where(zero, 0, x)`` for a reduction, as `x` clamped to scalar bounds: ``[0, 0]`` when
+    the scalar `zero` holds, ``[-inf, inf]`` (`x` itself, bit for bit) otherwise.
+
+    A reduction fuses a maximum and a minimum with scalar bounds but not a select, which it
+    would read from a temporary as large as `x`. Equal to the select up to the sign of a zero,
+    except where `x` is NaN and `zero` holds: the clamp keeps the NaN. Copies with different
+    `spelling` (0 or 1) bound by 0 and -0 respectively, so that XLA does not merge the bounds of
+    two reductions into one array.
+    """
+    low = jnp.where(zero, jnp.asarray(-0.0 if spelling else 0.0, x.dtype), -jnp.inf)
+    high = jnp.where(zero, jnp.asarray(-0.0 if spelling else 0.0, x.dtype), jnp.inf)
+    return jnp.minimum(jnp.maximum(x, low.astype(x.dtype)), high.astype(x.dtype))

@@ -188,7 +188,11 @@ def scale_by_rectified_diag_hessian(
                 curvature = curvature + e / alpha
             direction = m.astype(dtype) / curvature
             if decayed and not no_decay and not l2:
-                decay = weight_decay / jnp.mean(curvature) if stable else weight_decay
+                decay = weight_decay
+                if stable:
+                    # The same curvature, spelled so that the mean computes it in its own loop.
+                    rebounded = _fusion.rebounded_for_reduction(hessian.astype(dtype), sigma, never)
+                    decay = decay / jnp.mean(rebounded + e / alpha if belief else rebounded)
                 direction = direction + decay * p.astype(dtype)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;
             # so m is overwritten (in place, when donated) only once the direction exists.

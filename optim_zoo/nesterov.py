@@ -151,12 +151,23 @@ def scale_by_nesterov_moment(
             t = count.astype(dtype)
             g_ = g.astype(dtype)
 
+            prev = prev_grad.astype(dtype)
             # The official code starts prev_grad at the first gradient: no difference on step 1.
-            diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev_grad.astype(dtype))
+            diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev)
+            reductions = None
+            if n.axes is not None:
+                # The factored means each compute g + b2 * diff from g and prev_grad in memory
+                # (equal up to the sign of zeros, which they square); v gets its own copy of g.
+                b2_row, b2_col = _fusion.own_scalar(b2, never), _fusion.own_scalar(-b2, never)
+                reductions = (
+                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev, is_first, 0),
+                    g_ + b2_col * _fusion.zeroed_for_reduction(prev - g_, is_first, 1),
+                )
+                diff = jnp.where(is_first, jnp.zeros_like(g_), _fusion.own_copy(g_, never) - prev)
             # The direction reads the state as stored (a no-op unless it is stored narrower).
             m = store(b1 * m.astype(dtype) + (1 - b1) * g_, moment_dtype, 0)
             v = store(b2 * v.astype(dtype) + (1 - b2) * diff, moment_dtype, 1)
-            n = n.accumulate(g_ + b2 * diff, b3).stored_as(n, store, 2)
+            n = n.accumulate(g_ + b2 * diff, b3, for_reductions=reductions).stored_as(n, store, 2)
             row_part, col_part = n.astype(dtype).factors()
             n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
             numerator = m.astype(dtype) / (1 - b1**t) + b2 * v.astype(dtype) / (1 - b2**t)

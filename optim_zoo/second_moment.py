@@ -169,18 +169,25 @@ class LeafMoment(NamedTuple):
     axes: tuple[int, int] | None  # (a, b) when factored: R lacks axis b, C lacks axis a.
 
     def accumulate(
-        self, x: jax.Array, decay: jax.typing.ArrayLike, eps: jax.typing.ArrayLike | None = None
+        self,
+        x: jax.Array,
+        decay: jax.typing.ArrayLike,
+        eps: jax.typing.ArrayLike | None = None,
+        for_reductions: tuple[jax.Array, jax.Array] | None = None,
     ) -> LeafMoment:
         """One EMA step of ``x**2 (+ eps)``, in the dtype of `x` (cast back with `stored_as`).
 
-        On XLA:CPU, a computed `x` (as Adan's Nesterov gradient) is written to one temporary
-        buffer as large as the leaf, which both reductions read.
+        On XLA:CPU, a computed `x` read by both factored reductions is written to a temporary
+        buffer as large as the leaf. `for_reductions` gives each reduction its own copy of `x`
+        (equal to it up to the sign of zeros, spelled apart: see `_fusion`), which it computes
+        in its own loop; the full statistic reads `x`.
         """
         if self.axes is None:
             square = jnp.square(x) if eps is None else jnp.square(x) + eps
             full = decay * self.full.astype(x.dtype) + (1 - decay) * square
             return self._replace(full=full)
-        row_square, col_square = _fusion.mean_squares(x, *self.axes)
+        x_row, x_col = (x, x) if for_reductions is None else for_reductions
+        row_square, col_square = _fusion.mean_squares(x_row, *self.axes, x_col)
         if eps is not None:  # mean(x**2) + eps is mean(x**2 + eps) up to rounding.
             row_square, col_square = row_square + eps, col_square + eps
         row = decay * self.row.astype(x.dtype) + (1 - decay) * row_square
