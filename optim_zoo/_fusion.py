@@ -16,7 +16,8 @@ below answers one, without changing a single value:
 * A value shared by a reduction and other consumers is kept in a temporary even when every
   consumer could recompute it, and XLA merges identical expressions into one shared value.
   :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction,
-  equal bit for bit, so that the reduction computes it from the arrays in memory.
+  equal bit for bit, so that the reduction computes it from the arrays in memory
+  (:func:`decayed_for_reductions`: two ways, for two reductions).
   :func:`rebounded_for_reduction` does the same for a floored magnitude ``max(|x|, floor)``,
   and :func:`zeroed_for_reduction` for a value zeroed under a condition, which a reduction
   fuses as a clamp but not as a select.
@@ -90,6 +91,19 @@ def decayed_for_reduction(
     temporary as large as the leaf.
     """
     return g - (-weight_decay) * p
+
+
+def decayed_for_reductions(
+    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, never: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Two copies of ``g + weight_decay * p``, bit for bit, for two reductions:
+    :func:`decayed_for_reduction`, and ``g + wd' * p`` with ``wd'`` the decay passed through
+    :func:`own_scalar`.
+
+    Each is a different expression from the other and from the elementwise consumers'
+    ``g + wd * p``, so that each reduction computes its copy in its own loop.
+    """
+    return decayed_for_reduction(g, p, weight_decay), g + own_scalar(weight_decay, never) * p
 
 
 def rebounded_for_reduction(

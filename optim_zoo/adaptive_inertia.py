@@ -34,6 +34,8 @@ def scale_by_adaptive_inertia(
     eps: jax.typing.ArrayLike = 1e-3,
     *,
     dampening: jax.typing.ArrayLike = 1.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay_mask: Any = None,
     factored: bool = False,
     min_dim_size_to_factor: int = 128,
     factoring: FactoringRule = "largest_two",
@@ -57,7 +59,11 @@ def scale_by_adaptive_inertia(
       u_t &= \beta_0^{1 - d}\, m_t / (1 - \Pi_t)
 
     with dampening :math:`d = 1` for Adai (then the exponents vanish) and :math:`d < 1` for the
-    official AdaiV2. The first update is exactly the gradient. There is no epsilon in a
+    official AdaiV2, and with :math:`g_t` replaced by :math:`g_t + \lambda p_t` first for L2
+    decay (``weight_decay``; in the gradient's dtype, what :func:`optax.add_decayed_weights`
+    chained before this transform gives, bit for bit; done here, each factored statistic
+    computes it in its own loop instead of reading it from a temporary as large as the leaf).
+    The first update is exactly the gradient. There is no epsilon in a
     denominator: Adai is SGD with adaptive momentum, so its learning rate is on SGD's scale.
     Where every gradient seen so far is zero (:math:`\bar v_t = 0`), :math:`\hat v / \bar v` is
     taken as 0 instead of the official code's NaN. No learning rate and no sign flip are applied.
@@ -91,6 +97,10 @@ def scale_by_adaptive_inertia(
       beta2: decay of the squared-gradient EMA, in [0, 1).
       eps: keeps :math:`\beta_1 \le 1 - \epsilon`; >= 0.
       dampening: AdaiV2's dampening :math:`d`; 1 gives Adai.
+      weight_decay: L2 decay rate :math:`\lambda`, >= 0 (decoupled decay belongs after this
+        transform: :func:`optax.add_decayed_weights`, as :func:`optim_zoo.adaiw` chains it).
+      weight_decay_mask: a tree of booleans like the params (or a callable returning one):
+        True where decay applies. None means everywhere.
       factored: keep ``v`` factored where a leaf allows.
       min_dim_size_to_factor: with ``factored`` and the default rule, factor a leaf only when
         the smaller of its two largest axes has at least this many elements.
@@ -138,6 +148,9 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("beta2", beta2, 0.0, 1.0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    # A literal zero decay needs neither params nor a read of them.
+    no_decay = _checks.is_literal_zero(weight_decay)
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
     layout = layout if factored else None  # unfactored: a full v, a tree like the params
     dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
@@ -165,18 +178,36 @@ def scale_by_adaptive_inertia(
     def update_fn(
         updates: optax.Updates, state: ScaleByAdaptiveInertiaState, params: Any = None
     ) -> tuple[optax.Updates, ScaleByAdaptiveInertiaState]:
-        del params
+        if params is None:
+            if not no_decay:
+                raise ValueError(f"{name} needs params for weight decay.")
+            params = updates
         count = optax.safe_increment(state.count)
+        never = _fusion.never_true(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
+        mask = _tree.resolve_mask(weight_decay_mask, params)
+        # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
+        decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
+
+        def decay(g, p, decayed):
+            return g + weight_decay * p if decayed and not no_decay else g
 
         # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
-        def second_moment_pass(g, m, v, beta1_prod, path):
+        def second_moment_pass(g, m, v, beta1_prod, p, decayed, path):
             dtype = _dtypes.compute_dtype(
                 g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
             )
+            reductions = None
+            if decayed and not no_decay and v.axes is not None and g.dtype == dtype:
+                # The factored means read g + wd * p spelled their own ways, computed from g
+                # and p in their own loops. (Not for gradients
+                # narrower than the arithmetic: XLA rounds a narrow sum differently in each.)
+                copies = _fusion.decayed_for_reductions(g, p, weight_decay, never)
+                reductions = tuple(x.astype(dtype) for x in copies)
             # Everything below reads v as stored (a no-op unless it is stored narrower).
             store = rounding.for_leaf(path).store
-            v_stored = v.accumulate(g.astype(dtype), beta2).stored_as(v, store, 0)
+            g = decay(g, p, decayed).astype(dtype)
+            v_stored = v.accumulate(g, beta2, for_reductions=reductions).stored_as(v, store, 0)
             v = v_stored.astype(dtype)
             return v_stored, v, v.total(), dtype
 
@@ -188,6 +219,8 @@ def scale_by_adaptive_inertia(
             state.m,
             second_moment.leaf_moments(state.v, updates, layout, name),
             state.beta1_prod,
+            params,
+            decayed,
             _tree.leaf_paths(updates),
         )
         mean_dtype = _dtypes.compute_dtype(*dtypes)
@@ -206,7 +239,7 @@ def scale_by_adaptive_inertia(
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
         # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
-        def inertia_pass(g, m, v, beta1_prod, dtype, path):
+        def inertia_pass(g, m, v, beta1_prod, dtype, p, decayed, path):
             store = rounding.for_leaf(path).store
             row_part, col_part = v.factors()
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
@@ -217,7 +250,7 @@ def scale_by_adaptive_inertia(
             new_prod = beta1_prod.astype(dtype) * beta1
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
-            g_ = _fusion.own_copy(g.astype(dtype), _fusion.never_true(state.count))
+            g_ = _fusion.own_copy(decay(g, p, decayed).astype(dtype), never)
             new_m = store(beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_, m.dtype, 3)
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - new_prod
@@ -234,6 +267,8 @@ def scale_by_adaptive_inertia(
             v,
             state.beta1_prod,
             dtypes,
+            params,
+            decayed,
             _tree.leaf_paths(updates),
         )
         treedef = jax.tree.structure(updates)

@@ -468,10 +468,14 @@ def adai(
     Differences:
       See :func:`optim_zoo.scale_by_adaptive_inertia`. optax has no Adai.
     """
-    inertia = scale_by_adaptive_inertia(
-        beta0,
-        beta2,
-        eps,
+    return _adai_chain(
+        learning_rate,
+        weight_decay,
+        decoupled,
+        weight_decay_mask,
+        beta0=beta0,
+        beta2=beta2,
+        eps=eps,
         dampening=dampening,
         dtype_momentum=dtype_momentum,
         dtype_second_moment=dtype_second_moment,
@@ -479,23 +483,34 @@ def adai(
         state_rounding_seed=state_rounding_seed,
         axis_name=axis_name,
     )
-    return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)
 
 
 def _adai_chain(
-    inertia: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: jax.typing.ArrayLike,
     decoupled: bool,
     weight_decay_mask: Any,
+    **inertia_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adai's chain around an adaptive-inertia momentum: L2 or decoupled decay, learning rate."""
+    """Adai's chain: the adaptive-inertia momentum (`inertia_kwargs`) with L2 decay, or followed
+    by decoupled decay; then the learning rate."""
     # optax's learning-rate and decay blocks check nothing: checked here.
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_flag("decoupled", decoupled)
     decay = blocks.add_decayed_weights(weight_decay, weight_decay_mask)
-    transforms = [inertia, decay] if decoupled else [decay, inertia]
+    if decoupled:
+        transforms = [scale_by_adaptive_inertia(**inertia_kwargs), decay]
+    else:
+        # L2 decay used to be `decay` in this place of the chain; the primitive applies it now
+        # (the same values, without a temporary for the factored statistics), and `decay`'s
+        # state stays here, so that checkpoints of earlier versions restore.
+        transforms = [
+            blocks.state_only(decay),
+            scale_by_adaptive_inertia(
+                **inertia_kwargs, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask
+            ),
+        ]
     return optax.chain(*transforms, optax.scale_by_learning_rate(learning_rate))
 
 
@@ -825,10 +840,14 @@ def factored_adai(
       Adai: Xie et al., https://arxiv.org/abs/2006.15815. Factored second moment: Shazeer and
       Stern, https://arxiv.org/abs/1804.04235.
     """
-    inertia = scale_by_adaptive_inertia(
-        beta0,
-        beta2,
-        eps,
+    return _adai_chain(
+        learning_rate,
+        weight_decay,
+        decoupled,
+        weight_decay_mask,
+        beta0=beta0,
+        beta2=beta2,
+        eps=eps,
         dampening=dampening,
         factored=True,
         min_dim_size_to_factor=min_dim_size_to_factor,
@@ -838,4 +857,3 @@ def factored_adai(
         state_rounding=state_rounding,
         state_rounding_seed=state_rounding_seed,
     )
-    return _adai_chain(inertia, learning_rate, weight_decay, decoupled, weight_decay_mask)

@@ -235,3 +235,17 @@ def momentum_of_steps(
         return optax.tree.cast_like(new_updates, updates), new_state
 
     return _tree.on_real_arrays(optax.GradientTransformation(ema.init, update_fn), "adafactor")
+
+
+def state_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx`'s state, and updates passed through unchanged: a place kept in a chain.
+
+    For a transform whose work moved into another one of the chain, so that the chain's state
+    keeps its layout and checkpoints of earlier versions restore.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(tx.init, update_fn)

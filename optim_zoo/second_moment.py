@@ -179,8 +179,8 @@ class LeafMoment(NamedTuple):
 
         On XLA:CPU, a computed `x` read by both factored reductions is written to a temporary
         buffer as large as the leaf. `for_reductions` gives each reduction its own copy of `x`
-        (equal to it up to the sign of zeros, spelled apart: see `_fusion`), which it computes
-        in its own loop; the full statistic reads `x`.
+        (equal to it up to the sign of zeros, which the squares drop; spelled apart: see
+        `_fusion`), which it computes in its own loop; the full statistic reads `x`.
         """
         if self.axes is None:
             square = jnp.square(x) if eps is None else jnp.square(x) + eps

@@ -7,6 +7,7 @@ factoring symmetry, state layout).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import chex
@@ -193,6 +194,47 @@ def test_adai_all_zero_gradients_leave_params_finite_and_unchanged():
     zeros = jax.tree.map(jnp.zeros_like, params)
     trajectory, _ = run(optim_zoo.adai(0.1), params, lambda p, t: zeros, 3)
     chex.assert_trees_all_close(trajectory[-1], params, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_adai_l2_decay_in_the_primitive_is_add_decayed_weights_before_it(factored, dtype):
+    # The primitive applies L2 decay itself (each factored statistic then computes g + wd * p
+    # in its own loop): bit for bit what optax.add_decayed_weights chained before it gives,
+    # masked leaves included, in every dtype.
+    shapes = {"W": (6, 4), "b": (4,), "s": ()}
+    params = jax.tree.map(lambda x: x.astype(dtype), _random_tree(0, shapes))
+    mask = {"W": True, "b": False, "s": True}
+    kwargs = {"factored": factored, "min_dim_size_to_factor": 2}
+    inside = optim_zoo.scale_by_adaptive_inertia(weight_decay=0.1, weight_decay_mask=mask, **kwargs)
+    before = optax.chain(
+        optax.add_decayed_weights(0.1, mask), optim_zoo.scale_by_adaptive_inertia(**kwargs)
+    )
+    inside_state, before_state = inside.init(params), before.init(params)
+    inside_update, before_update = jax.jit(inside.update), jax.jit(before.update)
+    for t in range(4):
+        grads = jax.tree.map(lambda x: x.astype(dtype), _random_tree(10 + t, shapes))
+        updates, inside_state = inside_update(grads, inside_state, params)
+        expected, before_state = before_update(grads, before_state, params)
+        chex.assert_trees_all_equal(updates, expected)
+        chex.assert_trees_all_equal(inside_state, before_state[1])
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, updates))
+
+
+def test_adai_l2_decay_in_the_primitive_needs_params():
+    tx = optim_zoo.scale_by_adaptive_inertia(weight_decay=0.1)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="needs params for weight decay"):
+        tx.update(params, tx.init(params))
+    # A literal zero decay does not.
+    tx = optim_zoo.scale_by_adaptive_inertia(weight_decay=0.0)
+    tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("value", [-0.1, math.nan, "0.1", True])
+def test_adai_primitive_weight_decay_is_checked(value):
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim_zoo.scale_by_adaptive_inertia(weight_decay=value)
 
 
 # --- Adafactor ----------------------------------------------------------------------------------
