@@ -17,7 +17,7 @@ from optim_zoo import _dtypes
 
 # Optax 0.2.8 leaves an injected hyperparameter that is already a jax array of a definite dtype
 # as it is; earlier releases cast every floating-point one to the parameters' dtype.
-_INJECT_HYPERPARAMS_KEEPS_DTYPES = tuple(
+INJECT_HYPERPARAMS_KEEPS_DTYPES = tuple(
     int(part) for part in optax.__version__.split(".")[:3] if part.isdigit()
 ) >= (0, 2, 8)
 
@@ -205,7 +205,7 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
-    if isinstance(value, jax.Array) and not _INJECT_HYPERPARAMS_KEEPS_DTYPES:
+    if isinstance(value, jax.Array) and not INJECT_HYPERPARAMS_KEEPS_DTYPES:
         raise ValueError(
             f"{name} arrived as a {dtype.name} array, as optax.inject_hyperparams passes a dtype "
             f"it took for a schedule; optax {optax.__version__} casts that array to the "

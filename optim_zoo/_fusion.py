@@ -140,6 +140,6 @@ def zeroed_for_reduction(x: jax.Array, zero: jax.Array, spelling: int = 0) -> ja
     `spelling` (0 or 1) bound by 0 and -0 respectively, so that XLA does not merge the bounds of
     two reductions into one array.
     """
-    low = jnp.where(zero, jnp.asarray(-0.0 if spelling else 0.0, x.dtype), -jnp.inf)
-    high = jnp.where(zero, jnp.asarray(-0.0 if spelling else 0.0, x.dtype), jnp.inf)
-    return jnp.minimum(jnp.maximum(x, low.astype(x.dtype)), high.astype(x.dtype))
+    bound = jnp.asarray(-0.0 if spelling else 0.0, x.dtype)
+    low, high = jnp.where(zero, bound, -jnp.inf), jnp.where(zero, bound, jnp.inf)
+    return jnp.minimum(jnp.maximum(x, low), high)

@@ -244,3 +244,16 @@ def resolve_mask(mask: Any, params: Any) -> Any:
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     return mask(params) if callable(mask) else mask
+
+
+def decayed_leaves(mask: Any, params: Any, decay: bool = True) -> Any:
+    """One Python bool per leaf of `params`: True where weight decay applies.
+
+    `mask` is a weight-decay mask as optax takes it (None, a tree of booleans that may be a
+    prefix of the params tree, or a callable returning one); with `decay` False (a literal zero
+    decay) every leaf is False.
+    """
+    mask = resolve_mask(mask, params)
+    return jax.tree.map(
+        lambda d, subtree: jax.tree.map(lambda _: bool(d) and decay, subtree), mask, params
+    )

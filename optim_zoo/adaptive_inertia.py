@@ -185,12 +185,10 @@ def scale_by_adaptive_inertia(
         count = optax.safe_increment(state.count)
         never = _fusion.never_true(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
-        mask = _tree.resolve_mask(weight_decay_mask, params)
-        # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
-        decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
+        decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
 
         def decay(g, p, decayed):
-            return g + weight_decay * p if decayed and not no_decay else g
+            return g + weight_decay * p if decayed else g
 
         # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
         def second_moment_pass(g, m, v, beta1_prod, p, decayed, path):
@@ -198,10 +196,10 @@ def scale_by_adaptive_inertia(
                 g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
             )
             reductions = None
-            if decayed and not no_decay and v.axes is not None and g.dtype == dtype:
-                # The factored means read g + wd * p spelled their own ways, computed from g
-                # and p in their own loops. (Not for gradients
-                # narrower than the arithmetic: XLA rounds a narrow sum differently in each.)
+            if decayed and v.axes is not None and g.dtype == dtype:
+                # The factored means read g + wd * p spelled their own ways, computed from g and
+                # p in their own loops. (Not for gradients narrower than the arithmetic: XLA
+                # rounds a narrow sum differently in each.)
                 copies = _fusion.decayed_for_reductions(g, p, weight_decay, never)
                 reductions = tuple(x.astype(dtype) for x in copies)
             # Everything below reads v as stored (a no-op unless it is stored narrower).

@@ -143,9 +143,7 @@ def scale_by_rectified_diag_hessian(
             params = updates
         count = optax.safe_increment(state.count)
         never = _fusion.never_true(state.count)
-        mask = _tree.resolve_mask(weight_decay_mask, params)
-        # One Python bool per parameter leaf (the mask may be a prefix of the params tree).
-        decayed = jax.tree.map(lambda d, subtree: jax.tree.map(lambda _: d, subtree), mask, params)
+        decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
         def leaf_update(g, m, hessian, direction, p, decayed, path):
@@ -156,7 +154,7 @@ def scale_by_rectified_diag_hessian(
             t = count.astype(dtype)
             alpha = (1 - beta) / (1 - beta**t)
             g_for_sum = g
-            if l2 and decayed and not no_decay:
+            if l2 and decayed:
                 # As optax.add_decayed_weights, in the gradient's dtype; the secant sum reads
                 # the same values spelled its own way, computed from g and p in its loop.
                 g_for_sum = _fusion.decayed_for_reduction(g, p, weight_decay)
@@ -187,7 +185,7 @@ def scale_by_rectified_diag_hessian(
             if belief:
                 curvature = curvature + e / alpha
             direction = m.astype(dtype) / curvature
-            if decayed and not no_decay and not l2:
+            if decayed and not l2:
                 decay = weight_decay
                 if stable:
                     # The same curvature, spelled so that the mean computes it in its own loop.

@@ -152,18 +152,18 @@ def scale_by_nesterov_moment(
             g_ = g.astype(dtype)
 
             prev = prev_grad.astype(dtype)
-            # The official code starts prev_grad at the first gradient: no difference on step 1.
-            diff = jnp.where(is_first, jnp.zeros_like(g_), g_ - prev)
-            reductions = None
+            g_diff, reductions = g_, None
             if n.axes is not None:
                 # The factored means each compute g + b2 * diff from g and prev_grad in memory
-                # (equal up to the sign of zeros, which they square); v gets its own copy of g.
+                # (equal up to the sign of zeros, which they square); diff gets its own copy of g.
                 b2_row, b2_col = _fusion.own_scalar(b2, never), _fusion.own_scalar(-b2, never)
                 reductions = (
                     g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev, is_first, 0),
                     g_ + b2_col * _fusion.zeroed_for_reduction(prev - g_, is_first, 1),
                 )
-                diff = jnp.where(is_first, jnp.zeros_like(g_), _fusion.own_copy(g_, never) - prev)
+                g_diff = _fusion.own_copy(g_, never)
+            # The official code starts prev_grad at the first gradient: no difference on step 1.
+            diff = jnp.where(is_first, jnp.zeros_like(g_), g_diff - prev)
             # The direction reads the state as stored (a no-op unless it is stored narrower).
             m = store(b1 * m.astype(dtype) + (1 - b1) * g_, moment_dtype, 0)
             v = store(b2 * v.astype(dtype) + (1 - b2) * diff, moment_dtype, 1)
