@@ -24,9 +24,11 @@ below answers one, without changing a single value:
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 
-Each device is a select on a traced scalar that is never true, ``count < 0``
-(:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
-non-finite values included. Elementwise, so sharded arrays stay sharded.
+Each device is a select on a traced scalar that is never true, ``count < -i`` for the ``i``-th
+leaf (:func:`never_true`), which XLA cannot fold away; the selected value is always the
+original, non-finite values included. Each leaf has its own, because XLA also merges identical
+expressions across leaves: two leaves of one shape would share one broadcast of a scalar,
+written out as large as either. Elementwise, so sharded arrays stay sharded.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ import jax
 import jax.numpy as jnp
 
 
-def never_true(count: jax.Array) -> jax.Array:
-    """A traced boolean scalar that is always False: ``count < 0`` for a step count."""
-    return count < 0
+def never_true(count: jax.Array, leaf: int = 0) -> jax.Array:
+    """A traced boolean scalar that is always False: ``count < -leaf`` for a step count.
+
+    `leaf` (the leaf's index, >= 0) makes each leaf's scalar an expression of its own, so that
+    no scalar computed from it is merged with another leaf's.
+    """
+    return count < -leaf
 
 
 def own_copy(x: jax.Array, never: jax.Array) -> jax.Array:
@@ -80,7 +86,7 @@ def measured_after(x: jax.Array, previous: jax.Array) -> jax.Array:
 
 
 def decayed_for_reduction(
-    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike
+    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, never: jax.Array
 ) -> jax.Array:
     """``g + weight_decay * p``, bit for bit, as ``g - (-weight_decay) * p``: for a reduction.
 
@@ -88,9 +94,9 @@ def decayed_for_reduction(
     so every element is the same float (in any dtype, and for any decay, traced ones included).
     As a different expression it is not merged with the elementwise consumers' ``g + wd * p``,
     so it has the reduction as its only consumer, which fuses it instead of reading a
-    temporary as large as the leaf.
+    temporary as large as the leaf. ``-weight_decay`` passes through :func:`own_scalar`.
     """
-    return g - (-weight_decay) * p
+    return g - own_scalar(-weight_decay, never) * p
 
 
 def decayed_for_reductions(
@@ -103,7 +109,7 @@ def decayed_for_reductions(
     Each is a different expression from the other and from the elementwise consumers'
     ``g + wd * p``, so that each reduction computes its copy in its own loop.
     """
-    return decayed_for_reduction(g, p, weight_decay), g + own_scalar(weight_decay, never) * p
+    return decayed_for_reduction(g, p, weight_decay, never), g + own_scalar(weight_decay, never) * p
 
 
 def rebounded_for_reduction(
@@ -130,9 +136,12 @@ def own_scalar(value: jax.typing.ArrayLike, never: jax.Array) -> jax.Array:
     return jnp.where(never, jnp.zeros_like(value), value)
 
 
-def zeroed_for_reduction(x: jax.Array, zero: jax.Array, spelling: int = 0) -> jax.Array:
+def zeroed_for_reduction(
+    x: jax.Array, zero: jax.Array, never: jax.Array, spelling: int = 0
+) -> jax.Array:
     """``where(zero, 0, x)`` for a reduction, as `x` clamped to scalar bounds: ``[0, 0]`` when
-    the scalar `zero` holds, ``[-inf, inf]`` (`x` itself, bit for bit) otherwise.
+    the scalar `zero` holds, ``[-inf, inf]`` (`x` itself, bit for bit) otherwise; the bounds
+    pass through :func:`own_scalar`.
 
     A reduction fuses a maximum and a minimum with scalar bounds but not a select, which it
     would read from a temporary as large as `x`. Equal to the select up to the sign of a zero,
@@ -141,5 +150,6 @@ def zeroed_for_reduction(x: jax.Array, zero: jax.Array, spelling: int = 0) -> ja
     two reductions into one array.
     """
     bound = jnp.asarray(-0.0 if spelling else 0.0, x.dtype)
-    low, high = jnp.where(zero, bound, -jnp.inf), jnp.where(zero, bound, jnp.inf)
+    low = own_scalar(jnp.where(zero, bound, -jnp.inf), never)
+    high = own_scalar(jnp.where(zero, bound, jnp.inf), never)
     return jnp.minimum(jnp.maximum(x, low), high)

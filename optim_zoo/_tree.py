@@ -218,6 +218,12 @@ def leaf_paths(updates: Any) -> PerLeaf:
     return PerLeaf(keys, keys)
 
 
+def leaf_indices(updates: Any) -> PerLeaf:
+    """Each leaf's index in ``jax.tree.leaves`` order, as a field for :func:`map_leaves`."""
+    keys = leaf_keys(updates)
+    return PerLeaf(tuple(range(len(keys))), keys)
+
+
 def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
     """The columns of `rows` as tuples; `num_columns` empty tuples when `rows` is empty."""
     if not rows:
