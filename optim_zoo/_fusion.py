@@ -24,11 +24,12 @@ below answers one, without changing a single value:
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 
-Each device is a select on a traced scalar that is never true, ``count < -i`` for the ``i``-th
-leaf (:func:`never_true`), which XLA cannot fold away; the selected value is always the
-original, non-finite values included. Each leaf has its own, because XLA also merges identical
-expressions across leaves: two leaves of one shape would share one broadcast of a scalar,
-written out as large as either. Elementwise, so sharded arrays stay sharded.
+Each device is a select on a traced scalar that is never true, ``count < 0``
+(:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
+non-finite values included. XLA also merges identical expressions across leaves: two leaves of
+one shape would share one broadcast of a scalar that their reductions read, written out as
+large as either. So the scalars of :func:`own_scalar` (and of the devices built on it) take the
+leaf's own ``count < -i``, ``i`` its index. Elementwise, so sharded arrays stay sharded.
 """
 
 from __future__ import annotations

@@ -183,6 +183,7 @@ def scale_by_adaptive_inertia(
                 raise ValueError(f"{name} needs params for weight decay.")
             params = updates
         count = optax.safe_increment(state.count)
+        never = _fusion.never_true(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
         decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
 
@@ -199,8 +200,8 @@ def scale_by_adaptive_inertia(
                 # The factored means read g + wd * p spelled their own ways, computed from g and
                 # p in their own loops. (Not for gradients narrower than the arithmetic: XLA
                 # rounds a narrow sum differently in each.)
-                never = _fusion.never_true(state.count, index)
-                copies = _fusion.decayed_for_reductions(g, p, weight_decay, never)
+                own = _fusion.never_true(state.count, index)
+                copies = _fusion.decayed_for_reductions(g, p, weight_decay, own)
                 reductions = tuple(x.astype(dtype) for x in copies)
             # Everything below reads v as stored (a no-op unless it is stored narrower).
             store = rounding.for_leaf(path).store
@@ -238,7 +239,7 @@ def scale_by_adaptive_inertia(
         v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
         # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
-        def inertia_pass(g, m, v, beta1_prod, dtype, p, decayed, path, index):
+        def inertia_pass(g, m, v, beta1_prod, dtype, p, decayed, path):
             store = rounding.for_leaf(path).store
             row_part, col_part = v.factors()
             v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
@@ -249,9 +250,7 @@ def scale_by_adaptive_inertia(
             new_prod = beta1_prod.astype(dtype) * beta1
             # g also feeds v and so the global mean: its own copy here keeps a computed g (as
             # with L2 decay) out of a temporary buffer.
-            g_ = _fusion.own_copy(
-                decay(g, p, decayed).astype(dtype), _fusion.never_true(state.count, index)
-            )
+            g_ = _fusion.own_copy(decay(g, p, decayed).astype(dtype), never)
             new_m = store(beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_, m.dtype, 3)
             # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
             bias_correction = 1 - new_prod
@@ -271,7 +270,6 @@ def scale_by_adaptive_inertia(
             params,
             decayed,
             _tree.leaf_paths(updates),
-            _tree.leaf_indices(updates),
         )
         treedef = jax.tree.structure(updates)
         new_state = ScaleByAdaptiveInertiaState(

@@ -142,11 +142,11 @@ def scale_by_rectified_diag_hessian(
                 raise ValueError(f"{name} needs params for weight decay.")
             params = updates
         count = optax.safe_increment(state.count)
+        never = _fusion.never_true(state.count)
         decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
         def leaf_update(g, m, hessian, direction, p, decayed, path, index):
-            never = _fusion.never_true(state.count, index)
             store = rounding.for_leaf(path).store
             m_dtype, hessian_dtype, direction_dtype = m.dtype, hessian.dtype, direction.dtype
             out_dtype = g.dtype
@@ -157,7 +157,9 @@ def scale_by_rectified_diag_hessian(
             if l2 and decayed:
                 # As optax.add_decayed_weights, in the gradient's dtype; the secant sum reads
                 # the same values spelled its own way, computed from g and p in its loop.
-                g_for_sum = _fusion.decayed_for_reduction(g, p, weight_decay, never)
+                g_for_sum = _fusion.decayed_for_reduction(
+                    g, p, weight_decay, _fusion.never_true(state.count, index)
+                )
                 g = g + weight_decay * p
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
             grad_diff = g_ - m_
@@ -189,7 +191,9 @@ def scale_by_rectified_diag_hessian(
                 decay = weight_decay
                 if stable:
                     # The same curvature, spelled so that the mean computes it in its own loop.
-                    rebounded = _fusion.rebounded_for_reduction(hessian.astype(dtype), sigma, never)
+                    rebounded = _fusion.rebounded_for_reduction(
+                        hessian.astype(dtype), sigma, _fusion.never_true(state.count, index)
+                    )
                     decay = decay / jnp.mean(rebounded + e / alpha if belief else rebounded)
                 direction = direction + decay * p.astype(dtype)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;

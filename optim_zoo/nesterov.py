@@ -141,10 +141,10 @@ def scale_by_nesterov_moment(
         del params
         count = optax.safe_increment(state.count)
         is_first = state.count == 0
+        never = _fusion.never_true(state.count)
         rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
 
         def leaf_update(g, m, v, n, prev_grad, path, index):
-            never = _fusion.never_true(state.count, index)
             store = rounding.for_leaf(path).store
             moment_dtype = m.dtype  # m, v and prev_grad share it.
             dtype = _dtypes.compute_dtype(g.dtype, m.dtype, *(x.dtype for x in n.arrays()))
@@ -156,10 +156,13 @@ def scale_by_nesterov_moment(
             if n.axes is not None:
                 # The factored means each compute g + b2 * diff from g and prev_grad in memory
                 # (equal up to the sign of zeros, which they square); diff gets its own copy of g.
-                b2_row, b2_col = _fusion.own_scalar(b2, never), _fusion.own_scalar(-b2, never)
+                # Their scalars are this leaf's own (never_true with its index), which XLA merges
+                # with no other leaf's.
+                own = _fusion.never_true(state.count, index)
+                b2_row, b2_col = _fusion.own_scalar(b2, own), _fusion.own_scalar(-b2, own)
                 reductions = (
-                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev, is_first, never, 0),
-                    g_ + b2_col * _fusion.zeroed_for_reduction(prev - g_, is_first, never, 1),
+                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev, is_first, own, 0),
+                    g_ + b2_col * _fusion.zeroed_for_reduction(prev - g_, is_first, own, 1),
                 )
                 g_diff = _fusion.own_copy(g_, never)
             # The official code starts prev_grad at the first gradient: no difference on step 1.
