@@ -371,10 +371,12 @@ def apollo(
         weight_decay_type = "L2" if rebound == "constant" else "decoupled"
     transforms = []
     if weight_decay_type == "L2":
-        # L2 decay used to be optax.add_decayed_weights in this place of the chain; the
-        # primitive applies it now (faster, the same values), and this keeps the chain's state
-        # layout, so that checkpoints of earlier versions restore.
-        transforms.append(optax.identity())
+        # L2 decay used to be add_decayed_weights in this place of the chain; the primitive
+        # applies it now (faster, the same values), and the decay block's state stays here
+        # (masked or not), so that checkpoints of earlier versions restore.
+        transforms.append(
+            blocks.state_only(blocks.add_decayed_weights(weight_decay, weight_decay_mask))
+        )
     transforms.append(
         scale_by_rectified_diag_hessian(
             beta,

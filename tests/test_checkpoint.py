@@ -6,6 +6,7 @@ restored into a `jax.eval_shape` target and for an NNX model and optimizer resto
 docs/ecosystem.md), which the last test pins down.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import optim_zoo
 from fixtures import registry
 
 # The six paper optimizers: the "ecosystem" family of fixtures/registry.py.
@@ -156,3 +158,32 @@ def test_restore_without_target_gives_plain_containers(tmp_path):
             if saved is not None:
                 np.testing.assert_array_equal(loaded, saved)
     assert restored[1] is None  # The EmptyState of optax.clip_by_block_rms.
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda mask: optim_zoo.apollo(1e-3, weight_decay=1e-2, weight_decay_mask=mask),
+        lambda mask: optim_zoo.adai(1e-3, weight_decay=1e-2, weight_decay_mask=mask),
+        lambda mask: optim_zoo.factored_adai(1e-3, weight_decay=1e-2, weight_decay_mask=mask),
+    ],
+    ids=["apollo", "adai", "factored_adai"],
+)
+def test_l2_decay_moved_into_the_primitive_keeps_the_decay_state(tmp_path, make, masked):
+    # L2 decay was optax.add_decayed_weights chained first; the primitive applies it now, and
+    # the chain keeps that block's state (a MaskedState when masked), so a checkpoint saved
+    # before the move restores into today's state.
+    params = _initial_params()
+    mask = {"b1": False, "w1": True, "w2": True} if masked else None
+    state = make(mask).init(params)
+    decay_state = optax.add_decayed_weights(1e-2, mask).init(params)
+    assert jax.tree.structure(state[0]) == jax.tree.structure(decay_state)
+    assert type(state[0]) is type(decay_state)
+    # Saved with the old block's state in its place, restored into today's target.
+    old = (decay_state, *state[1:])
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "old", old)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / "old", jax.eval_shape(lambda: state))
+    chex.assert_trees_all_equal(restored, state)
