@@ -9,6 +9,8 @@ memory than two trees of one.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,7 +19,7 @@ import pytest
 import optim_zoo
 
 SHAPE = (256, 512)  # factored by every factored optimizer (both axes >= 128)
-LEAF_BYTES = 256 * 512 * 4
+LEAF_BYTES = math.prod(SHAPE) * 4  # float32
 
 CASES = {
     "factored_adan": lambda: optim_zoo.factored_adan(1e-3),
