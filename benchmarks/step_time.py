@@ -33,7 +33,7 @@ Adai and AdaiW, and every optim_zoo optimizer again with its state in bfloat16
 parameters). Their bytes come from the state they allocate. They have no peers and no targets.
 
     python benchmarks/step_time.py              # full run, about 13 minutes on 2 CPU cores
-    python benchmarks/step_time.py --quick      # smoke run, about half a minute (the tests')
+    python benchmarks/step_time.py --quick      # smoke run, 2.5 minutes on 2 cores (the tests')
     python benchmarks/step_time.py --no-torch   # JAX rows only
     python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
                                                 # or variant matches: adan, factored, bf16, optax
@@ -78,6 +78,7 @@ from benchmarks.contenders import (
     import_error,
 )
 from benchmarks.environment import load_average, machine_info
+from benchmarks.protocol import COMPILER_OPTIONS
 from benchmarks.traffic import ALGORITHMS, StateItemsizes, state_itemsizes, traffic, tree_bytes
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -209,9 +210,13 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
 
 
 def prepare_jax(
-    contender: Implementation, params_np: Any, grads_np: Any
+    contender: Implementation,
+    params_np: Any,
+    grads_np: Any,
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[Callable, Callable]:
-    """Compiles the donated step; returns `run` (one step) and `finish` (the row's facts)."""
+    """Compiles the donated step (with XLA's `compiler_options`, default none); returns `run`
+    (one step) and `finish` (the row's facts)."""
     tx = contender.make()
     params = jax.tree.map(jnp.asarray, params_np)
     grads = jax.tree.map(jnp.asarray, grads_np)
@@ -222,7 +227,8 @@ def prepare_jax(
         return optax.apply_updates(params, updates), state
 
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads)
+    compiled = lowered.compile(compiler_options)
     compile_s = time.perf_counter() - t0
     hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
     state_bytes = tree_bytes(state)
@@ -310,8 +316,10 @@ def time_group(
     dtype: Any,
     rounds: int,
     timing: dict[str, Any],
+    compiler_options: dict[str, Any] | None = None,
 ) -> list[dict]:
-    """Builds and times every contender of `group` on `tree`; returns their rows."""
+    """Builds and times every contender of `group` on `tree` (JAX's compiled with
+    `compiler_options`); returns their rows."""
     tree_name, num_params, num_leaves, params_np, grads_np = tree
     rows = []
     prepared = []  # (row, name, run, finish) for every contender that could be built
@@ -330,9 +338,11 @@ def time_group(
         if reason is None and contender.framework == "torch" and dtype != np.float32:
             reason = "float32 only"
         if reason is None:
-            prepare = prepare_jax if contender.framework == "jax" else prepare_torch
             try:
-                run, finish = prepare(contender, params_np, grads_np)
+                if contender.framework == "jax":
+                    run, finish = prepare_jax(contender, params_np, grads_np, compiler_options)
+                else:
+                    run, finish = prepare_torch(contender, params_np, grads_np)
                 run()  # A peer that fails at run time is recorded, not fatal.
             except Exception as e:
                 if contender.framework == "jax":
@@ -623,6 +633,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The stream buffer is 4x (CPU) or 16x (GPU) the largest cache it could stay in.
     stream_elements = 2**20 if args.quick else (2**28 if backend == "gpu" else 2**26)
     rounds = args.rounds or (1 if args.quick else 2)
+    # The quick run checks that every row builds and runs, as the study's quick mode does: its
+    # timings mean nothing, and XLA's backend optimisations would take most of its time.
+    compiler_options = COMPILER_OPTIONS["quick" if args.quick else "full"]
 
     load_start = load_average()
     bandwidths = [stream_bandwidth(stream_elements, 3, 5 if args.quick else 20)]
@@ -636,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters in {num_leaves} leaves")
         for group in timing_groups(contenders):
             tree = (tree_name, num_params, num_leaves, params_np, grads_np)
-            rows += time_group(group, tree, dtype, rounds, timing)
+            rows += time_group(group, tree, dtype, rounds, timing, compiler_options)
             gc.collect()
         for row in rows:
             if row["tree"] != tree_name or "skipped" in row:
@@ -676,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "trees": tree_names,
             "timing": timing,
             "rounds": rounds,
+            "compiler_options": compiler_options,
             "stream_elements": stream_elements,
             "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
