@@ -50,7 +50,7 @@ import numpy as np
 import optim_zoo
 from benchmarks import contenders, protocol, report
 from benchmarks import tasks as tasks_lib
-from benchmarks.environment import display_path, environment, git_state
+from benchmarks.environment import COMPILER_OPTIONS, display_path, environment, git_state
 from benchmarks.protocol import BASELINE, SEEDS, Method
 from benchmarks.traffic import find_states, second_moment_floats, tree_bytes
 from fixtures import goldens
@@ -331,7 +331,7 @@ def _max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> f
 def golden_deviations(mode: str, progress: bool) -> dict[str, Any]:
     """Every package configuration of the golden tests: bf16 vs float32 state, float32 params."""
     steps = GOLDEN_STEPS[mode]
-    options = protocol.COMPILER_OPTIONS[mode]
+    options = COMPILER_OPTIONS[mode]
     golden_cases = goldens.load_golden()["cases"]
     f32, f64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)
     configurations = list(goldens.PACKAGE_CASES)

@@ -3,6 +3,7 @@
 - `environment`: the record in `compare.json`, `study.json` and `beyond.json`.
 - `machine_info`: the fuller record of `step_time.json`, whose timings depend on the machine.
 - `load_average`, `git_state`, `display_path`.
+- `COMPILER_OPTIONS`: what the quick modes compile with.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ import optax
 import optim_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A quick mode (the study's, the beyond study's, `step_time.py --quick`) compiles dozens of small
+# programs and runs each for a few steps: XLA's backend optimisations would take most of its
+# time and buy nothing there. They are not free for values: at level 0, two of the 64 recorded
+# trajectories of tests/test_bit_identity.py (bfloat16 state) come out different, so nothing that
+# checks a value against a record may compile with these options.
+COMPILER_OPTIONS = {"quick": {"xla_backend_optimization_level": 0}, "full": None}
 
 
 def environment() -> dict[str, Any]:

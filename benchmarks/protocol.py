@@ -40,6 +40,7 @@ from tqdm import tqdm
 import optim_zoo
 from benchmarks import tasks as tasks_lib
 from benchmarks.contenders import CONTENDERS, Contender, format_kwargs
+from benchmarks.environment import COMPILER_OPTIONS
 from benchmarks.traffic import tree_bytes
 
 # Neural tasks: each method's grid is its main-job learning rate (`CONTENDERS`, each a
@@ -151,14 +152,6 @@ METHODS = _methods()
 
 def _stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: np.stack(leaves), *trees)
-
-
-# Quick mode compiles ~40 small programs and runs each for a few steps; XLA's backend
-# optimisations would take most of its time and buy nothing there. (The quick step-time run
-# compiles its rows with the same options.) They are not free for values: at level 0, two of
-# the 64 recorded trajectories of tests/test_bit_identity.py (bfloat16 state) come out
-# different, so nothing that checks a value against a record may use them.
-COMPILER_OPTIONS = {"quick": {"xla_backend_optimization_level": 0}, "full": None}
 
 
 class TaskRunner:

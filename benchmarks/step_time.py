@@ -77,8 +77,7 @@ from benchmarks.contenders import (
     implementations,
     import_error,
 )
-from benchmarks.environment import load_average, machine_info
-from benchmarks.protocol import COMPILER_OPTIONS
+from benchmarks.environment import COMPILER_OPTIONS, load_average, machine_info
 from benchmarks.traffic import ALGORITHMS, StateItemsizes, state_itemsizes, traffic, tree_bytes
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
