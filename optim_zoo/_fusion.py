@@ -23,8 +23,13 @@ below answers one, without changing a single value:
   fuses as a clamp but not as a select.
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
+* State stored narrower than the arithmetic (bfloat16) is widened where it is read, and XLA
+  merges every widening of one array into a single value: read by two reductions, or by a
+  reduction and a loop, it is written out in float32, twice the stored bytes.
+  :func:`widened_for_reductions` gives each reduction a read of its own, behind
+  :func:`apart`, which also makes a computed value's later readers take it from memory.
 
-Each device is a select on a traced scalar that is never true, ``count < 0``
+Each device but :func:`apart` is a select on a traced scalar that is never true, ``count < 0``
 (:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
 non-finite values included. XLA also merges identical expressions across leaves: two leaves of
 one shape would share one broadcast of a scalar that their reductions read, written out as
@@ -33,6 +38,8 @@ leaf's own ``count < -i``, ``i`` its index. Elementwise, so sharded arrays stay 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +161,41 @@ def zeroed_for_reduction(
     low = own_scalar(jnp.where(zero, bound, -jnp.inf), never)
     high = own_scalar(jnp.where(zero, bound, jnp.inf), never)
     return jnp.minimum(jnp.maximum(x, low), high)
+
+
+def apart(x: Any) -> Any:
+    """`x` (an array or a tuple of them) itself, as a value XLA neither merges nor looks through.
+
+    An identity, ``jax.lax.optimization_barrier``: XLA does not merge it with another read of
+    `x`, and does not fuse the computation of `x` into its readers, which read `x` from memory.
+    """
+    return jax.lax.optimization_barrier(x)
+
+
+def widened_for_reductions(
+    x: jax.Array, dtype: jax.typing.DTypeLike, count: int, never: jax.Array | None = None
+) -> list[jax.Array]:
+    """`count` copies of `x` in `dtype`, bit for bit, one for each reduction that reads it.
+
+    For `x` stored narrower than `dtype`: each copy is read through one more :func:`apart`
+    than the one before, so that neither the copies nor the other readers of `x` share a
+    widened array, which XLA would write out as large as the leaf in `dtype`; each reduction
+    reads the stored bytes and widens them in its own loop. `x` already in `dtype`: `x`
+    itself, `count` times.
+
+    Give `never` (:func:`never_true`) for a reduction that sums a copy as it is: each copy is
+    then multiplied by its own one (an exact product), since over a bare widening XLA:CPU sums
+    in another order than over the same values in `dtype`, for some shapes (a 384 x 1024
+    bfloat16 leaf among them).
+    """
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return [x] * count
+    copies = []
+    for i in range(count):
+        x = apart(x)
+        copy = x.astype(dtype)
+        if never is not None:
+            copy = copy * jnp.where(never, jnp.asarray(i + 2, dtype), jnp.asarray(1, dtype))
+        copies.append(copy)
+    return copies

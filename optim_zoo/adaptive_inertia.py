@@ -207,8 +207,9 @@ def scale_by_adaptive_inertia(
             store = rounding.for_leaf(path).store
             g = decay(g, p, decayed).astype(dtype)
             v_stored = v.accumulate(g, beta2, for_reductions=reductions).stored_as(v, store, 0)
-            v = v_stored.astype(dtype)
-            return v_stored, v, v.total(), dtype
+            # The sum reads v as stored, in its own loop (see `LeafMoment.for_reduction`).
+            total = v_stored.for_reduction(dtype, _fusion.never_true(state.count, index)).total()
+            return v_stored, v_stored.astype(dtype), total, dtype
 
         v_stored, v, v_sums, dtypes = _tree.map_leaves(
             second_moment_pass,

@@ -161,45 +161,69 @@ def scale_by_rectified_diag_hessian(
                     g, p, weight_decay, _fusion.never_true(state.count, index)
                 )
                 g = g + weight_decay * p
+            # Each reduction widens the state it reads in its own loop (a no-op unless the
+            # state is stored narrower than the arithmetic).
+            d_norm, d_grad, d_hess = _fusion.widened_for_reductions(direction, dtype, 3)
+            m_max, m_grad = _fusion.widened_for_reductions(m, dtype, 2)
+            (h_hess,) = _fusion.widened_for_reductions(hessian, dtype, 1)
             g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
             grad_diff = g_ - m_
             if belief:
-                sigma = jnp.max(jnp.abs(m_ - g_), initial=0)
+                sigma = jnp.max(jnp.abs(m_max - g_), initial=0)
                 e = eps
             else:
                 sigma = CONSTANT_REBOUND
                 e = eps / CONSTANT_REBOUND
-            norm4 = jnp.sum(jnp.square(jnp.square(direction))) ** 0.25 + e
+            norm4 = jnp.sum(jnp.square(jnp.square(d_norm))) ** 0.25 + e
             # The two sums of the secant update, sum(grad_diff / norm4 * unit) and
             # sum(hessian * unit**2), with the scalar 1 / norm4**2 taken out (equal up to
             # rounding). Each reads the state directly, with no intermediate shared with
             # the elementwise updates, which XLA would keep in a buffer as large as the leaf.
-            grad_dot = jnp.sum(g_for_sum.astype(dtype) * direction - m_ * direction)
-            hessian = hessian.astype(dtype)
-            hessian_dot = jnp.sum(hessian * direction * direction)
+            grad_dot = jnp.sum(g_for_sum.astype(dtype) * d_grad - m_grad * d_grad)
+            hessian_dot = jnp.sum(h_hess * d_hess * d_hess)
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
             # The direction reads m and B as stored (a no-op unless stored narrower).
             m = store(m_ + alpha * grad_diff, m_dtype, 0)
             unit = direction / norm4
             unit_sq = jnp.square(unit)
-            hessian = store(hessian + delta * unit_sq, hessian_dtype, 1)
-            curvature = jnp.maximum(jnp.abs(hessian.astype(dtype)), sigma)
-            if belief:
-                curvature = curvature + e / alpha
-            direction = m.astype(dtype) / curvature
+            hessian = store(hessian.astype(dtype) + delta * unit_sq, hessian_dtype, 1)
+            decay = None
             if decayed and not l2:
                 decay = weight_decay
                 if stable:
-                    # The same curvature, spelled so that the mean computes it in its own loop.
-                    rebounded = _fusion.rebounded_for_reduction(
-                        hessian.astype(dtype), sigma, _fusion.never_true(state.count, index)
-                    )
-                    decay = decay / jnp.mean(rebounded + e / alpha if belief else rebounded)
-                direction = direction + decay * p.astype(dtype)
+                    # The same curvature, spelled so that the mean computes it in its own loop
+                    # (belief's e / alpha is the mean's own scalar too).
+                    own = _fusion.never_true(state.count, index)
+                    (for_mean,) = _fusion.widened_for_reductions(hessian, dtype, 1)
+                    rebounded = _fusion.rebounded_for_reduction(for_mean, sigma, own)
+                    if belief:
+                        rebounded = rebounded + _fusion.own_scalar(e / alpha, own)
+                    decay = decay / jnp.mean(rebounded)
+
+            def new_direction(m, hessian):
+                curvature = jnp.maximum(jnp.abs(hessian.astype(dtype)), sigma)
+                if belief:
+                    curvature = curvature + e / alpha
+                direction = m.astype(dtype) / curvature
+                return direction if decay is None else direction + decay * p.astype(dtype)
+
+            direction = new_direction(m, hessian)
+            stored_direction = direction
+            if direction_dtype != dtype:
+                # Stored narrower, the direction is computed twice, for the update and to be
+                # stored, each time from m and B as stored: one shared value would be written
+                # out as large as the leaf.
+                stored_direction = store(
+                    new_direction(*_fusion.apart((m, hessian))), direction_dtype, 2
+                )
+                if decay is not None:
+                    # Both read p: the update (which overwrites p, when donated) comes after.
+                    direction = _fusion.written_after(direction, never, stored_direction)
             # XLA recomputes m inside the loop that writes the direction, reading the old m;
-            # so m is overwritten (in place, when donated) only once the direction exists.
-            m = _fusion.written_after(m, never, direction)
-            return direction.astype(out_dtype), m, hessian, store(direction, direction_dtype, 2)
+            # so m is overwritten (in place, when donated) only once the stored direction
+            # exists.
+            m = _fusion.written_after(m, never, stored_direction)
+            return direction.astype(out_dtype), m, hessian, stored_direction
 
         out, m, hessian, direction = _tree.map_leaves(
             leaf_update,

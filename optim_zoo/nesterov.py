@@ -160,9 +160,11 @@ def scale_by_nesterov_moment(
                 # with no other leaf's.
                 own = _fusion.never_true(state.count, index)
                 b2_row, b2_col = _fusion.own_scalar(b2, own), _fusion.own_scalar(-b2, own)
+                # prev_grad stored narrower: each reads its own widening of the stored bytes.
+                prev_row, prev_col = _fusion.widened_for_reductions(prev_grad, dtype, 2)
                 reductions = (
-                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev, is_first, own, 0),
-                    g_ + b2_col * _fusion.zeroed_for_reduction(prev - g_, is_first, own, 1),
+                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev_row, is_first, own, 0),
+                    g_ + b2_col * _fusion.zeroed_for_reduction(prev_col - g_, is_first, own, 1),
                 )
                 g_diff = _fusion.own_copy(g_, never)
             # The official code starts prev_grad at the first gradient: no difference on step 1.

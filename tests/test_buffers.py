@@ -1,10 +1,15 @@
-"""What XLA allocates for a step: leaves of one shape must not share leaf-sized temporaries.
+"""What XLA allocates for a step: no leaf-sized temporaries where the updates avoid them.
 
 The updates spell values that a reduction reads so that the reduction computes them in its own
 loop (``optim_zoo._fusion``). XLA merges identical expressions across leaves too; if two leaves of
 one shape built the same scalar the same way, their reductions would share one broadcast of it,
 written out as large as a leaf. A tree of two such leaves must then need no more temporary
 memory than two trees of one.
+
+State stored in bfloat16 is widened to float32 where it is read; a widened leaf that two
+reductions (or a reduction and a loop) shared would be written out, in float32. Each reduction
+reads the stored bytes instead (``_fusion.widened_for_reductions``), so a step with bfloat16
+state needs no temporary as large as a leaf.
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ CASES = {
 }
 
 
+BF16 = {"dtype_momentum": jnp.bfloat16, "dtype_second_moment": jnp.bfloat16}
+NO_TEMPORARY_CASES = {
+    "apollo": lambda **kw: optim_zoo.apollo(1e-3, **kw),
+    "apollo_l2": lambda **kw: optim_zoo.apollo(
+        1e-3, weight_decay=1e-2, weight_decay_type="L2", **kw
+    ),
+    "apollo_decoupled": lambda **kw: optim_zoo.apollo(1e-3, weight_decay=1e-2, **kw),
+    "apollo_stable_belief": lambda **kw: optim_zoo.apollo(
+        1e-3, rebound="belief", weight_decay=1e-2, weight_decay_type="stable", **kw
+    ),
+    "adai": lambda **kw: optim_zoo.adai(1e-3, weight_decay=1e-2, **kw),
+    "adaiw": lambda **kw: optim_zoo.adaiw(1e-3, weight_decay=1e-2, **kw),
+    "factored_adan": lambda **kw: optim_zoo.factored_adan(1e-3, **kw),
+    "factored_adai": lambda **kw: optim_zoo.factored_adai(1e-3, weight_decay=1e-2, **kw),
+}
+
+
 def temp_bytes(tx: optax.GradientTransformation, num_leaves: int) -> int:
     """Temporary bytes of one compiled, donated step on `num_leaves` float32 leaves of SHAPE."""
     params = {f"w{i}": jax.ShapeDtypeStruct(SHAPE, jnp.float32) for i in range(num_leaves)}
@@ -50,3 +72,18 @@ def test_leaves_of_one_shape_share_no_temporary(name):
     one, two = temp_bytes(CASES[name](), 1), temp_bytes(CASES[name](), 2)
     # Shared broadcasts would add whole leaves; a few KB of per-leaf scalars and vectors do not.
     assert two <= 2 * one + LEAF_BYTES // 8, (name, one, two)
+
+
+STATES = {
+    "float32": {},
+    "bfloat16": BF16,
+    "bfloat16_stochastic": {**BF16, "state_rounding": "stochastic"},
+}
+
+
+@pytest.mark.parametrize("state", sorted(STATES))
+@pytest.mark.parametrize("name", sorted(NO_TEMPORARY_CASES))
+def test_no_leaf_sized_temporary(name, state):
+    tx = NO_TEMPORARY_CASES[name](**STATES[state])
+    # Two leaves of one shape: a value written out would take LEAF_BYTES for each.
+    assert temp_bytes(tx, 2) < LEAF_BYTES // 8, (name, state)
