@@ -2,7 +2,7 @@
 
 An update is memory-bound: its floor is the bytes it must read and write. XLA:CPU gets close to
 it only when every elementwise value is computed inside the loop that consumes it and every
-state leaf is written in place. Three habits of its scheduler stand in the way, and each device
+state leaf is written in place. Five habits of its scheduler stand in the way, and each device
 below answers one, without changing a single value:
 
 * A reduction fuses no elementwise producer: a value that feeds both a reduction and an
@@ -29,7 +29,8 @@ below answers one, without changing a single value:
   :func:`widened_for_reductions` gives each reduction a read of its own, behind
   :func:`apart`, which also makes a computed value's later readers take it from memory.
 
-Each device but :func:`apart` is a select on a traced scalar that is never true, ``count < 0``
+Each device but :func:`apart` and :func:`widened_for_reductions` (an optimization barrier) is a
+select on a traced scalar that is never true, ``count < 0``
 (:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
 non-finite values included. XLA also merges identical expressions across leaves: two leaves of
 one shape would share one broadcast of a scalar that their reductions read, written out as
