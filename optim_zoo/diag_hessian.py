@@ -184,6 +184,11 @@ def scale_by_rectified_diag_hessian(
             delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
             # The direction reads m and B as stored (a no-op unless stored narrower).
             m = store(m_ + alpha * grad_diff, m_dtype, 0)
+            narrow = direction_dtype != dtype
+            if narrow:
+                # m is overwritten (in place, when donated) once the sums (and belief's
+                # maximum) have read the old m.
+                m = _fusion.written_after(m, never, delta, *([sigma] if belief else []))
             unit = direction / norm4
             unit_sq = jnp.square(unit)
             hessian = store(hessian.astype(dtype) + delta * unit_sq, hessian_dtype, 1)
@@ -207,22 +212,24 @@ def scale_by_rectified_diag_hessian(
                 direction = m.astype(dtype) / curvature
                 return direction if decay is None else direction + decay * p.astype(dtype)
 
-            direction = new_direction(m, hessian)
-            stored_direction = direction
-            if direction_dtype != dtype:
-                # Stored narrower, the direction is computed twice, for the update and to be
-                # stored, each time from m and B as stored: one shared value would be written
-                # out as large as the leaf.
-                stored_direction = store(
-                    new_direction(*_fusion.apart((m, hessian))), direction_dtype, 2
-                )
-                if decay is not None:
-                    # Both read p: the update (which overwrites p, when donated) comes after.
-                    direction = _fusion.written_after(direction, never, stored_direction)
-            # XLA recomputes m inside the loop that writes the direction, reading the old m;
-            # so m is overwritten (in place, when donated) only once the stored direction
-            # exists.
-            m = _fusion.written_after(m, never, stored_direction)
+            if not narrow:
+                direction = new_direction(m, hessian)
+                # XLA computes the new m again in the direction's loop, from the old m: m is
+                # overwritten (in place, when donated) once the direction exists.
+                m = _fusion.written_after(m, never, direction)
+                return direction.astype(out_dtype), m, hessian, direction
+            # Stored narrower, the direction is computed twice, for the update and to be stored,
+            # each from m and B as stored, read from memory (computed in its loop, the new m
+            # would read the old m after it is overwritten): one shared value would be written
+            # out as large as the leaf.
+            for_direction = _fusion.apart((m, hessian))
+            direction = new_direction(*for_direction)
+            stored_direction = store(
+                new_direction(*_fusion.apart(for_direction)), direction_dtype, 2
+            )
+            if decay is not None:
+                # Both read p: the update (which overwrites p, when donated) comes after.
+                direction = _fusion.written_after(direction, never, stored_direction)
             return direction.astype(out_dtype), m, hessian, stored_direction
 
         out, m, hessian, direction = _tree.map_leaves(
