@@ -139,6 +139,13 @@ BF16_STATE = "bf16 state"
 BF16_STATE_SR = "bf16 state, stochastic rounding"
 NO_DECAY = "no decay"
 L2_DECAY, DECOUPLED_DECAY, STABLE_DECAY = "L2 decay", "decoupled decay", "stable decay"
+# The weight decay each decay variant runs (`traffic.DECAY_READS`).
+DECAY_OF_VARIANT = {
+    NO_DECAY: "none",
+    L2_DECAY: "L2",
+    DECOUPLED_DECAY: "decoupled",
+    STABLE_DECAY: "stable",
+}
 
 
 def implementation_label(library: str, variant: str) -> str:

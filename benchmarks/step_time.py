@@ -4,10 +4,11 @@ An optimizer step reads every parameter, gradient and state leaf and writes back
 and the state. Its floor on any device is those bytes over the memory bandwidth. This script
 measures that bandwidth first (a jitted, donated in-place update of one large buffer), then times
 one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer and one
-``optimizer.step()`` of each PyTorch peer. Each row is timed in two rounds over
+``optimizer.step()`` of each PyTorch peer. Each row is timed in ten short rounds over
 the rows of its group (an algorithm family with its variants and peers: median of repeated runs
-after warm-up in each round; the row keeps its better round), so that load elsewhere on the
-machine does not single out one row, and rows that are compared run side by side. The trees
+after warm-up in each round; the row keeps its best round), so that load elsewhere on the
+machine does not single out one row, and rows that are compared run side by side: an option
+is compared with its original round by round (the median of the rounds' ratios). The trees
 (on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
@@ -71,6 +72,7 @@ from benchmarks import report
 from benchmarks.contenders import (
     BF16_STATE,
     COMPARISONS,
+    DECAY_OF_VARIANT,
     TIMING_FAMILY,
     Implementation,
     implementation_label,
@@ -192,7 +194,9 @@ def stream_bandwidth(num_elements: int, warmup: int, reps: int) -> float:
 
 
 def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
-    """Kernels per leaf (fusions and copies in the entry computation) and temporary bytes."""
+    """Kernels per leaf (fusions and copies in the entry computation), temporary bytes, and the
+    bytes XLA's cost model says the compiled step reads and writes (each kernel's operands
+    and outputs; a kernel that re-reads an array counts it again)."""
     text = compiled.as_text()
     entry = text[text.index("\nENTRY") :]
     fusions = len(re.findall(r" fusion\(", entry))
@@ -201,10 +205,17 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
         temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # memory_analysis is best effort on some backends
         temp_bytes = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        xla_bytes = float(cost["bytes accessed"])
+    except Exception:  # so is the cost model
+        xla_bytes = None
     return {
         "fusions_per_leaf": fusions / num_leaves,
         "copies": copies,
         "temp_bytes": temp_bytes,
+        "xla_bytes": xla_bytes,
     }
 
 
@@ -354,7 +365,7 @@ def time_group(
         prepared.append((row, contender.name, run, finish))
     # Rounds over the group's rows, so that a burst of load elsewhere on the machine hits one
     # round of every row rather than every round of one row; each row keeps its best round's
-    # median.
+    # median, and rows compared with each other are compared round by round.
     for round_index in range(rounds):
         for row, name, run, _ in prepared:
             result = _median_time(run, **timing)
@@ -386,8 +397,8 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
     header = (
         "| tree | algorithm | implementation | ms/step | MB moved (1 pass / min) "
         "| floor ms (1 pass / min) | time/floor (1 pass / min) | state B per param B "
-        "| kernels/leaf | temp MB | compile s |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| kernels/leaf | XLA MB | temp MB | compile s |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for tree in trees:
@@ -398,7 +409,7 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
             if "skipped" in row:
                 lines.append(
                     f"| {tree} | {row['algorithm']} | {name} | skipped: {row['skipped']} "
-                    "| | | | | | | |"
+                    "| | | | | | | | |"
                 )
                 continue
             temp = row.get("temp_bytes")
@@ -409,14 +420,26 @@ def markdown_table(rows: list[dict], trees: Sequence[str]) -> str:
                 f"| {row['time_over_floor']:.2f} / {row['time_over_min_floor']:.2f} "
                 f"| {row['state_per_param']:.2f} "
                 f"| {_fmt(row.get('fusions_per_leaf'), '.1f')} "
+                f"| {_fmt(None if row.get('xla_bytes') is None else row['xla_bytes'] / MB, '.0f')} "
                 f"| {_fmt(None if temp is None else temp / MB, '.1f')} "
                 f"| {_fmt(row.get('compile_s'), '.1f')} |"
             )
     return header + "\n".join(lines) + "\n"
 
 
+def paired_ratios(row: dict, reference: dict) -> list[float]:
+    """The row's median over the reference's in each round: both were timed within seconds of
+    each other, so that load elsewhere on the machine moves both."""
+    return [
+        a / b for a, b in zip(row["round_medians_s"], reference["round_medians_s"], strict=True)
+    ]
+
+
 def variant_comparisons(rows: list[dict], trees: Sequence[str]) -> list[dict]:
-    """Each variant row against its original in this run (`contenders.COMPARISONS`)."""
+    """Each variant row against its original in this run (`contenders.COMPARISONS`): the
+    median of the rounds' paired ratios with its quartiles, the ratio of the rows' best
+    rounds, of the bytes their algorithms must move (the 'min' floors) and of the bytes XLA's
+    cost model counts for the two compiled steps."""
     timed = {
         (r["tree"], r["algorithm"], r.get("variant", "")): r
         for r in rows
@@ -428,6 +451,11 @@ def variant_comparisons(rows: list[dict], trees: Sequence[str]) -> list[dict]:
             a, b = timed.get((tree, *subject)), timed.get((tree, *reference))
             if a is None or b is None:
                 continue
+            ratios = paired_ratios(a, b)
+            q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+            bytes_ratio = None
+            if a.get("xla_bytes") and b.get("xla_bytes"):
+                bytes_ratio = a["xla_bytes"] / b["xla_bytes"]
             found.append(
                 {
                     "tree": tree,
@@ -435,7 +463,11 @@ def variant_comparisons(rows: list[dict], trees: Sequence[str]) -> list[dict]:
                     "reference": _name(reference),
                     "ms": a["ms_per_step"],
                     "reference_ms": b["ms_per_step"],
-                    "ratio": a["ms_per_step"] / b["ms_per_step"],
+                    "ratio": float(median),
+                    "ratio_quartiles": [float(q1), float(q3)],
+                    "ratio_of_best": a["ms_per_step"] / b["ms_per_step"],
+                    "xla_bytes_ratio": bytes_ratio,
+                    "floor_ratio": a["bytes_min"] / b["bytes_min"],
                     "limit": limit,
                     "temp_mb": _temp_mb(a),
                     "reference_temp_mb": _temp_mb(b),
@@ -456,16 +488,22 @@ def _temp_mb(row: dict) -> float | None:
 
 def comparisons_table(comparisons: list[dict]) -> str:
     header = (
-        "| tree | row | against | ms/step | against ms/step | ratio | at most "
-        "| temp MB (row / against) |\n|---|---|---|---:|---:|---:|---:|---:|\n"
+        "| tree | row | against | ms/step | against ms/step | ratio (quartiles) | best rounds "
+        "| floor ratio | XLA bytes ratio | at most | temp MB (row / against) |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    lines = [
-        f"| {c['tree']} | {c['row']} | {c['reference']} | {c['ms']:.2f} "
-        f"| {c['reference_ms']:.2f} | {'**' if c['ratio'] > c['limit'] else ''}"
-        f"{c['ratio']:.2f}{'**' if c['ratio'] > c['limit'] else ''} | {c['limit']:.1f} "
-        f"| {_fmt(c['temp_mb'], '.1f')} / {_fmt(c['reference_temp_mb'], '.1f')} |"
-        for c in comparisons
-    ]
+    lines = []
+    for c in comparisons:
+        bold = "**" if c["ratio"] > c["limit"] else ""
+        q1, q3 = c["ratio_quartiles"]
+        lines.append(
+            f"| {c['tree']} | {c['row']} | {c['reference']} | {c['ms']:.2f} "
+            f"| {c['reference_ms']:.2f} | {bold}{c['ratio']:.2f}{bold} ({q1:.2f}-{q3:.2f}) "
+            f"| {c['ratio_of_best']:.2f} | {c['floor_ratio']:.2f} "
+            f"| {_fmt(c['xla_bytes_ratio'], '.2f')} "
+            f"| {c['limit']:.1f} "
+            f"| {_fmt(c['temp_mb'], '.1f')} / {_fmt(c['reference_temp_mb'], '.1f')} |"
+        )
     return header + "\n".join(lines) + "\n"
 
 
@@ -600,8 +638,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", default=None, help="algorithm or library names")
     parser.add_argument("--trees", nargs="*", default=None, help="subset of the trees")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 2)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per row and round"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     return parser.parse_args(argv)
 
@@ -619,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timing = (
         {"warmup": 1, "min_reps": 3, "budget_s": 0.0}
         if args.quick
-        else {"warmup": 2, "min_reps": 3, "budget_s": 2.0 if args.budget is None else args.budget}
+        else {"warmup": 1, "min_reps": 3, "budget_s": 0.4 if args.budget is None else args.budget}
     )
     contenders = implementations(with_torch=not args.no_torch)
     if args.only:
@@ -631,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     itemsize = np.dtype(dtype).itemsize
     # The stream buffer is 4x (CPU) or 16x (GPU) the largest cache it could stay in.
     stream_elements = 2**20 if args.quick else (2**28 if backend == "gpu" else 2**26)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 10)
     # The quick run checks that every row builds and runs, as the study's quick mode does: its
     # timings mean nothing, and XLA's backend optimisations would take most of its time.
     compiler_options = COMPILER_OPTIONS["quick" if args.quick else "full"]
@@ -656,8 +696,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             algorithm = ALGORITHMS[row["algorithm"]]
             sizes = row.get("state_itemsizes")
             state_sizes = None if sizes is None else StateItemsizes(**sizes)
+            decay = DECAY_OF_VARIANT.get(row.get("variant", ""))
             row.update(
-                traffic(leaf_shapes(shapes), itemsize, row["state_bytes"], algorithm, state_sizes)
+                traffic(
+                    leaf_shapes(shapes),
+                    itemsize,
+                    row["state_bytes"],
+                    algorithm,
+                    state_sizes,
+                    decay if row["library"] == "optim_zoo" else None,
+                )
             )
         gc.collect()
     bandwidths.append(stream_bandwidth(stream_elements, 3, 5 if args.quick else 20))
@@ -741,7 +789,10 @@ def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks
         "",
         "time/floor: ms per step over (bytes moved / bandwidth); '1 pass' reads every parameter,"
         " gradient and state byte once and writes parameters and state once; 'min' adds the"
-        " re-reads that the algorithm's reductions force (docs/performance.md).",
+        " re-reads that the algorithm's reductions force (docs/performance.md). 'XLA MB': the"
+        " bytes XLA's cost model counts for the compiled step, each kernel's operands and"
+        " outputs (a kernel per output array on the CPU, so that an array several outputs"
+        " need is read several times).",
         "",
         "Factored Adan, Factored Adai and Factored AdaiW are optim_zoo's `factored_adan` and"
         " `factored_adai` (decoupled=False / True) at Adan's, Adai's and AdaiW's"
@@ -757,9 +808,15 @@ def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks
         markdown_table(rows, trees),
         "## Variants against their originals (same run)",
         "",
-        "Each option's row over the row without it, timed side by side in this run; bold where"
-        " the ratio exceeds the limit (a memory option moves fewer bytes, so it should be no"
-        " slower; a weight decay should cost at most 10%).",
+        "Each option's row over the row without it, timed side by side in this run: the ratio"
+        " is the median over the rounds of the two rows' medians in the same round (quartiles"
+        " in brackets), bold where it exceeds the limit (a memory option moves fewer bytes, so"
+        " it should be no slower; a weight decay should cost at most 10%); 'best rounds' is"
+        " the ratio of the two rows' best rounds (their ms/step); 'floor ratio' the ratio of"
+        " the bytes the two algorithms must move (their 'min' floors: no formulation can make"
+        " the option cheaper than that, on a memory-bound step); 'XLA bytes ratio' the ratio of"
+        " the bytes XLA's cost model counts for the two compiled steps (each kernel's operands"
+        " and outputs), what the option costs in memory traffic as compiled.",
         "",
         comparisons_table(result.get("comparisons", [])),
         "## Targets",

@@ -111,8 +111,8 @@ def _adafactor_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsize
 
 def _apollo_extra(shape: tuple[int, ...], itemsize: int, state: StateItemsizes) -> int:
     # Pass 1 reads g, m, d, B for the three per-tensor sums (sum d^4, sum (g - m) d,
-    # sum B d^2); pass 2 reads them again with p and writes m, B, d, p. (L2 decay with a
-    # nonzero rate would also read p in pass 1; the benchmark runs the default, no decay.)
+    # sum B d^2); pass 2 reads them again with p and writes m, B, d, p. (The benchmark runs
+    # Apollo without decay; `DECAY_READS` has what the decays add.)
     size = int(np.prod(shape))
     return size * (itemsize + 2 * state.momentum + state.second_moment)
 
@@ -186,6 +186,21 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
+# What a weight decay other than the row's own adds to (or takes from) the forced re-reads, by
+# (algorithm, decay): per element of a leaf, from the parameter and state itemsizes. Decoupled
+# decay reads p where the single pass reads it anyway, so it adds nothing anywhere.
+DECAY_READS: dict[tuple[str, str], Callable[[int, StateItemsizes], int]] = {
+    # L2: the secant sum reads g + wd * p, so pass 1 reads p too.
+    ("Apollo", "L2"): lambda itemsize, state: itemsize,
+    # Stable: the mean of the new curvature needs B's update (which needs the sums): a pass
+    # over B and d between the sums and the direction.
+    ("Apollo", "stable"): lambda itemsize, state: state.second_moment + state.momentum,
+    # Adai's own decay is L2: without it, pass 1 does not read p.
+    ("Adai", "none"): lambda itemsize, state: -itemsize,
+    ("Factored Adai", "none"): lambda itemsize, state: -itemsize,
+}
+
+
 # Which fields of each optim_zoo primitive's state hold which role (`StateItemsizes`).
 STATE_ROLES: dict[type, dict[str, tuple[str, ...]]] = {
     optim_zoo.ScaleByNesterovMomentState: {
@@ -229,14 +244,20 @@ def traffic(
     state_bytes: int,
     algorithm: Algorithm,
     state: StateItemsizes | None = None,
+    decay: str | None = None,
 ) -> dict:
     """Bytes a single pass moves (read p, g, state; write p, state) and the forced extra reads.
 
     `shapes` are the parameter leaves' shapes; `state_bytes` is the allocated state's; `state`
     the itemsizes of its roles (None: the defaults), so that a bfloat16 state's single pass and
-    re-reads count 2 bytes an element.
+    re-reads count 2 bytes an element; `decay` a weight decay other than the row's own
+    (``"none"``, ``"L2"``, ``"decoupled"``, ``"stable"``; `DECAY_READS`).
     """
     param_bytes = sum(int(np.prod(s)) for s in shapes) * itemsize
     single = 3 * param_bytes + 2 * state_bytes
     extra = sum(algorithm.extra_reads(s, itemsize, state) for s in shapes)
+    per_element = DECAY_READS.get((algorithm.name, decay or ""))
+    if per_element is not None:
+        sizes = state or StateItemsizes.default(itemsize)
+        extra += per_element(itemsize, sizes) * (param_bytes // itemsize)
     return {"param_bytes": param_bytes, "bytes_single": single, "bytes_min": single + extra}

@@ -137,9 +137,29 @@ def test_each_option_is_timed_against_its_original(quick_run):
     assert len(result["comparisons"]) == len(contenders.COMPARISONS) * len(
         result["config"]["trees"]
     )
+    rows = {
+        (r["tree"], r["algorithm"], r.get("variant", "")): r
+        for r in result["rows"]
+        if r["library"] == "optim_zoo"
+    }
     for c in result["comparisons"]:
-        assert c["ratio"] == pytest.approx(c["ms"] / c["reference_ms"])
+        assert c["ratio_of_best"] == pytest.approx(c["ms"] / c["reference_ms"])
+        # The ratio pairs the rows' rounds: one round here, so it is the rows' ratio too.
+        (a,) = [r for k, r in rows.items() if k[0] == c["tree"] and _label(k) == c["row"]]
+        (b,) = [r for k, r in rows.items() if k[0] == c["tree"] and _label(k) == c["reference"]]
+        assert len(a["round_medians_s"]) == len(b["round_medians_s"]) == 1
+        assert c["ratio"] == pytest.approx(a["round_medians_s"][0] / b["round_medians_s"][0])
+        assert c["ratio_quartiles"] == pytest.approx([c["ratio"], c["ratio"]])
+        assert c["xla_bytes_ratio"] == pytest.approx(a["xla_bytes"] / b["xla_bytes"])
+        assert c["floor_ratio"] == pytest.approx(a["bytes_min"] / b["bytes_min"])
+        if c["row"] == "Apollo [L2 decay]":  # the sums read p too
+            assert c["floor_ratio"] > 1 and c["xla_bytes_ratio"] > 1
     assert "## Variants against their originals" in (out_dir / "step_time.md").read_text()
+
+
+def _label(key: tuple[str, str, str]) -> str:
+    _, algorithm, variant = key
+    return algorithm + (f" [{variant}]" if variant else "")
 
 
 def test_rows_are_consistent(quick_run):
@@ -221,6 +241,32 @@ def test_forced_passes_count_the_state_dtype():
     # Parameter-side re-reads do not change.
     assert algorithms["Adafactor"].extra_reads(shape, 4, bf16) == 3 * 4 * size
     assert algorithms["Factored Adai"].extra_reads(shape, 4, bf16) == 2 * 4 * size
+
+
+def test_forced_passes_count_a_decay_other_than_the_rows_own():
+    shapes = [(256, 512), (1000,)]
+    size = 256 * 512 + 1000
+    algorithms = traffic.ALGORITHMS
+    bf16 = traffic.StateItemsizes(momentum=2, second_moment=2)
+
+    def extra(name, decay, state=None):
+        own = traffic.traffic(shapes, 4, 0, algorithms[name], state)
+        other = traffic.traffic(shapes, 4, 0, algorithms[name], state, decay)
+        assert other["bytes_single"] == own["bytes_single"]
+        return other["bytes_min"] - own["bytes_min"]
+
+    # Apollo runs without decay: L2 reads p in the sums' pass, stable decay B and d once more.
+    assert extra("Apollo", "L2") == 4 * size
+    assert extra("Apollo", "stable") == 8 * size
+    assert extra("Apollo", "stable", bf16) == 4 * size
+    # Adai's own decay is L2: without it, the mean's pass does not read p.
+    assert extra("Adai", "none") == extra("Factored Adai", "none") == -4 * size
+    # Decoupled decay reads p where the single pass does; and decays the rows run already.
+    for name in algorithms:
+        assert extra(name, "decoupled") == 0
+    assert extra("Adai", "L2") == extra("Adan", "none") == 0
+    # The variant rows of a run carry their decay.
+    assert set(contenders.DECAY_OF_VARIANT.values()) == {"none", "L2", "decoupled", "stable"}
 
 
 def test_state_itemsizes_read_the_allocated_state():
