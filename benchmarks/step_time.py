@@ -33,7 +33,9 @@ Adai and AdaiW, and every optim_zoo optimizer again with its state in bfloat16
 (``optim_zoo [bf16 state]``: ``dtype_momentum`` and ``dtype_second_moment`` bfloat16, float32
 parameters). Their bytes come from the state they allocate. They have no peers and no targets.
 
-    python benchmarks/step_time.py              # full run, about 13 minutes on 2 CPU cores
+    python benchmarks/step_time.py              # full run: 13 minutes on 2 CPU cores when rows
+                                                # had two long rounds (the 30M tree's rows take
+                                                # 7% longer in ten short ones)
     python benchmarks/step_time.py --quick      # smoke run, 2.5 minutes on 2 cores (the tests')
     python benchmarks/step_time.py --no-torch   # JAX rows only
     python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
