@@ -72,8 +72,16 @@ def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Arra
     late = never
     reads = tuple(read for read in reads if read.size)  # a size-0 array has no loop to wait for
     for read in apart(reads) if reads else ():
-        late = late & (read.ravel()[0] != 0)
+        late = late & _first_is_nonzero(read)
     return jnp.where(late, jnp.zeros_like(x), x)
+
+
+def _first_is_nonzero(x: jax.Array) -> jax.Array:
+    """Whether the first element of `x` is nonzero; a 16-bit float's bits are read as an
+    integer, since XLA widens such an array to float32 to slice it, in a kernel of its own."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        x = jax.lax.bitcast_convert_type(x, jnp.uint16) & jnp.uint16(0x7FFF)  # -0 is zero
+    return x.ravel()[0] != 0
 
 
 def mean_squares(

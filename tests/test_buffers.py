@@ -15,6 +15,7 @@ state needs no temporary as large as a leaf.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -118,3 +119,16 @@ def test_ordering_costs_no_traffic(name):
     if not cost or "bytes accessed" not in cost:
         pytest.skip("this backend reports no cost analysis")
     assert cost["bytes accessed"] <= leaves * LEAF_BYTES * 1.01, (name, cost["bytes accessed"])
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "bfloat16_stochastic"])
+def test_ordering_adds_no_kernel(state):
+    # Adan on one leaf: one loop per output (m, v, n, prev_grad, p) and nothing else as large
+    # as the leaf or drawn from it; prev_grad's wait for v and n reads an element of each
+    # inside its own loop. (Slicing a bfloat16 array, XLA widened it in a kernel of its own,
+    # one per array waited for: 7 loops, which cost launch time on trees of many small leaves.)
+    text = compiled_step(optim_zoo.adan(1e-3, **STATES[state]), 1).as_text()
+    entry = text[text.index("\nENTRY") :]
+    kernels = re.findall(r"= (\w+)\[([\d,]*)\][^=]* fusion\(", entry)
+    # (The stochastic rounding's per-step bits are a uint32 kernel of their own.)
+    assert len([s for dtype, s in kernels if s and dtype in ("f32", "bf16")]) == 5, kernels
