@@ -12,7 +12,7 @@ below answers one, without changing a single value:
   reduction instead of sharing one square.
 * A donated state leaf is updated in place only when XLA can prove that every reader of the old
   value runs first; otherwise it copies the old value out (on CPU, a page fault per page of a
-  fresh buffer). :func:`written_after` makes that order explicit, at the cost of one element.
+  fresh buffer). :func:`written_after` makes that order explicit.
 * A value shared by a reduction and other consumers is kept in a temporary even when every
   consumer could recompute it, and XLA merges identical expressions into one shared value.
   :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction,
@@ -61,27 +61,17 @@ def own_copy(x: jax.Array, never: jax.Array) -> jax.Array:
 
 
 def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Array:
-    """`x` itself, computed only after the arrays `reads` (of any shape) exist.
+    """`x` itself, computed only after `reads` (scalars, or arrays shaped like `x`) exist.
 
-    The loop that writes `x` reads one element of each of `reads`, behind :func:`apart` (so that
-    XLA cannot compute that element again in the loop from what `reads` were computed from):
-    its write comes after the loops that wrote them, so a donated state leaf whose old value
-    those loops read is overwritten in place. One element, not the whole array, so the order
-    costs no memory traffic.
+    Reading `reads` in the loop that writes `x` orders that write after them, so a donated
+    state leaf whose old value they read is overwritten in place. A scalar (a sum) costs
+    nothing to read; an array is read whole, elementwise: one element would do, but on a mesh
+    it lives on one device, and reading it everywhere reshards the state.
     """
     late = never
-    reads = tuple(read for read in reads if read.size)  # a size-0 array has no loop to wait for
-    for read in apart(reads) if reads else ():
-        late = late & _first_is_nonzero(read)
+    for read in reads:
+        late = late & (read != 0)
     return jnp.where(late, jnp.zeros_like(x), x)
-
-
-def _first_is_nonzero(x: jax.Array) -> jax.Array:
-    """Whether the first element of `x` is nonzero; a 16-bit float's bits are read as an
-    integer, since XLA widens such an array to float32 to slice it, in a kernel of its own."""
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-        x = jax.lax.bitcast_convert_type(x, jnp.uint16) & jnp.uint16(0x7FFF)  # -0 is zero
-    return x.ravel()[0] != 0
 
 
 def mean_squares(
