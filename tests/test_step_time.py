@@ -46,11 +46,31 @@ def test_many_leaves_tree_checks_the_per_leaf_overhead(tmp_path):
     }
     overhead = [c["target"] for c in result["targets"] if "per-leaf overhead" in c["target"]]
     assert "Adai per-leaf overhead <= 2x optax.adamw's" in overhead, result["targets"]
-    # No leaf of this tree is large enough to factor: the factored rows hold the same state.
+    # Every optim_zoo row, variants too, against AdamW timed in the same rounds.
+    assert f"Adai [{contenders.BF16_STATE}] per-leaf overhead <= 2x optax.adamw's" in overhead
     rows = _rows_by_key(result)
+    for key, row in rows.items():
+        if key[1] == "optim_zoo":
+            assert len(row["pace"]["round_medians_s"]) == len(row["round_medians_s"]), key
+            assert row["overhead_over_adamw"]["ratio"] >= 0
+    # No leaf of this tree is large enough to factor: the factored rows hold the same state.
     for variant in ("", contenders.BF16_STATE):
         factored = rows[("10x100", "optim_zoo", "Factored Adai", variant)]["state_bytes"]
         assert factored == rows[("10x100", "optim_zoo", "Adai", variant)]["state_bytes"]
+
+
+def test_paced_overhead_compares_round_by_round():
+    # 1 MB of parameters, AdamW's state 2 MB, the row's 3 MB, at 1 GB/s: floors of 7 and 9 ms.
+    mb = 1e6
+    row = {
+        "param_bytes": mb,
+        "bytes_single": 9 * mb,
+        "round_medians_s": [0.029, 0.059, 0.019],  # overheads 20, 50, 10 ms
+        "pace": {"state_bytes": 2 * mb, "round_medians_s": [0.017, 0.017, 0.012]},  # 10, 10, 5
+    }
+    overhead = step_time.paced_overhead(row, bandwidth=1e9)
+    assert overhead["ratio"] == pytest.approx(2.0)
+    assert overhead["quartiles"] == pytest.approx([2.0, 3.5])
 
 
 def _rows_by_key(result):
