@@ -238,6 +238,11 @@ def state_itemsizes(state: Any, itemsize: int) -> StateItemsizes:
     )
 
 
+def single_pass_bytes(param_bytes: int, state_bytes: int) -> int:
+    """Bytes one pass moves: read p, g and the state, write p and the state."""
+    return 3 * param_bytes + 2 * state_bytes
+
+
 def traffic(
     shapes: list[tuple[int, ...]],
     itemsize: int,
@@ -254,7 +259,7 @@ def traffic(
     (``"none"``, ``"L2"``, ``"decoupled"``, ``"stable"``; `DECAY_READS`).
     """
     param_bytes = sum(int(np.prod(s)) for s in shapes) * itemsize
-    single = 3 * param_bytes + 2 * state_bytes
+    single = single_pass_bytes(param_bytes, state_bytes)
     extra = sum(algorithm.extra_reads(s, itemsize, state) for s in shapes)
     per_element = DECAY_READS.get((algorithm.name, decay or ""))
     if per_element is not None:

@@ -157,16 +157,15 @@ def test_each_option_is_timed_against_its_original(quick_run):
     assert len(result["comparisons"]) == len(contenders.COMPARISONS) * len(
         result["config"]["trees"]
     )
-    rows = {
-        (r["tree"], r["algorithm"], r.get("variant", "")): r
-        for r in result["rows"]
-        if r["library"] == "optim_zoo"
+    named = {
+        (tree, step_time._name((algorithm, variant))): row
+        for (tree, library, algorithm, variant), row in _rows_by_key(result).items()
+        if library == "optim_zoo"
     }
     for c in result["comparisons"]:
         assert c["ratio_of_best"] == pytest.approx(c["ms"] / c["reference_ms"])
         # The ratio pairs the rows' rounds: one round here, so it is the rows' ratio too.
-        (a,) = [r for k, r in rows.items() if k[0] == c["tree"] and _label(k) == c["row"]]
-        (b,) = [r for k, r in rows.items() if k[0] == c["tree"] and _label(k) == c["reference"]]
+        a, b = named[(c["tree"], c["row"])], named[(c["tree"], c["reference"])]
         assert len(a["round_medians_s"]) == len(b["round_medians_s"]) == 1
         assert c["ratio"] == pytest.approx(a["round_medians_s"][0] / b["round_medians_s"][0])
         assert c["ratio_quartiles"] == pytest.approx([c["ratio"], c["ratio"]])
@@ -175,11 +174,6 @@ def test_each_option_is_timed_against_its_original(quick_run):
         if c["row"] == "Apollo [L2 decay]":  # the sums read p too
             assert c["floor_ratio"] > 1 and c["xla_bytes_ratio"] > 1
     assert "## Variants against their originals" in (out_dir / "step_time.md").read_text()
-
-
-def _label(key: tuple[str, str, str]) -> str:
-    _, algorithm, variant = key
-    return algorithm + (f" [{variant}]" if variant else "")
 
 
 def test_rows_are_consistent(quick_run):
