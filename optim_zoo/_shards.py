@@ -28,14 +28,25 @@ def varying_axes(x: jax.Array) -> frozenset[str]:
     return frozenset(getattr(aval, "vma", ()))  # JAX 0.8
 
 
-def check_whole_leaves(leaves: Sequence[jax.Array], name: str) -> None:
-    """Raises where `leaves` are shards of larger arrays: a sum over them would be partial."""
+# What the transforms without `axis_name` tell a caller whose leaves vary inside shard_map.
+UNDER_JIT = (
+    "Compute the update under jax.jit with sharded arrays instead, where XLA sums across "
+    "the devices."
+)
+
+
+def check_whole_leaves(leaves: Sequence[jax.Array], name: str, reduction: str, remedy: str) -> None:
+    """Raises where `leaves` vary over shard_map axes: `reduction` over them would be partial.
+
+    A leaf varies over an axis when it is split over it, or when it differs between that axis's
+    devices for another reason (a gradient of a split batch not yet summed across them).
+    Outside shard_map, and with its ``check_vma=False``, no leaf varies: nothing is checked.
+    """
     split = sorted(set().union(*(varying_axes(x) for x in leaves)))
     if split:
         raise ValueError(
-            f"{name}: its leaves are split over the shard_map axes {split}, so a mean over "
-            "them would cover only this device's shards. Pass axis_name with the axes to "
-            "average across (or axis_name=() for a mean over each device's own shards)."
+            f"{name}: its leaves are split over the shard_map axes {split} (or differ between "
+            f"their devices), so {reduction} would cover only this device's shards. {remedy}"
         )
 
 

@@ -91,6 +91,8 @@ def scale_by_adaptive_inertia(
     along those axes holding the same shard (read from shard_map's types, so its
     ``check_vma`` must stay on). Without ``axis_name``, leaves split over shard_map axes raise
     an error rather than give a per-device mean silently; ``axis_name=()`` asks for exactly that.
+    With ``factored=True`` there is no ``axis_name``: a factored leaf split over shard_map axes
+    raises, as in :func:`optim_zoo.scale_by_factored_rms`.
 
     Args:
       beta0: the inertia scale, >= 0 (no upper bound, as in the official code).
@@ -227,7 +229,13 @@ def scale_by_adaptive_inertia(
         mean_dtype = _dtypes.compute_dtype(*dtypes)
         leaves = jax.tree.leaves(updates)
         if axis_names is None:
-            _shards.check_whole_leaves(leaves, name)
+            _shards.check_whole_leaves(
+                leaves,
+                name,
+                "the mean of v over them",
+                "Pass axis_name with the axes to average across (or axis_name=() for a mean "
+                "over each device's own shards).",
+            )
             v_total = sum(v_sums, jnp.zeros([], mean_dtype))
             num_elements = sum(g.size for g in leaves)
         else:  # Inside shard_map: one psum over the named axes.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _tree
+from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
 
 # Leaves at least this large are clipped one after another (see clip_by_block_rms).
 _SEQUENTIAL_CLIP_MIN_SIZE = 2**16
@@ -27,7 +27,8 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
     an update that is computed from the gradient (as Adafactor's factored update is) needs that
     update in a temporary buffer as large as the leaf. Here the large leaves are measured one
     after another, so those buffers can share one piece of memory instead of all being live at
-    once. Squares are summed in at least float32.
+    once. Squares are summed in at least float32. Inside :func:`jax.shard_map` a leaf split over
+    its axes raises a ``ValueError`` (its RMS would be one device's shard's).
 
     Args:
       threshold: largest RMS let through; > 0.
@@ -40,6 +41,9 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
+        _shards.check_whole_leaves(
+            leaves, "clip_by_block_rms", "each leaf's RMS", _shards.UNDER_JIT
+        )
         clipped = []
         previous = None  # Sum of squares of the last large leaf measured.
         for u in leaves:
@@ -69,7 +73,8 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
     Adafactor's ``multiply_by_parameter_scale``. The value is that of
     :func:`optax.scale_by_param_block_rms`, which reduces over the parameter twice (the second
     time to keep the gradient of the RMS finite, which an optimizer update does not need); this
-    reduces once.
+    reduces once. Inside :func:`jax.shard_map` a parameter split over its axes raises a
+    ``ValueError``.
 
     Args:
       min_scale: smallest scale, for parameters near zero; >= 0.
@@ -82,6 +87,9 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_param_rms needs params.")
+        _shards.check_whole_leaves(
+            jax.tree.leaves(params), "scale_by_param_rms", "each parameter's RMS", _shards.UNDER_JIT
+        )
 
         def scale(u, p):
             rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_dtypes.stats_dtype(p.dtype)))))
@@ -102,7 +110,8 @@ def clip_by_global_norm(
 
     This is the official Adan clip (``max_grad_norm``): one factor from the norm over every leaf,
     with ``eps`` in the denominator. With ``eps=0`` it equals :func:`optax.clip_by_global_norm`.
-    The norm is accumulated in at least float32.
+    The norm is accumulated in at least float32. Inside :func:`jax.shard_map` a leaf split over
+    its axes raises a ``ValueError`` (the norm would be one device's).
 
     Args:
       max_norm: largest global norm let through; > 0.
@@ -117,6 +126,9 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         leaves = jax.tree.leaves(updates)
+        _shards.check_whole_leaves(
+            leaves, "clip_by_global_norm", "the global norm", _shards.UNDER_JIT
+        )
         squares = [jnp.sum(jnp.square(g.astype(_dtypes.stats_dtype(g.dtype)))) for g in leaves]
         norm = jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
         factor = jnp.minimum(max_norm / (norm + eps), 1.0)

@@ -52,7 +52,10 @@ def scale_by_confidence(
     and for a leaf that is not factored (rank < 2) :math:`s_t = m_t`, with no statistic. Where
     the update strays far from its momentum (the instability :math:`r` is large) the step is
     small. No bias correction, as in the official code; no learning rate and no sign flip are
-    applied. The arithmetic runs in at least float32 whatever the storage.
+    applied. The arithmetic runs in at least float32 whatever the storage. Inside
+    :func:`jax.shard_map`, a factored leaf split over its axes raises a ``ValueError`` (its
+    means would be one device's); compute the update under :func:`jax.jit` with sharded arrays
+    instead.
 
     Args:
       b1: decay of the momentum, in [0, 1).

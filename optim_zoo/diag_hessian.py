@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _tree
+from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
 
 # The official code's constant rebound: the smallest curvature the direction divides by.
 CONSTANT_REBOUND = 0.01
@@ -65,6 +65,10 @@ def scale_by_rectified_diag_hessian(
     what :func:`optax.add_decayed_weights` chained before this transform gives, bit for bit; done
     here, the secant sum computes :math:`g_t + \lambda p_t` from :math:`g_t` and :math:`p_t` in its
     own loop instead of reading it from a temporary as large as the leaf.
+
+    Every sum is over a whole leaf: inside :func:`jax.shard_map` a leaf split over its axes (or
+    differing between their devices) raises a ``ValueError``; compute the update under
+    :func:`jax.jit` with sharded arrays instead, where XLA sums across the devices.
 
     Args:
       beta: decay of the gradient EMA, in [0, 1).
@@ -141,6 +145,9 @@ def scale_by_rectified_diag_hessian(
             if not no_decay:
                 raise ValueError(f"{name} needs params for weight decay.")
             params = updates
+        _shards.check_whole_leaves(
+            jax.tree.leaves(updates), name, "the per-tensor sums", _shards.UNDER_JIT
+        )
         count = optax.safe_increment(state.count)
         never = _fusion.never_true(state.count)
         decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)

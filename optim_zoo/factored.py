@@ -63,7 +63,9 @@ def scale_by_factored_rms(
     :math:`u_t = g / \sqrt{V_t}`. Statistics are stored in ``dtype_second_moment`` (default: at
     least float32); the arithmetic runs in at least float32 whatever the storage. No clipping,
     learning rate, parameter scale or sign flip is applied: :func:`optim_zoo.adafactor` chains
-    those. Every argument is keyword-only; the order is optax's.
+    those. Every argument is keyword-only; the order is optax's. Inside :func:`jax.shard_map`, a
+    factored leaf split over its axes raises a ``ValueError`` (its means would be one
+    device's); compute the update under :func:`jax.jit` with sharded arrays instead.
 
     Args:
       factored: whether to factor at all.

@@ -63,7 +63,9 @@ def scale_by_nesterov_moment(
     :math:`b_3`) of the mean of :math:`(g_t + b_2 \Delta_t)^2` over :math:`b` and over
     :math:`a`, and :math:`n_t = (R_t / \mathrm{mean}_a(R_t)) \otimes C_t` in the update; other
     leaves keep the full :math:`n`. An n x m matrix then stores three full states plus n + m
-    floats, not four.
+    floats, not four. Inside :func:`jax.shard_map`, a factored leaf split over its axes
+    raises a ``ValueError`` (its means would be one device's); compute the update under
+    :func:`jax.jit` with sharded arrays instead.
 
     Args:
       b1: decay of the gradient EMA, in [0, 1).

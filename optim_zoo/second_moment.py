@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _tree
+from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
 
 LARGEST_TWO = "largest_two"
 LAST_TWO = "last_two"
@@ -369,7 +369,8 @@ def leaf_moments(
 
     `moment` is a second moment made by :func:`init` with the same `factoring` (or a state
     with its ``v_row``, ``v_col`` and ``v`` fields). Raises `ValueError` naming `name` when
-    `updates` is not the tree it was made for.
+    `updates` is not the tree it was made for, or when a factored leaf is a shard inside
+    :func:`jax.shard_map` (its row and column means would be this device's alone).
     """
     keys = _tree.leaf_keys(updates)
     if factoring is None:
@@ -377,13 +378,18 @@ def leaf_moments(
         return _tree.PerLeaf((LeafMoment(None, None, v, None) for v in full), keys)
     _tree.check_leaf_keys(keys, moment.v.keys, name)
     stats = zip(moment.v_row, moment.v_col, moment.v, strict=True)
-    return _tree.PerLeaf(
-        (
-            LeafMoment(*leaf, _stored_axes(leaf, factoring, path, g.shape))
-            for leaf, (path, g) in zip(stats, _tree.leaves_with_paths(updates), strict=True)
-        ),
-        keys,
+    paths_and_leaves = _tree.leaves_with_paths(updates)
+    leaves = [
+        LeafMoment(*leaf, _stored_axes(leaf, factoring, path, g.shape))
+        for leaf, (path, g) in zip(stats, paths_and_leaves, strict=True)
+    ]
+    _shards.check_whole_leaves(
+        [g for (_, g), leaf in zip(paths_and_leaves, leaves, strict=True) if leaf.axes is not None],
+        name,
+        "the factored row and column means",
+        _shards.UNDER_JIT,
     )
+    return _tree.PerLeaf(leaves, keys)
 
 
 def from_leaf_moments(

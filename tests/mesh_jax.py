@@ -15,7 +15,9 @@ directly with that variable set. For both auto and explicit mesh axes and every 
 * an Orbax checkpoint of the sharded state restores into a target with those shardings.
 
 And Adai's update computed inside `jax.shard_map` with `axis_name`: equal to the jitted run,
-its global mean one scalar all-reduce over all 8 devices; without `axis_name` it refuses.
+its global mean one scalar all-reduce over all 8 devices; without `axis_name` it refuses. The
+other per-tensor reductions (Apollo's, the factored means, the clips and the parameter scale)
+refuse split leaves inside `shard_map` and run on replicated ones as under jit.
 """
 
 from __future__ import annotations
@@ -410,4 +412,64 @@ def test_adai_in_shard_map_with_no_axes_averages_each_device_own_shards():
         jax.device_get(expected),
         rtol=1e-6,
         atol=1e-7,
+    )
+
+
+# The other transforms take no axis_name. Inside shard_map a reduction over a leaf split over
+# the mesh axes would see this device's shard alone, so each refuses, naming the reduction;
+# with every leaf replicated, or with no reduction over a split leaf (Adan, elementwise), the
+# update runs as under jit.
+PER_TENSOR_REDUCTIONS = {
+    "apollo": (lambda: optim_zoo.apollo(0.01, warmup=0), "the per-tensor sums"),
+    "adafactor": (
+        lambda: optim_zoo.adafactor(min_dim_size_to_factor=8),
+        "the factored row and column means",
+    ),
+    # Adafactor's update clip and parameter scale, also on its leaves too small to factor.
+    "clip_by_block_rms": (lambda: optim_zoo.clip_by_block_rms(1.0), "each leaf's RMS"),
+    "scale_by_param_rms": (lambda: optim_zoo.scale_by_param_rms(), "each parameter's RMS"),
+    "came": (lambda: optim_zoo.came(1e-3), "the factored row and column means"),
+    "factored_adan": (
+        lambda: optim_zoo.factored_adan(1e-3, min_dim_size_to_factor=8),
+        "the factored row and column means",
+    ),
+    "factored_adai": (
+        lambda: optim_zoo.factored_adai(0.1, min_dim_size_to_factor=8),
+        "the factored row and column means",
+    ),
+    "adan_clipped": (lambda: optim_zoo.adan(1e-3, max_grad_norm=1.0), "the global norm"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_TENSOR_REDUCTIONS))
+def test_per_tensor_reductions_in_shard_map_refuse_split_leaves(name):
+    make, reduction = PER_TENSOR_REDUCTIONS[name]
+    mesh = _make_mesh("auto")
+    params, grads = _shard_map_values(mesh)
+    tx = make()
+    with jax.set_mesh(mesh):
+        update = shard_mapped_update(tx, mesh, SHARD_MAP_SPECS, tx.init(params))
+        with pytest.raises(ValueError, match=rf"split over the shard_map axes .*{reduction}"):
+            update(grads[0], tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    ("name", "split"),
+    [*((name, False) for name in sorted(PER_TENSOR_REDUCTIONS)), ("adan", True)],
+)
+def test_shard_map_runs_what_needs_no_whole_leaf(name, split):
+    """Replicated leaves (or Adan's elementwise update on split ones): as under jit."""
+    make = PER_TENSOR_REDUCTIONS[name][0] if name in PER_TENSOR_REDUCTIONS else optim_zoo.adan
+    mesh = _make_mesh("auto")
+    params, grads = _shard_map_values(mesh)
+    specs = SHARD_MAP_SPECS if split else {k: P() for k in SHARD_MAP_SPECS}
+    tx = make() if split is False else make(1e-3)
+    with jax.set_mesh(mesh):
+        replicated = NamedSharding(mesh, P())
+        if not split:
+            params, *grads = (jax.device_put(t, replicated) for t in (params, *grads))
+        expected = _trained(jax.jit(update_step(tx)), tx, params, grads)
+        actual = _trained(shard_mapped_update(tx, mesh, specs, tx.init(params)), tx, params, grads)
+    chex.assert_trees_all_close(
+        jax.device_get(actual), jax.device_get(expected), rtol=1e-6, atol=1e-7
     )
