@@ -85,6 +85,20 @@ def check_leaf_keys(keys: tuple[str, ...], expected: tuple[str, ...], name: str)
     raise _structure_mismatch(name, detail)
 
 
+def check_leaf_shape(
+    name: str, key: str, shape: Any, expected: Any, whose: str = "the state was initialised for"
+) -> None:
+    """Raises `ValueError` when the update of leaf `key` has `shape`, not the `expected` one.
+
+    Broadcasting would otherwise let an update of shape (1,) train a state of shape (16,).
+    """
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"{name}: the update of {key or '(the root)'} has shape {tuple(shape)}, but {whose} "
+            f"shape {tuple(expected)}."
+        )
+
+
 def _structure_mismatch(name: str, detail: Any) -> ValueError:
     return ValueError(
         f"{name}: the updates do not have the tree structure the state was initialised with "
@@ -195,10 +209,11 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
     """Applies `fn` to each leaf of `updates` and the matching entries of `fields`.
 
     Each of `fields` is a tree like `updates` (a state field like the params) or a
-    :class:`PerLeaf` tuple; either must match `updates`, or `ValueError` names `name`. `fn`
-    returns `num_outputs` values per leaf; the result is `num_outputs` :class:`PerLeaf` tuples,
-    one entry per leaf in ``jax.tree.leaves`` order (empty for an empty tree), which a later
-    call can take as fields.
+    :class:`PerLeaf` tuple; either must match `updates`, or `ValueError` names `name`, as it
+    does when an array of a tree field has another shape than its update leaf. `fn` returns
+    `num_outputs` values per leaf; the result is `num_outputs` :class:`PerLeaf` tuples, one
+    entry per leaf in ``jax.tree.leaves`` order (empty for an empty tree), which a later call
+    can take as fields.
     """
     keys = leaf_keys(updates)
     columns = [jax.tree.leaves(updates)]
@@ -207,7 +222,11 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
             check_leaf_keys(keys, field.keys, name)
             columns.append(field)
         else:
-            columns.append(leaves_like(updates, field, name))
+            leaves = leaves_like(updates, field, name)
+            for key, u, x in zip(keys, columns[0], leaves, strict=True):
+                if hasattr(x, "shape"):  # not a Python bool or float
+                    check_leaf_shape(name, key, u.shape, x.shape)
+            columns.append(leaves)
     results = unzip([fn(*args) for args in zip(*columns, strict=True)], num_outputs)
     return tuple(PerLeaf(column, keys) for column in results)
 

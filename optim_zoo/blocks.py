@@ -91,11 +91,13 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
             jax.tree.leaves(params), "scale_by_param_rms", "each parameter's RMS", _shards.UNDER_JIT
         )
 
-        def scale(u, p):
+        def scale(path, u, p):
+            key = jax.tree_util.keystr(path)
+            _tree.check_leaf_shape("scale_by_param_rms", key, u.shape, p.shape, "its parameter has")
             rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_dtypes.stats_dtype(p.dtype)))))
             return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
 
-        return jax.tree.map(scale, updates, params), state
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
 
     return _tree.on_real_arrays(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),

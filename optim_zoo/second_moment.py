@@ -194,6 +194,23 @@ class LeafMoment(NamedTuple):
         col = decay * self.col.astype(x.dtype) + (1 - decay) * col_square
         return self._replace(row=row, col=col)
 
+    def check_shape(self, shape: tuple[int, ...], name: str, key: str) -> None:
+        """Raises `ValueError` where these statistics cannot be those of a leaf of `shape`.
+
+        A factored leaf's row and column keep no record of the leaf's own shape: a matrix's
+        transpose, factored over the swapped axes, has statistics of the same shapes.
+        """
+        if self.full is not None:
+            _tree.check_leaf_shape(name, key, shape, self.full.shape)
+        elif self.axes is not None:
+            a, b = self.axes
+            if (self.row.shape, self.col.shape) != (_without(shape, b), _without(shape, a)):
+                raise ValueError(
+                    f"{name}: the update of {key or '(the root)'} has shape {tuple(shape)}, "
+                    f"but the state's factored statistics, of shapes {self.row.shape} and "
+                    f"{self.col.shape}, were initialised for another shape."
+                )
+
     @property
     def is_empty(self) -> bool:
         """True for a leaf without statistics."""
@@ -286,6 +303,10 @@ class LeafMoment(NamedTuple):
         )
 
 
+def _without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return tuple(shape[:axis]) + tuple(shape[axis + 1 :])
+
+
 def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
     """Zeros shaped like `param` reduced over `axis`, sharded like `param` minus that axis.
 
@@ -374,8 +395,10 @@ def leaf_moments(
     """
     keys = _tree.leaf_keys(updates)
     if factoring is None:
-        full = _tree.leaves_like(updates, moment, name)
-        return _tree.PerLeaf((LeafMoment(None, None, v, None) for v in full), keys)
+        full = [LeafMoment(None, None, v, None) for v in _tree.leaves_like(updates, moment, name)]
+        for key, g, leaf in zip(keys, jax.tree.leaves(updates), full, strict=True):
+            leaf.check_shape(g.shape, name, key)
+        return _tree.PerLeaf(full, keys)
     _tree.check_leaf_keys(keys, moment.v.keys, name)
     stats = zip(moment.v_row, moment.v_col, moment.v, strict=True)
     paths_and_leaves = _tree.leaves_with_paths(updates)
@@ -389,6 +412,8 @@ def leaf_moments(
         "the factored row and column means",
         _shards.UNDER_JIT,
     )
+    for key, (_, g), leaf in zip(keys, paths_and_leaves, leaves, strict=True):
+        leaf.check_shape(g.shape, name, key)
     return _tree.PerLeaf(leaves, keys)
 
 

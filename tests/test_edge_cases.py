@@ -395,6 +395,36 @@ def test_gradient_tree_unlike_the_state_is_refused(name, factory, kwargs):
 
 
 @_ALL
+def test_gradient_leaf_of_another_shape_is_refused(name, factory, kwargs):
+    # Broadcasting would let a (1,) gradient train the (3,) state of "b" without a word, as it
+    # does in optax.adam.
+    tx = factory(**kwargs)
+    params = _params_wb()
+    state = tx.init(params)
+    grads = _fixed_grads(params, 0)
+    with pytest.raises(ValueError, match=r"the update of \['b'\] has shape \(1,\)"):
+        tx.update({**grads, "b": grads["b"][:1]}, state, params)
+
+
+@pytest.mark.parametrize(
+    ("tx", "message"),
+    [
+        # A factored leaf's statistics fit its transpose too; the parameter scale tells.
+        (optim_zoo.adafactor(min_dim_size_to_factor=3), "but its parameter has shape"),
+        # Rows of 3 and 4 and columns of 3: no transpose fits.
+        (optim_zoo.came(1e-3), "factored statistics, of shapes"),
+    ],
+    ids=["adafactor", "came"],
+)
+def test_transposed_gradient_of_a_factored_leaf_is_refused(tx, message):
+    params = _params_wb()
+    state = tx.init(params)
+    grads = _fixed_grads(params, 0)
+    with pytest.raises(ValueError, match=message):
+        tx.update({**grads, "w": grads["w"].T}, state, params)
+
+
+@_ALL
 def test_update_without_params_when_nothing_needs_them(name, factory, kwargs):
     # As optax.adam: no params needed unless weight decay or the parameter scale reads them.
     tx = factory(**kwargs)
