@@ -86,7 +86,7 @@ def check_leaf_keys(keys: tuple[str, ...], expected: tuple[str, ...], name: str)
 
 
 def check_leaf_shape(
-    name: str, key: str, shape: Any, expected: Any, whose: str = "the state was initialised for"
+    name: str, key: str, shape: Any, expected: Any, whose: str = "its state was initialised for"
 ) -> None:
     """Raises `ValueError` when the update of leaf `key` has `shape`, not the `expected` one.
 
@@ -225,7 +225,9 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
             leaves = leaves_like(updates, field, name)
             for key, u, x in zip(keys, columns[0], leaves, strict=True):
                 if hasattr(x, "shape"):  # not a Python bool or float
-                    check_leaf_shape(name, key, u.shape, x.shape)
+                    check_leaf_shape(
+                        name, key, u.shape, x.shape, "its state (or its parameter) has"
+                    )
             columns.append(leaves)
     results = unzip([fn(*args) for args in zip(*columns, strict=True)], num_outputs)
     return tuple(PerLeaf(column, keys) for column in results)

@@ -289,7 +289,7 @@ def adafactor(
             blocks.momentum_of_steps(momentum, dtype_momentum, state_rounding, state_rounding_seed)
         )
     if weight_decay_rate is not None:
-        transforms.append(optax.add_decayed_weights(weight_decay_rate, weight_decay_mask))
+        transforms.append(blocks.add_decayed_weights(weight_decay_rate, weight_decay_mask))
     transforms.append(optax.scale(-1.0))
     return optax.chain(*transforms)
 

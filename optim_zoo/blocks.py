@@ -93,7 +93,9 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
 
         def scale(path, u, p):
             key = jax.tree_util.keystr(path)
-            _tree.check_leaf_shape("scale_by_param_rms", key, u.shape, p.shape, "its parameter has")
+            _tree.check_leaf_shape(
+                "scale_by_param_rms", key, jnp.shape(u), jnp.shape(p), "its parameter has"
+            )
             rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_dtypes.stats_dtype(p.dtype)))))
             return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
 
@@ -198,17 +200,29 @@ def add_decayed_weights(
     """:func:`optax.add_decayed_weights`, which a literal zero decay lets run without params.
 
     A decay of exactly zero adds nothing, so ``update`` may then be called without params, as
-    for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes. A
-    jax array (as ``inject_hyperparams`` passes) always needs them. Like optax's, it does not
+    for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes,
+    after checking that each parameter has its update's shape (optax's would broadcast). A jax
+    array (as ``inject_hyperparams`` passes) always needs them. Like optax's, it does not
     validate `weight_decay`: the optimizers do, under their argument's name.
     """
     decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
-    if not _checks.is_literal_zero(weight_decay):
-        return decay
+    zero = _checks.is_literal_zero(weight_decay)
 
     def update_fn(updates, state, params=None):
-        if params is None:
+        if params is None and zero:
             return updates, state
+        if params is not None:
+            jax.tree_util.tree_map_with_path(
+                lambda path, u, p: _tree.check_leaf_shape(
+                    "add_decayed_weights",
+                    jax.tree_util.keystr(path),
+                    jnp.shape(u),
+                    jnp.shape(p),  # a Python float's too
+                    "its parameter has",
+                ),
+                updates,
+                params,
+            )
         return decay.update(updates, state, params)
 
     return optax.GradientTransformation(decay.init, update_fn)

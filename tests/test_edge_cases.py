@@ -406,6 +406,28 @@ def test_gradient_leaf_of_another_shape_is_refused(name, factory, kwargs):
         tx.update({**grads, "b": grads["b"][:1]}, state, params)
 
 
+def _reads_params(factory, kwargs):
+    return _has_decay(kwargs) or (
+        factory is optim_zoo.adafactor and kwargs.get("multiply_by_parameter_scale", True)
+    )
+
+
+_READING_PARAMS = [case for case in EDGE_OPTIMIZERS if _reads_params(*case[1:])]
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "kwargs"), _READING_PARAMS, ids=[c[0] for c in _READING_PARAMS]
+)
+def test_parameter_of_another_shape_is_refused(name, factory, kwargs):
+    # Where decay or the parameter scale reads a parameter, one of shape (1,) for an update of
+    # shape (3,) would broadcast into the update, and apply_updates would reshape the parameter.
+    tx = factory(**kwargs)
+    params = _params_wb()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"\['b'\] has shape \(3,\), but .* has shape \(1,\)"):
+        tx.update(_fixed_grads(params, 0), state, {**params, "b": params["b"][:1]})
+
+
 @pytest.mark.parametrize(
     ("tx", "message"),
     [
@@ -429,9 +451,7 @@ def test_update_without_params_when_nothing_needs_them(name, factory, kwargs):
     # As optax.adam: no params needed unless weight decay or the parameter scale reads them.
     tx = factory(**kwargs)
     params = _params_wb()
-    needs_params = _has_decay(kwargs) or (
-        factory is optim_zoo.adafactor and kwargs.get("multiply_by_parameter_scale", True)
-    )
+    needs_params = _reads_params(factory, kwargs)
     state = tx.init(params)
     if needs_params:
         with pytest.raises(ValueError, match="params"):
