@@ -99,6 +99,20 @@ def check_leaf_shape(
         )
 
 
+def check_shapes_like(name: str, updates: Any, tree: Any, whose: str) -> list[Any]:
+    """The leaves of `tree` (a tree like `updates`), each array checked against its update.
+
+    Raises `ValueError` naming `name` when the structures differ (:func:`leaves_like`) or when
+    a leaf, a Python float included, has another shape than its update leaf
+    (:func:`check_leaf_shape`); Python bools (weight-decay masks) are not arrays and pass.
+    """
+    leaves = leaves_like(updates, tree, name)
+    for key, u, x in zip(leaf_keys(updates), jax.tree.leaves(updates), leaves, strict=True):
+        if not isinstance(x, bool):
+            check_leaf_shape(name, key, jnp.shape(u), jnp.shape(x), whose)
+    return leaves
+
+
 def _structure_mismatch(name: str, detail: Any) -> ValueError:
     return ValueError(
         f"{name}: the updates do not have the tree structure the state was initialised with "
@@ -222,13 +236,9 @@ def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: A
             check_leaf_keys(keys, field.keys, name)
             columns.append(field)
         else:
-            leaves = leaves_like(updates, field, name)
-            for key, u, x in zip(keys, columns[0], leaves, strict=True):
-                if hasattr(x, "shape"):  # not a Python bool or float
-                    check_leaf_shape(
-                        name, key, u.shape, x.shape, "its state (or its parameter) has"
-                    )
-            columns.append(leaves)
+            columns.append(
+                check_shapes_like(name, updates, field, "its state (or its parameter) has")
+            )
     results = unzip([fn(*args) for args in zip(*columns, strict=True)], num_outputs)
     return tuple(PerLeaf(column, keys) for column in results)
 

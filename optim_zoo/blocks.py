@@ -91,15 +91,13 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
             jax.tree.leaves(params), "scale_by_param_rms", "each parameter's RMS", _shards.UNDER_JIT
         )
 
-        def scale(path, u, p):
-            key = jax.tree_util.keystr(path)
-            _tree.check_leaf_shape(
-                "scale_by_param_rms", key, jnp.shape(u), jnp.shape(p), "its parameter has"
-            )
+        _tree.check_shapes_like("scale_by_param_rms", updates, params, "its parameter has")
+
+        def scale(u, p):
             rms = jnp.sqrt(jnp.mean(jnp.square(p.astype(_dtypes.stats_dtype(p.dtype)))))
             return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
 
-        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+        return jax.tree.map(scale, updates, params), state
 
     return _tree.on_real_arrays(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
@@ -212,17 +210,7 @@ def add_decayed_weights(
         if params is None and zero:
             return updates, state
         if params is not None:
-            jax.tree_util.tree_map_with_path(
-                lambda path, u, p: _tree.check_leaf_shape(
-                    "add_decayed_weights",
-                    jax.tree_util.keystr(path),
-                    jnp.shape(u),
-                    jnp.shape(p),  # a Python float's too
-                    "its parameter has",
-                ),
-                updates,
-                params,
-            )
+            _tree.check_shapes_like("add_decayed_weights", updates, params, "its parameter has")
         return decay.update(updates, state, params)
 
     return optax.GradientTransformation(decay.init, update_fn)

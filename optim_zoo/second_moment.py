@@ -394,25 +394,23 @@ def leaf_moments(
     :func:`jax.shard_map` (its row and column means would be this device's alone).
     """
     keys = _tree.leaf_keys(updates)
+    paths_and_grads = _tree.leaves_with_paths(updates)
     if factoring is None:
-        full = [LeafMoment(None, None, v, None) for v in _tree.leaves_like(updates, moment, name)]
-        for key, g, leaf in zip(keys, jax.tree.leaves(updates), full, strict=True):
-            leaf.check_shape(g.shape, name, key)
-        return _tree.PerLeaf(full, keys)
-    _tree.check_leaf_keys(keys, moment.v.keys, name)
-    stats = zip(moment.v_row, moment.v_col, moment.v, strict=True)
-    paths_and_leaves = _tree.leaves_with_paths(updates)
-    leaves = [
-        LeafMoment(*leaf, _stored_axes(leaf, factoring, path, g.shape))
-        for leaf, (path, g) in zip(stats, paths_and_leaves, strict=True)
-    ]
+        leaves = [LeafMoment(None, None, v, None) for v in _tree.leaves_like(updates, moment, name)]
+    else:
+        _tree.check_leaf_keys(keys, moment.v.keys, name)
+        stats = zip(moment.v_row, moment.v_col, moment.v, strict=True)
+        leaves = [
+            LeafMoment(*leaf, _stored_axes(leaf, factoring, path, g.shape))
+            for leaf, (path, g) in zip(stats, paths_and_grads, strict=True)
+        ]
     _shards.check_whole_leaves(
-        [g for (_, g), leaf in zip(paths_and_leaves, leaves, strict=True) if leaf.axes is not None],
+        [g for (_, g), leaf in zip(paths_and_grads, leaves, strict=True) if leaf.axes is not None],
         name,
         "the factored row and column means",
         _shards.UNDER_JIT,
     )
-    for key, (_, g), leaf in zip(keys, paths_and_leaves, leaves, strict=True):
+    for key, (_, g), leaf in zip(keys, paths_and_grads, leaves, strict=True):
         leaf.check_shape(g.shape, name, key)
     return _tree.PerLeaf(leaves, keys)
 

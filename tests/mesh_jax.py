@@ -439,6 +439,8 @@ PER_TENSOR_REDUCTIONS = {
     ),
     "adan_clipped": (lambda: optim_zoo.adan(1e-3, max_grad_norm=1.0), "the global norm"),
 }
+# Elementwise only: nothing to refuse, split leaves or not.
+ELEMENTWISE = {"adan": lambda: optim_zoo.adan(1e-3)}
 
 
 @pytest.mark.parametrize("name", sorted(PER_TENSOR_REDUCTIONS))
@@ -455,15 +457,18 @@ def test_per_tensor_reductions_in_shard_map_refuse_split_leaves(name):
 
 @pytest.mark.parametrize(
     ("name", "split"),
-    [*((name, False) for name in sorted(PER_TENSOR_REDUCTIONS)), ("adan", True)],
+    [
+        *((name, False) for name in sorted(PER_TENSOR_REDUCTIONS)),
+        *((name, True) for name in sorted(ELEMENTWISE)),
+    ],
 )
 def test_shard_map_runs_what_needs_no_whole_leaf(name, split):
     """Replicated leaves (or Adan's elementwise update on split ones): as under jit."""
-    make = PER_TENSOR_REDUCTIONS[name][0] if name in PER_TENSOR_REDUCTIONS else optim_zoo.adan
+    make = ELEMENTWISE[name] if split else PER_TENSOR_REDUCTIONS[name][0]
     mesh = _make_mesh("auto")
     params, grads = _shard_map_values(mesh)
     specs = SHARD_MAP_SPECS if split else {k: P() for k in SHARD_MAP_SPECS}
-    tx = make() if split is False else make(1e-3)
+    tx = make()
     with jax.set_mesh(mesh):
         replicated = NamedSharding(mesh, P())
         if not split:

@@ -433,7 +433,8 @@ def test_parameter_of_another_shape_is_refused(name, factory, kwargs):
     [
         # A factored leaf's statistics fit its transpose too; the parameter scale tells.
         (optim_zoo.adafactor(min_dim_size_to_factor=3), "but its parameter has shape"),
-        # Rows of 3 and 4 and columns of 3: no transpose fits.
+        # CAME factors the last two axes, not the two largest: the transpose's statistics would
+        # be (4,) and (3,), not the stored (3,) and (4,).
         (optim_zoo.came(1e-3), "factored statistics, of shapes"),
     ],
     ids=["adafactor", "came"],
