@@ -4,6 +4,7 @@ Each optimizer is an `optax.chain` of a primitive transform (exported here, comp
 own) and building blocks. `docs/architecture.md` maps the modules.
 """
 
+from optim_zoo._fusion import compiler_steering
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
 from optim_zoo.alias import (
     adafactor,
@@ -63,4 +64,6 @@ __all__ = [
     "scale_by_param_rms",
     "scale_by_proximal_learning_rate",
     "ScaleByProximalLearningRateState",
+    # How the steps are compiled.
+    "compiler_steering",
 ]

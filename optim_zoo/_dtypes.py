@@ -48,6 +48,22 @@ def compute_dtype(*dtypes: jax.typing.DTypeLike | None) -> jnp.dtype:
 
 STATE_ROUNDINGS = ("nearest", "stochastic")
 
+# Each transform's random rounding bits are told apart from those of the others chained with it
+# by a number of its own. Fixed: a checkpointed run resumes with the bits it started with.
+_SALTS = {
+    "scale_by_nesterov_moment": 1,
+    "scale_by_factored_rms": 2,
+    "scale_by_rectified_diag_hessian": 3,
+    "scale_by_adaptive_inertia": 4,
+    "scale_by_confidence": 5,
+    "adafactor_momentum": 6,
+}
+
+
+def salt(transform: str) -> int:
+    """The number that gives `transform`'s rounding streams their own bits."""
+    return _SALTS[transform]
+
 
 def is_narrower(dtype: jax.typing.DTypeLike, than: jax.typing.DTypeLike) -> bool:
     """True when `dtype` cannot hold every value of `than` (bfloat16 than float32, say)."""

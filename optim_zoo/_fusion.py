@@ -1,9 +1,10 @@
-"""How the updates steer XLA's buffer reuse, in one place.
+"""Compiler steering: how the updates steer XLA:CPU's buffer reuse, in one place, behind one switch.
 
 An update is memory-bound: its floor is the bytes it must read and write. XLA:CPU gets close to
 it only when every elementwise value is computed inside the loop that consumes it and every
 state leaf is written in place. Five habits of its scheduler stand in the way, and each device
-below answers one, without changing a single value:
+below answers one, without changing a value (up to the sign of a zero, or a reduction's order,
+where a device says so):
 
 * A reduction fuses no elementwise producer: a value that feeds both a reduction and an
   elementwise output (``g + wd * p`` from L2 decay, Adan's Nesterov gradient) is written to a
@@ -15,52 +16,146 @@ below answers one, without changing a single value:
   fresh buffer). :func:`written_after` makes that order explicit.
 * A value shared by a reduction and other consumers is kept in a temporary even when every
   consumer could recompute it, and XLA merges identical expressions into one shared value.
-  :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction,
-  equal bit for bit, so that the reduction computes it from the arrays in memory
-  (:func:`decayed_for_reductions`: two ways, for two reductions).
-  :func:`rebounded_for_reduction` does the same for a floored magnitude ``max(|x|, floor)``,
-  and :func:`zeroed_for_reduction` for a value zeroed under a condition, which a reduction
-  fuses as a clamp but not as a select.
+  :func:`decayed_for_reduction` spells L2 decay's ``g + wd * p`` another way for a reduction
+  (:func:`decayed_for_means`: two ways, for two means), :func:`rebounded_for_reduction`
+  a floored magnitude ``max(|x|, floor)``, and :func:`nesterov_for_means` Adan's Nesterov
+  gradient for its two factored means.
 * Independent reductions over large leaves all run at once, each with its temporary.
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 * State stored narrower than the arithmetic (bfloat16) is widened where it is read, and XLA
   merges every widening of one array into a single value: read by two reductions, or by a
   reduction and a loop, it is written out in float32, twice the stored bytes.
-  :func:`widened_for_reductions` gives each reduction a read of its own, behind
-  :func:`apart`, which also makes a computed value's later readers take it from memory.
+  :func:`widened_for_reductions` gives each reduction a read of its own, behind :func:`apart`,
+  which also makes a computed value's later readers take it from memory
+  (:func:`computed_twice`).
 
-Each device but :func:`apart` and :func:`widened_for_reductions` (an optimization barrier) is a
-select on a traced scalar that is never true, ``count < 0``
-(:func:`never_true`), which XLA cannot fold away; the selected value is always the original,
-non-finite values included. XLA also merges identical expressions across leaves: two leaves of
-one shape would share one broadcast of a scalar that their reductions read, written out as
-large as either. So the scalars of :func:`own_scalar` (and of the devices built on it) take the
-leaf's own ``count < -i``, ``i`` its index. Elementwise, so sharded arrays stay sharded.
+Most devices are selects on a traced scalar that is never true, ``count < 0``, which XLA cannot
+fold away; the selected value is always the original, non-finite values included. XLA also
+merges identical expressions across leaves, so the scalars of :func:`own_scalar` (and of the
+devices built on it) are the leaf's own, ``count < -i`` with ``i`` its index. Elementwise, so
+sharded arrays stay sharded.
+
+**The switch.** These devices pay on XLA:CPU (measured in ``docs/performance.md``) and nowhere
+else has shown a gain: on GPU they would stand in the way of the sibling fusions XLA's GPU
+compiler makes, and some add reads. :func:`steered` runs an update with the devices on for
+the CPU and off elsewhere, chosen when the step is lowered (``jax.lax.platform_dependent``);
+with them off each device is the plain expression it stands for. Outside ``jax.jit`` nothing
+fuses, and they are off. :func:`compiler_steering` overrides the choice for the updates traced
+inside it, which is how the benchmarks time both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
+T = TypeVar("T")
 
-def never_true(count: jax.Array, leaf: int = 0) -> jax.Array:
-    """A traced boolean scalar that is always False: ``count < -leaf`` for a step count.
+# --- The switch ---------------------------------------------------------------------------------
 
-    `leaf` (the leaf's index, >= 0) makes each leaf's scalar an expression of its own, so that
-    no scalar computed from it is merged with another leaf's.
+_local = threading.local()
+
+
+def _context() -> Any:
+    if not hasattr(_local, "override"):
+        _local.override, _local.on, _local.count, _local.leaf = None, False, None, 0
+    return _local
+
+
+@contextlib.contextmanager
+def _setting(**values: Any) -> Iterator[None]:
+    """The switch's `values` (override, on, count, leaf) inside, the earlier ones after."""
+    context = _context()
+    saved = {key: getattr(context, key) for key in values}
+    for key, value in values.items():
+        setattr(context, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(context, key, value)
+
+
+@contextlib.contextmanager
+def compiler_steering(enabled: bool | None = True) -> Iterator[None]:
+    """Turns optim_zoo's compiler steering on (True) or off (False) for updates traced inside.
+
+    None restores the default: on when a step is compiled for the CPU, off for GPU and TPU. The
+    setting is read when an update is traced, and ``jax.jit`` reuses a traced function: build
+    and compile the step inside the ``with`` block (a new function for each setting). With the
+    steering off, trajectories agree with those steered to float32 rounding (reductions may sum
+    in another order). For benchmarks and for checking a compiler; training needs neither.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optim_zoo
+      >>> tx = optim_zoo.adan(1e-3)
+      >>> params = jnp.ones(4)
+      >>> with optim_zoo.compiler_steering(False):
+      ...     step = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(
+      ...         params, tx.init(params), params).compile()
     """
-    return count < -leaf
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"compiler_steering takes True, False or None, got {enabled!r}.")
+    with _setting(override=enabled):
+        yield
 
 
-def own_copy(x: jax.Array, never: jax.Array) -> jax.Array:
+def steered(update: Callable[[], T], count: jax.Array | None, probe: Any) -> T:
+    """``update()`` traced with the devices on where they pay: see the module docstring.
+
+    `count` (the state's step count, or None for a stateless block) gives the devices their
+    never-true scalars; `probe`, any array of the step, tells a traced step (``jax.jit``) from
+    an eager one.
+    """
+
+    def run(on: bool) -> T:
+        with _setting(on=on, count=count, leaf=0):
+            return update()
+
+    override = _context().override
+    if override is not None:
+        return run(override)
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(probe)):
+        return run(False)
+    return jax.lax.platform_dependent(cpu=lambda: run(True), default=lambda: run(False))
+
+
+@contextlib.contextmanager
+def at_leaf(index: int) -> Iterator[None]:
+    """The devices called inside take the scalars of the leaf at `index`: ``count < -index``."""
+    with _setting(leaf=index):
+        yield
+
+
+def _on() -> bool:
+    return _context().on
+
+
+def _never() -> jax.Array:
+    """The step's never-true scalar, ``count < 0``."""
+    return _context().count < 0
+
+
+def _own_never() -> jax.Array:
+    """The leaf's own never-true scalar, ``count < -i``."""
+    context = _context()
+    return context.count < -context.leaf
+
+
+# --- The devices --------------------------------------------------------------------------------
+
+
+def own_copy(x: jax.Array) -> jax.Array:
     """`x` itself, as an instruction of its own: this consumer recomputes it in its loop."""
-    return written_after(x, never)
+    return written_after(x)
 
 
-def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Array:
+def written_after(x: jax.Array, *reads: jax.Array) -> jax.Array:
     """`x` itself, computed only after `reads` (scalars, or arrays shaped like `x`) exist.
 
     Reading `reads` in the loop that writes `x` orders that write after them, so a donated
@@ -68,7 +163,9 @@ def written_after(x: jax.Array, never: jax.Array, *reads: jax.Array) -> jax.Arra
     nothing to read; an array is read whole, elementwise: one element would do, but on a mesh
     it lives on one device, and reading it everywhere reshards the state.
     """
-    late = never
+    if not _on():
+        return x
+    late = _never()
     for read in reads:
         late = late & (read != 0)
     return jnp.where(late, jnp.zeros_like(x), x)
@@ -80,10 +177,13 @@ def mean_squares(
     """``(mean(x**2, large_axis), mean(y**2, small_axis))``, each squaring on its own.
 
     `y` defaults to `x`; given, it is `x` up to the sign of zeros, computed apart (see
-    :func:`zeroed_for_reduction`). One shared ``x**2`` would be kept in a temporary buffer as
+    :func:`nesterov_for_means`). One shared ``x**2`` would be kept in a temporary buffer as
     large as `x`; squared inside each reduction (as ``|y| * |y|`` in the second, so XLA does not
     merge the two squares), it is not.
     """
+    if not _on():
+        square = jnp.square(x)
+        return jnp.mean(square, axis=large_axis), jnp.mean(square, axis=small_axis)
     y = x if y is None else y
     return (
         jnp.mean(jnp.square(x), axis=large_axis),
@@ -93,11 +193,26 @@ def mean_squares(
 
 def measured_after(x: jax.Array, previous: jax.Array) -> jax.Array:
     """`x` itself, read only once `previous`, a sum of squares (never negative), exists."""
+    if not _on():
+        return x
     return jnp.where(previous < 0, jnp.zeros_like(x), x)
 
 
+def own_scalar(value: jax.typing.ArrayLike) -> jax.Array:
+    """`value` (a scalar, dtype and weak type kept) passed through a select on the leaf's own
+    never-true scalar.
+
+    A constant that several reductions multiply by is broadcast once and written out as large
+    as the leaf; each reduction's own scalar is broadcast inside its loop.
+    """
+    value = jnp.asarray(value)
+    if not _on():
+        return value
+    return jnp.where(_own_never(), jnp.zeros_like(value), value)
+
+
 def decayed_for_reduction(
-    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, never: jax.Array
+    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike
 ) -> jax.Array:
     """``g + weight_decay * p``, bit for bit, as ``g - (-weight_decay) * p``: for a reduction.
 
@@ -107,49 +222,43 @@ def decayed_for_reduction(
     so it has the reduction as its only consumer, which fuses it instead of reading a
     temporary as large as the leaf. ``-weight_decay`` passes through :func:`own_scalar`.
     """
-    return g - own_scalar(-weight_decay, never) * p
+    if not _on():
+        return g + weight_decay * p
+    return g - own_scalar(-weight_decay) * p
 
 
-def decayed_for_reductions(
-    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, never: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Two copies of ``g + weight_decay * p``, bit for bit, for two reductions:
+def decayed_for_means(
+    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array] | None:
+    """Two copies of ``g + weight_decay * p`` in `dtype`, bit for bit, for a factored second
+    moment's two means, or None for the plain expression.
+
     :func:`decayed_for_reduction`, and ``g + wd' * p`` with ``wd'`` the decay passed through
-    :func:`own_scalar`.
-
-    Each is a different expression from the other and from the elementwise consumers'
-    ``g + wd * p``, so that each reduction computes its copy in its own loop.
+    :func:`own_scalar`: each a different expression from the other and from the elementwise
+    consumers' ``g + wd * p``, so that each mean computes its copy in its own loop. Not for a
+    gradient narrower than `dtype`: XLA rounds a narrow sum differently in each.
     """
-    return decayed_for_reduction(g, p, weight_decay, never), g + own_scalar(weight_decay, never) * p
+    if not _on() or g.dtype != dtype:
+        return None
+    copies = decayed_for_reduction(g, p, weight_decay), g + own_scalar(weight_decay) * p
+    return tuple(x.astype(dtype) for x in copies)
 
 
-def rebounded_for_reduction(
-    x: jax.Array, floor: jax.typing.ArrayLike, never: jax.Array
-) -> jax.Array:
+def rebounded_for_reduction(x: jax.Array, floor: jax.typing.ArrayLike) -> jax.Array:
     """``max(|x|, floor)``, bit for bit, as ``max(|-x|, floor')``: for a reduction.
 
-    ``|-x|`` is ``|x|`` in every bit, and ``floor'`` is `floor` passed through a select on
-    `never` (see :func:`never_true`). As different instructions they are merged neither with
-    the elementwise consumers' ``max(|x|, floor)`` nor with its broadcast of a constant `floor`
-    (which XLA would then write out as large as `x`), so the reduction reads `x` from memory and
-    computes the rest in its own loop instead of reading a temporary as large as the leaf.
+    ``|-x|`` is ``|x|`` in every bit, and ``floor'`` is `floor` passed through
+    :func:`own_scalar`. As different instructions they are merged neither with the elementwise
+    consumers' ``max(|x|, floor)`` nor with its broadcast of a constant `floor` (which XLA would
+    then write out as large as `x`), so the reduction reads `x` from memory and computes the
+    rest in its own loop instead of reading a temporary as large as the leaf.
     """
-    return jnp.maximum(jnp.abs(-x), own_scalar(jnp.asarray(floor, x.dtype), never))
+    if not _on():
+        return jnp.maximum(jnp.abs(x), floor)
+    return jnp.maximum(jnp.abs(-x), own_scalar(jnp.asarray(floor, x.dtype)))
 
 
-def own_scalar(value: jax.typing.ArrayLike, never: jax.Array) -> jax.Array:
-    """`value` (a scalar, dtype and weak type kept) passed through a select on `never`.
-
-    A constant that several reductions multiply by is broadcast once and written out as large
-    as the leaf; each reduction's own scalar is broadcast inside its loop.
-    """
-    value = jnp.asarray(value)
-    return jnp.where(never, jnp.zeros_like(value), value)
-
-
-def zeroed_for_reduction(
-    x: jax.Array, zero: jax.Array, never: jax.Array, spelling: int = 0
-) -> jax.Array:
+def _zeroed_for_reduction(x: jax.Array, zero: jax.Array, spelling: int) -> jax.Array:
     """``where(zero, 0, x)`` for a reduction, as `x` clamped to scalar bounds: ``[0, 0]`` when
     the scalar `zero` holds, ``[-inf, inf]`` (`x` itself, bit for bit) otherwise; the bounds
     pass through :func:`own_scalar`.
@@ -161,9 +270,36 @@ def zeroed_for_reduction(
     two reductions into one array.
     """
     bound = jnp.asarray(-0.0 if spelling else 0.0, x.dtype)
-    low = own_scalar(jnp.where(zero, bound, -jnp.inf), never)
-    high = own_scalar(jnp.where(zero, bound, jnp.inf), never)
+    low = own_scalar(jnp.where(zero, bound, -jnp.inf))
+    high = own_scalar(jnp.where(zero, bound, jnp.inf))
     return jnp.minimum(jnp.maximum(x, low), high)
+
+
+def nesterov_for_means(
+    g: jax.Array,
+    prev_grad: jax.Array,
+    b2: jax.typing.ArrayLike,
+    is_first: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Adan's factored means: the gradient for the elementwise loops, and the Nesterov gradient
+    ``g + b2 * diff`` spelled twice, once for each mean, or None for the plain expression.
+
+    Each mean computes ``g + b2 * (g - prev_grad)``, zeroed on the first step, from `g` and the
+    stored `prev_grad` in its own loop: the first as ``g + b2' * (g - prev)``, the second as
+    ``g + (-b2)' * (prev - g)`` (equal up to the sign of zeros, which they square), with their
+    own scalars and their own widenings of `prev_grad`; the elementwise loops get their own
+    copy of `g`.
+    """
+    if not _on():
+        return g, None
+    dtype = g.dtype
+    b2_row, b2_col = own_scalar(b2), own_scalar(-b2)
+    prev_row, prev_col = widened_for_reductions(prev_grad, dtype, 2)
+    means = (
+        g + b2_row * _zeroed_for_reduction(g - prev_row, is_first, 0),
+        g + b2_col * _zeroed_for_reduction(prev_col - g, is_first, 1),
+    )
+    return own_copy(g), means
 
 
 def apart(x: Any) -> Any:
@@ -172,11 +308,13 @@ def apart(x: Any) -> Any:
     An identity, ``jax.lax.optimization_barrier``: XLA does not merge it with another read of
     `x`, and does not fuse the computation of `x` into its readers, which read `x` from memory.
     """
+    if not _on():
+        return x
     return jax.lax.optimization_barrier(x)
 
 
 def widened_for_reductions(
-    x: jax.Array, dtype: jax.typing.DTypeLike, count: int, never: jax.Array | None = None
+    x: jax.Array, dtype: jax.typing.DTypeLike, count: int, exact_sum: bool = False
 ) -> list[jax.Array]:
     """`count` copies of `x` in `dtype`, bit for bit, one for each reduction that reads it.
 
@@ -186,19 +324,34 @@ def widened_for_reductions(
     reads the stored bytes and widens them in its own loop. `x` already in `dtype`: `x`
     itself, `count` times.
 
-    Give `never` (:func:`never_true`) for a reduction that sums a copy as it is: each copy is
-    then multiplied by its own one (an exact product), since over a bare widening XLA:CPU sums
-    in another order than over the same values in `dtype`, for some shapes (a 384 x 1024
-    bfloat16 leaf among them).
+    `exact_sum` for a reduction that sums a copy as it is: each copy is then multiplied by its
+    own one (an exact product), since over a bare widening XLA:CPU sums in another order than
+    over the same values in `dtype`, for some shapes (a 384 x 1024 bfloat16 leaf among them).
     """
     dtype = jnp.dtype(dtype)
     if x.dtype == dtype:
         return [x] * count
+    if not _on():
+        return [x.astype(dtype)] * count
     copies = []
     for i in range(count):
         x = apart(x)
         copy = x.astype(dtype)
-        if never is not None:
-            copy = copy * jnp.where(never, jnp.asarray(i + 2, dtype), jnp.asarray(1, dtype))
+        if exact_sum:
+            copy = copy * jnp.where(_own_never(), jnp.asarray(i + 2, dtype), jnp.asarray(1, dtype))
         copies.append(copy)
     return copies
+
+
+def computed_twice(fn: Callable[..., jax.Array], *inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``fn(*inputs)`` twice, each computing from `inputs` read from memory: for two outputs.
+
+    One value shared by two outputs of different dtypes (the update, and the state stored
+    narrower) is written out as large as the leaf; computed in each output's loop from the
+    stored inputs, it is not. Off: one value, returned twice.
+    """
+    if not _on():
+        value = fn(*inputs)
+        return value, value
+    inputs = apart(inputs)
+    return fn(*inputs), fn(*apart(inputs))

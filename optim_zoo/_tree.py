@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -217,42 +217,6 @@ def on_real_arrays(
         return jax.tree.map(restore, real_updates, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def map_leaves(fn: Callable[..., tuple], num_outputs: int, name: str, updates: Any, *fields: Any):
-    """Applies `fn` to each leaf of `updates` and the matching entries of `fields`.
-
-    Each of `fields` is a tree like `updates` (a state field like the params) or a
-    :class:`PerLeaf` tuple; either must match `updates`, or `ValueError` names `name`, as it
-    does when an array of a tree field has another shape than its update leaf. `fn` returns
-    `num_outputs` values per leaf; the result is `num_outputs` :class:`PerLeaf` tuples, one
-    entry per leaf in ``jax.tree.leaves`` order (empty for an empty tree), which a later call
-    can take as fields.
-    """
-    keys = leaf_keys(updates)
-    columns = [jax.tree.leaves(updates)]
-    for field in fields:
-        if isinstance(field, PerLeaf):
-            check_leaf_keys(keys, field.keys, name)
-            columns.append(field)
-        else:
-            columns.append(
-                check_shapes_like(name, updates, field, "its state (or its parameter) has")
-            )
-    results = unzip([fn(*args) for args in zip(*columns, strict=True)], num_outputs)
-    return tuple(PerLeaf(column, keys) for column in results)
-
-
-def leaf_paths(updates: Any) -> PerLeaf:
-    """Each leaf's path (:func:`leaf_keys`), as a field for :func:`map_leaves`."""
-    keys = leaf_keys(updates)
-    return PerLeaf(keys, keys)
-
-
-def leaf_indices(updates: Any) -> PerLeaf:
-    """Each leaf's index in ``jax.tree.leaves`` order, as a field for :func:`map_leaves`."""
-    keys = leaf_keys(updates)
-    return PerLeaf(tuple(range(len(keys))), keys)
 
 
 def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:

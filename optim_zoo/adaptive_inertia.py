@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree, second_moment
-from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
-
-# Tells this transform's random rounding bits from those of others chained with it.
-_SALT = 4
+from optim_zoo import _checks, _dtypes, _fusion, _leafwise, _shards, _tree, second_moment
+from optim_zoo._leafwise import MOMENTUM, PRODUCT, SECOND_MOMENT, Field
+from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule, LeafMoment
 
 
 class ScaleByAdaptiveInertiaState(NamedTuple):
@@ -26,6 +24,10 @@ class ScaleByAdaptiveInertiaState(NamedTuple):
     # Product of past per-element beta1, starts at one; at least float32 whatever the options:
     # a product near 1 must resolve 1 - eps (bfloat16 rounds 0.999 to 1).
     beta1_prod: optax.Updates
+
+
+# In the order the update stores them: v in the first pass, m and beta1_prod in the second.
+FIELDS = (Field("v", SECOND_MOMENT), Field("m", MOMENTUM), Field("beta1_prod", PRODUCT))
 
 
 def scale_by_adaptive_inertia(
@@ -151,13 +153,10 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
-    # A literal zero decay needs neither params nor a read of them.
-    no_decay = _checks.is_literal_zero(weight_decay)
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
-    layout = layout if factored else None  # unfactored: a full v, a tree like the params
-    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    _checks.check_state_rounding(state_rounding, state_rounding_seed)
+    options = _leafwise.storage(
+        dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
+    )
     axis_names = _checks.check_axis_names(axis_name)
     if factored and axis_name is not None:
         raise ValueError(
@@ -166,68 +165,47 @@ def scale_by_adaptive_inertia(
         )
     name = "scale_by_adaptive_inertia"
 
-    def init_fn(params: optax.Params) -> ScaleByAdaptiveInertiaState:
-        return ScaleByAdaptiveInertiaState(
-            count=jnp.zeros([], jnp.int32),
-            m=_tree.first_moment_zeros(params, dtype_momentum),
-            v=second_moment.init(params, layout, dtype_second_moment),
-            beta1_prod=jax.tree.map(
-                lambda p: jnp.ones_like(p, _dtypes.compute_dtype(p.dtype, dtype_second_moment)),
-                params,
-            ),
+    def decayed_gradient(leaf: _leafwise.Leaf) -> jax.Array:
+        """L2 decay, in the gradient's dtype (as optax.add_decayed_weights)."""
+        return leaf.g + weight_decay * leaf.p if leaf.decayed else leaf.g
+
+    def second_moment_pass(leaf: _leafwise.Leaf) -> tuple[LeafMoment, jax.Array]:
+        """Pass 1: the leaf's second moment, and the sum of its debiased estimate's entries."""
+        v = leaf.old("v")
+        means = None
+        if leaf.decayed and v.axes is not None:  # each mean computes g + wd * p in its own loop
+            means = _fusion.decayed_for_means(leaf.g, leaf.p, weight_decay, leaf.dtype)
+        g = decayed_gradient(leaf).astype(leaf.dtype)
+        v = leaf.store("v", v.accumulate(g, beta2, for_reductions=means))
+        return v, leaf.new("v").for_reduction(leaf.dtype).total()
+
+    def inertia_pass(leaf: _leafwise.Leaf, v: LeafMoment, v_bar: jax.Array) -> jax.Array:
+        """Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum."""
+        row_part, col_part = v.factors()
+        v_hat = row_part * col_part / (1 - beta2**leaf.t)
+        # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
+        # NaN v_bar (a NaN gradient anywhere) stays NaN: it must not pass for zero.
+        ratio = jnp.where(v_bar == 0, 0, v_hat / jnp.where(v_bar == 0, 1, v_bar))
+        beta1 = jnp.clip(
+            1 - beta0 * ratio.astype(leaf.dtype) ** (1 / (3 - 2 * dampening)), 0, 1 - eps
         )
+        beta1_prod = leaf.old("beta1_prod") * beta1
+        leaf.store("beta1_prod", beta1_prod)
+        g = _fusion.own_copy(decayed_gradient(leaf).astype(leaf.dtype))  # g also feeds v_bar
+        m = leaf.store("m", beta1 * leaf.old("m") + (1 - beta1) ** dampening * g)
+        # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
+        bias_correction = 1 - beta1_prod
+        return m / jnp.where(bias_correction == 0, 1, bias_correction) * beta0 ** (1 - dampening)
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByAdaptiveInertiaState, params: Any = None
-    ) -> tuple[optax.Updates, ScaleByAdaptiveInertiaState]:
-        if params is None:
-            if not no_decay:
-                raise ValueError(f"{name} needs params for weight decay.")
-            params = updates
-        count = optax.safe_increment(state.count)
-        never = _fusion.never_true(state.count)
-        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
-        decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
+    def update(step: _leafwise.Step) -> list[jax.Array]:
+        v, v_sums = _tree.unzip(step.map(second_moment_pass), 2)
+        v_bar = global_mean(step, v_sums)
+        return step.map(inertia_pass, v, [v_bar] * len(v))
 
-        def decay(g, p, decayed):
-            return g + weight_decay * p if decayed else g
-
-        # Pass 1: each leaf's second moment, and the global mean of the debiased estimate.
-        def second_moment_pass(g, m, v, beta1_prod, p, decayed, path, index):
-            dtype = _dtypes.compute_dtype(
-                g.dtype, m.dtype, beta1_prod.dtype, *(x.dtype for x in v.arrays())
-            )
-            reductions = None
-            if decayed and v.axes is not None and g.dtype == dtype:
-                # The factored means read g + wd * p spelled their own ways, computed from g and
-                # p in their own loops. (Not for gradients narrower than the arithmetic: XLA
-                # rounds a narrow sum differently in each.)
-                own = _fusion.never_true(state.count, index)
-                copies = _fusion.decayed_for_reductions(g, p, weight_decay, own)
-                reductions = tuple(x.astype(dtype) for x in copies)
-            # Everything below reads v as stored (a no-op unless it is stored narrower).
-            store = rounding.for_leaf(path).store
-            g = decay(g, p, decayed).astype(dtype)
-            v_stored = v.accumulate(g, beta2, for_reductions=reductions).stored_as(v, store, 0)
-            # The sum reads v as stored, in its own loop (see `LeafMoment.for_reduction`).
-            total = v_stored.for_reduction(dtype, _fusion.never_true(state.count, index)).total()
-            return v_stored, v_stored.astype(dtype), total, dtype
-
-        v_stored, v, v_sums, dtypes = _tree.map_leaves(
-            second_moment_pass,
-            4,
-            name,
-            updates,
-            state.m,
-            second_moment.leaf_moments(state.v, updates, layout, name),
-            state.beta1_prod,
-            params,
-            decayed,
-            _tree.leaf_paths(updates),
-            _tree.leaf_indices(updates),
-        )
-        mean_dtype = _dtypes.compute_dtype(*dtypes)
-        leaves = jax.tree.leaves(updates)
+    def global_mean(step: _leafwise.Step, v_sums: tuple[jax.Array, ...]) -> jax.Array:
+        """The mean of the debiased estimate over every element of every leaf (and device)."""
+        leaves = [leaf.g for leaf in step.leaves]
+        mean_dtype = _dtypes.compute_dtype(*(leaf.dtype for leaf in step.leaves))
         if axis_names is None:
             _shards.check_whole_leaves(
                 leaves,
@@ -242,53 +220,18 @@ def scale_by_adaptive_inertia(
             v_total, num_elements = _shards.total_and_count(
                 v_sums, leaves, axis_names, jnp.zeros([], mean_dtype), name
             )
-        v_bar = v_total / (1 - beta2 ** count.astype(mean_dtype)) / max(num_elements, 1)
+        v_bar = v_total / (1 - beta2 ** step.count.astype(mean_dtype)) / max(num_elements, 1)
         # An infinite mean (an infinite gradient anywhere) would set every other ratio to 0,
         # the largest inertia, silently and for good: NaN instead, so that it shows.
-        v_bar = jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
+        return jnp.where(jnp.isinf(v_bar), jnp.nan, v_bar)
 
-        # Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum.
-        def inertia_pass(g, m, v, beta1_prod, dtype, p, decayed, path):
-            store = rounding.for_leaf(path).store
-            row_part, col_part = v.factors()
-            v_hat = row_part * col_part / (1 - beta2 ** count.astype(dtype))
-            # All-zero history: v_hat is zero too, so a zero ratio gives the largest inertia. A
-            # NaN v_bar (a NaN gradient anywhere) stays NaN: it must not pass for zero.
-            ratio = jnp.where(v_bar == 0, 0, v_hat / jnp.where(v_bar == 0, 1, v_bar)).astype(dtype)
-            beta1 = jnp.clip(1 - beta0 * ratio ** (1 / (3 - 2 * dampening)), 0, 1 - eps)
-            new_prod = beta1_prod.astype(dtype) * beta1
-            # g also feeds v and so the global mean: its own copy here keeps a computed g (as
-            # with L2 decay) out of a temporary buffer.
-            g_ = _fusion.own_copy(decay(g, p, decayed).astype(dtype), never)
-            new_m = store(beta1 * m.astype(dtype) + (1 - beta1) ** dampening * g_, m.dtype, 3)
-            # 1 - prod is 0 only when eps = 0 and beta1 has been 1 since step 1: m is 0 there.
-            bias_correction = 1 - new_prod
-            safe_correction = jnp.where(bias_correction == 0, 1, bias_correction)
-            direction = new_m.astype(dtype) / safe_correction * beta0 ** (1 - dampening)
-            return direction.astype(g.dtype), new_m, store(new_prod, beta1_prod.dtype, 4)
-
-        direction, m, beta1_prod = _tree.map_leaves(
-            inertia_pass,
-            3,
-            name,
-            updates,
-            state.m,
-            v,
-            state.beta1_prod,
-            dtypes,
-            params,
-            decayed,
-            _tree.leaf_paths(updates),
-        )
-        treedef = jax.tree.structure(updates)
-        new_state = ScaleByAdaptiveInertiaState(
-            count=count,
-            m=treedef.unflatten(m),
-            v=second_moment.from_leaf_moments(v_stored, state.v, treedef),
-            beta1_prod=treedef.unflatten(beta1_prod),
-        )
-        return treedef.unflatten(direction), new_state
-
-    return _tree.on_real_arrays(
-        optax.GradientTransformation(init_fn, update_fn), "scale_by_adaptive_inertia"
+    return _leafwise.transform(
+        name,
+        ScaleByAdaptiveInertiaState,
+        FIELDS,
+        update,
+        options,
+        factoring=layout if factored else None,  # unfactored: a full v, a tree like the params
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
     )

@@ -16,8 +16,6 @@ from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
 
 # Leaves at least this large are clipped one after another (see clip_by_block_rms).
 _SEQUENTIAL_CLIP_MIN_SIZE = 2**16
-# Tells the random rounding bits of Adafactor's momentum from those of its statistics.
-_SALT_MOMENTUM = 6
 
 
 def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransformation:
@@ -44,22 +42,26 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
         _shards.check_whole_leaves(
             leaves, "clip_by_block_rms", "each leaf's RMS", _shards.UNDER_JIT
         )
-        clipped = []
-        previous = None  # Sum of squares of the last large leaf measured.
-        for u in leaves:
-            # Squares summed in at least float32: a float16 sum overflows long before 2**16
-            # elements of RMS 1 (optax accumulates in float32 too).
-            measured = u.astype(_dtypes.stats_dtype(u.dtype))
-            if u.size >= _SEQUENTIAL_CLIP_MIN_SIZE:
-                if previous is not None:
-                    measured = _fusion.measured_after(measured, previous)
-                previous = jnp.sum(jnp.square(measured))
-                mean_square = previous / u.size
-            else:
-                mean_square = jnp.mean(jnp.square(measured))
-            clip_denom = jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
-            clipped.append((u / clip_denom).astype(u.dtype))
-        return treedef.unflatten(clipped), state
+
+        def clip():
+            clipped = []
+            previous = None  # Sum of squares of the last large leaf measured.
+            for u in leaves:
+                # Squares summed in at least float32: a float16 sum overflows long before 2**16
+                # elements of RMS 1 (optax accumulates in float32 too).
+                measured = u.astype(_dtypes.stats_dtype(u.dtype))
+                if u.size >= _SEQUENTIAL_CLIP_MIN_SIZE:
+                    if previous is not None:
+                        measured = _fusion.measured_after(measured, previous)
+                    previous = jnp.sum(jnp.square(measured))
+                    mean_square = previous / u.size
+                else:
+                    mean_square = jnp.mean(jnp.square(measured))
+                clip_denom = jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
+                clipped.append((u / clip_denom).astype(u.dtype))
+            return treedef.unflatten(clipped)
+
+        return _fusion.steered(clip, None, leaves), state
 
     return _tree.on_real_arrays(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
@@ -238,7 +240,10 @@ def momentum_of_steps(
         if state_rounding == "stochastic":
             # Without debiasing, optax.ema's updates are its accumulator before the cast.
             rounding = _dtypes.StateRounding(
-                state_rounding, state_rounding_seed, new_state.count, _SALT_MOMENTUM
+                state_rounding,
+                state_rounding_seed,
+                new_state.count,
+                _dtypes.salt("adafactor_momentum"),
             )
             leaves, treedef = jax.tree.flatten(new_updates)
             paths = _tree.leaf_keys(new_updates)

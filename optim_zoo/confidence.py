@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _tree, second_moment
+from optim_zoo import _checks, _leafwise, second_moment
+from optim_zoo._leafwise import MOMENTUM, SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
-
-# Tells this transform's random rounding bits from those of others chained with it.
-_SALT = 5
 
 
 class ScaleByConfidenceState(NamedTuple):
@@ -103,48 +100,26 @@ def scale_by_confidence(
     _checks.check_interval("b3", b3, 0.0, 1.0)
     _checks.check_interval("eps_confidence", eps_confidence, 0.0)
     layout = second_moment.checked_factoring(True, 0, factoring)
-    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    _checks.check_state_rounding(state_rounding, state_rounding_seed)
-    name = "scale_by_confidence"
+    options = _leafwise.storage(
+        dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
+    )
 
-    def init_fn(params: optax.Params) -> ScaleByConfidenceState:
-        return ScaleByConfidenceState(
-            count=jnp.zeros([], jnp.int32),
-            m=_tree.first_moment_zeros(params, dtype_momentum),
-            instability=second_moment.init(params, layout, dtype_second_moment, factored_only=True),
-        )
+    def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
+        u = leaf.g.astype(leaf.dtype)
+        m = leaf.store("m", b1 * leaf.old("m") + (1 - b1) * u)
+        r = leaf.old("instability")
+        if r.is_empty:  # not factored: the momentum itself
+            return m
+        r = leaf.store("instability", r.accumulate(u - m, b3, eps_confidence))
+        row_factor, col_factor = r.factors(jax.lax.rsqrt)
+        return m * row_factor * col_factor
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByConfidenceState, params: Any = None
-    ) -> tuple[optax.Updates, ScaleByConfidenceState]:
-        del params
-        count = optax.safe_increment(state.count)
-        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
-
-        def leaf_update(u, m, r, path):
-            store = rounding.for_leaf(path).store
-            dtype = _dtypes.compute_dtype(u.dtype, m.dtype, *(x.dtype for x in r.arrays()))
-            u_ = u.astype(dtype)
-            # The step reads m and the statistics as stored (a no-op unless stored narrower).
-            m = store(b1 * m.astype(dtype) + (1 - b1) * u_, m.dtype, 0)
-            if r.is_empty:  # not factored: the momentum itself
-                return m.astype(u.dtype), m, r
-            m_ = m.astype(dtype)
-            r = r.accumulate(u_ - m_, b3, eps_confidence).stored_as(r, store, 1)
-            row_factor, col_factor = r.astype(dtype).factors(jax.lax.rsqrt)
-            return (m_ * row_factor * col_factor).astype(u.dtype), m, r
-
-        instability = second_moment.leaf_moments(state.instability, updates, layout, name)
-        step, m, instability = _tree.map_leaves(
-            leaf_update, 3, name, updates, state.m, instability, _tree.leaf_paths(updates)
-        )
-        treedef = jax.tree.structure(updates)
-        new_state = ScaleByConfidenceState(
-            count=count,
-            m=treedef.unflatten(m),
-            instability=second_moment.from_leaf_moments(instability, state.instability, treedef),
-        )
-        return treedef.unflatten(step), new_state
-
-    return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)
+    return _leafwise.transform(
+        "scale_by_confidence",
+        ScaleByConfidenceState,
+        (Field("m", MOMENTUM), Field("instability", SECOND_MOMENT)),
+        lambda step: step.map(leaf_math),
+        options,
+        factoring=layout,
+        factored_only=True,
+    )

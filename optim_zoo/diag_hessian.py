@@ -8,13 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
+from optim_zoo import _checks, _fusion, _leafwise
+from optim_zoo._leafwise import MOMENTUM, STATISTIC, Field
 
 # The official code's constant rebound: the smallest curvature the direction divides by.
 CONSTANT_REBOUND = 0.01
-
-# Tells this transform's random rounding bits from those of others chained with it.
-_SALT = 3
 
 
 class ScaleByRectifiedDiagHessianState(NamedTuple):
@@ -122,143 +120,86 @@ def scale_by_rectified_diag_hessian(
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
     l2 = weight_decay_type == "L2"
-    # A literal zero decay needs neither params nor a read of them.
-    no_decay = _checks.is_literal_zero(weight_decay)
-    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    _checks.check_state_rounding(state_rounding, state_rounding_seed)
+    options = _leafwise.storage(
+        dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
+    )
 
-    name = "scale_by_rectified_diag_hessian"
+    def rectified(b: jax.Array, sigma: Any, e_alpha: Any, for_mean: bool = False) -> jax.Array:
+        """D = max(|B|, sigma), + e / alpha for belief; `for_mean`: spelled for a mean's loop."""
+        if for_mean:
+            curvature = _fusion.rebounded_for_reduction(b, sigma)
+            return curvature + _fusion.own_scalar(e_alpha) if belief else curvature
+        curvature = jnp.maximum(jnp.abs(b), sigma)
+        return curvature + e_alpha if belief else curvature
 
-    def init_fn(params: optax.Params) -> ScaleByRectifiedDiagHessianState:
-        return ScaleByRectifiedDiagHessianState(
-            count=jnp.zeros([], jnp.int32),
-            m=_tree.first_moment_zeros(params, dtype_momentum),
-            hessian_diag=_tree.second_moment_zeros(params, dtype_second_moment),
-            direction=_tree.first_moment_zeros(params, dtype_momentum),
-        )
+    def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
+        p, dtype = leaf.p, leaf.dtype
+        alpha = (1 - beta) / (1 - beta**leaf.t)
+        g = g_for_sum = leaf.g
+        if l2 and leaf.decayed:  # as optax.add_decayed_weights, in the gradient's dtype
+            g, g_for_sum = g + weight_decay * p, _fusion.decayed_for_reduction(g, p, weight_decay)
+        g, m, d, b = g.astype(dtype), *(leaf.old(f) for f in ("m", "direction", "hessian_diag"))
+        # The per-tensor sums, each reading the state in its own loop.
+        d_norm, d_grad, d_hess = leaf.old_for_reductions("direction", 3)
+        m_max, m_grad = leaf.old_for_reductions("m", 2)
+        (b_hess,) = leaf.old_for_reductions("hessian_diag", 1)
+        if belief:  # the rebound: the smallest curvature divided by, and the norm's epsilon
+            sigma, e = jnp.max(jnp.abs(m_max - g), initial=0), eps
+        else:
+            sigma, e = CONSTANT_REBOUND, eps / CONSTANT_REBOUND
+        e_alpha = e / alpha  # belief adds it to the curvature
+        norm4 = jnp.sum(jnp.square(jnp.square(d_norm))) ** 0.25 + e
+        # sum(dg / norm4 * d_hat) and sum(B * d_hat**2), 1 / norm4**2 taken out of both.
+        grad_dot = jnp.sum(g_for_sum.astype(dtype) * d_grad - m_grad * d_grad)
+        delta = -(alpha * grad_dot + jnp.sum(b_hess * d_hess * d_hess)) / jnp.square(norm4)
+        narrow = leaf.stored("direction").dtype != dtype
+        # Stored narrower, m is overwritten once the sums have read the old m.
+        after = ((delta, sigma) if belief else (delta,)) if narrow else ()
+        leaf.store("m", m + alpha * (g - m), after=after)
+        leaf.store("hessian_diag", b + delta * jnp.square(d / norm4))
+        w = weight_decay if leaf.decayed and not l2 else None
+        if w is not None and stable:  # w / mean(D_t), the mean in its own loop
+            (b_new,) = _fusion.widened_for_reductions(leaf.new("hessian_diag"), dtype, 1)
+            w = w / jnp.mean(rectified(b_new, sigma, e_alpha, for_mean=True))
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByRectifiedDiagHessianState, params: Any = None
-    ) -> tuple[optax.Updates, ScaleByRectifiedDiagHessianState]:
-        if params is None:
-            if not no_decay:
-                raise ValueError(f"{name} needs params for weight decay.")
-            params = updates
-        _shards.check_whole_leaves(
-            jax.tree.leaves(updates), name, "the per-tensor sums", _shards.UNDER_JIT
-        )
-        count = optax.safe_increment(state.count)
-        never = _fusion.never_true(state.count)
-        decayed = _tree.decayed_leaves(weight_decay_mask, params, not no_decay)
-        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
+        def new_direction(m: jax.Array, b: jax.Array) -> jax.Array:
+            direction = m.astype(dtype) / rectified(b.astype(dtype), sigma, e_alpha)
+            return direction if w is None else direction + w * p.astype(dtype)
 
-        def leaf_update(g, m, hessian, direction, p, decayed, path, index):
-            store = rounding.for_leaf(path).store
-            m_dtype, hessian_dtype, direction_dtype = m.dtype, hessian.dtype, direction.dtype
-            out_dtype = g.dtype
-            dtype = _dtypes.compute_dtype(g.dtype, m_dtype, hessian_dtype)
-            t = count.astype(dtype)
-            alpha = (1 - beta) / (1 - beta**t)
-            g_for_sum = g
-            if l2 and decayed:
-                # As optax.add_decayed_weights, in the gradient's dtype; the secant sum reads
-                # the same values spelled its own way, computed from g and p in its loop.
-                g_for_sum = _fusion.decayed_for_reduction(
-                    g, p, weight_decay, _fusion.never_true(state.count, index)
-                )
-                g = g + weight_decay * p
-            # Each reduction widens the state it reads in its own loop (a no-op unless the
-            # state is stored narrower than the arithmetic).
-            d_norm, d_grad, d_hess = _fusion.widened_for_reductions(direction, dtype, 3)
-            m_max, m_grad = _fusion.widened_for_reductions(m, dtype, 2)
-            (h_hess,) = _fusion.widened_for_reductions(hessian, dtype, 1)
-            g_, m_, direction = g.astype(dtype), m.astype(dtype), direction.astype(dtype)
-            grad_diff = g_ - m_
-            if belief:
-                sigma = jnp.max(jnp.abs(m_max - g_), initial=0)
-                e = eps
-            else:
-                sigma = CONSTANT_REBOUND
-                e = eps / CONSTANT_REBOUND
-            norm4 = jnp.sum(jnp.square(jnp.square(d_norm))) ** 0.25 + e
-            # The two sums of the secant update, sum(grad_diff / norm4 * unit) and
-            # sum(hessian * unit**2), with the scalar 1 / norm4**2 taken out (equal up to
-            # rounding). Each reads the state directly, with no intermediate shared with
-            # the elementwise updates, which XLA would keep in a buffer as large as the leaf.
-            grad_dot = jnp.sum(g_for_sum.astype(dtype) * d_grad - m_grad * d_grad)
-            hessian_dot = jnp.sum(h_hess * d_hess * d_hess)
-            delta = -(alpha * grad_dot + hessian_dot) / jnp.square(norm4)
-            # The direction reads m and B as stored (a no-op unless stored narrower).
-            m = store(m_ + alpha * grad_diff, m_dtype, 0)
-            narrow = direction_dtype != dtype
-            if narrow:
-                # m is overwritten (in place, when donated) once the sums (and belief's
-                # maximum) have read the old m.
-                m = _fusion.written_after(m, never, delta, *([sigma] if belief else []))
-            unit = direction / norm4
-            unit_sq = jnp.square(unit)
-            hessian = store(hessian.astype(dtype) + delta * unit_sq, hessian_dtype, 1)
-            decay = None
-            if decayed and not l2:
-                decay = weight_decay
-                if stable:
-                    # The same curvature, spelled so that the mean computes it in its own loop
-                    # (belief's e / alpha is the mean's own scalar too).
-                    own = _fusion.never_true(state.count, index)
-                    (for_mean,) = _fusion.widened_for_reductions(hessian, dtype, 1)
-                    rebounded = _fusion.rebounded_for_reduction(for_mean, sigma, own)
-                    if belief:
-                        rebounded = rebounded + _fusion.own_scalar(e / alpha, own)
-                    decay = decay / jnp.mean(rebounded)
+        return _stored_direction(leaf, new_direction, narrow, w is not None)
 
-            def new_direction(m, hessian):
-                curvature = jnp.maximum(jnp.abs(hessian.astype(dtype)), sigma)
-                if belief:
-                    curvature = curvature + e / alpha
-                direction = m.astype(dtype) / curvature
-                return direction if decay is None else direction + decay * p.astype(dtype)
+    return _leafwise.transform(
+        "scale_by_rectified_diag_hessian",
+        ScaleByRectifiedDiagHessianState,
+        (Field("m", MOMENTUM), Field("hessian_diag", STATISTIC), Field("direction", MOMENTUM)),
+        lambda step: step.map(leaf_math),
+        options,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        whole_leaves="the per-tensor sums",
+    )
 
-            if not narrow:
-                direction = new_direction(m, hessian)
-                # XLA computes the new m again in the direction's loop, from the old m: m is
-                # overwritten (in place, when donated) once the direction exists.
-                m = _fusion.written_after(m, never, direction)
-                return direction.astype(out_dtype), m, hessian, direction
-            # Stored narrower, the direction is computed twice, for the update and to be stored,
-            # each from m and B as stored, read from memory (computed in its loop, the new m
-            # would read the old m after it is overwritten): one shared value would be written
-            # out as large as the leaf.
-            for_direction = _fusion.apart((m, hessian))
-            direction = new_direction(*for_direction)
-            stored_direction = store(
-                new_direction(*_fusion.apart(for_direction)), direction_dtype, 2
-            )
-            if decay is not None:
-                # Both read p: the update (which overwrites p, when donated) comes after.
-                direction = _fusion.written_after(direction, never, stored_direction)
-            return direction.astype(out_dtype), m, hessian, stored_direction
 
-        out, m, hessian, direction = _tree.map_leaves(
-            leaf_update,
-            4,
-            name,
-            updates,
-            state.m,
-            state.hessian_diag,
-            state.direction,
-            params,
-            decayed,
-            _tree.leaf_paths(updates),
-            _tree.leaf_indices(updates),
-        )
-        treedef = jax.tree.structure(updates)
-        new_state = ScaleByRectifiedDiagHessianState(
-            count=count,
-            m=optax.tree.cast_like(treedef.unflatten(m), state.m),
-            hessian_diag=optax.tree.cast_like(treedef.unflatten(hessian), state.hessian_diag),
-            direction=optax.tree.cast_like(treedef.unflatten(direction), state.direction),
-        )
-        return treedef.unflatten(out), new_state
+def _stored_direction(
+    leaf: _leafwise.Leaf, new_direction: Any, narrow: bool, reads_params: bool
+) -> jax.Array:
+    """The new direction from the new m and B, stored as the state and returned as the update.
 
-    return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)
+    As wide as the arithmetic, it is computed once and m is overwritten (in place, when
+    donated) only after it, as XLA computes the new m again in the direction's loop from the
+    old m. Stored narrower, it is computed twice, for the update and to be stored, each from
+    m and B read from memory (``_fusion.computed_twice``; one shared value would be written
+    out as large as the leaf), and the update, which may overwrite the params, comes after the
+    stored direction where both read them.
+    """
+    m, b = leaf.new("m"), leaf.new("hessian_diag")
+    if not narrow:
+        direction = new_direction(m, b)
+        leaf.store("direction", direction)
+        leaf.write_after("m", direction)
+        return direction
+    for_update, for_state = _fusion.computed_twice(new_direction, m, b)
+    leaf.store("direction", for_state)
+    if reads_params:
+        for_update = _fusion.written_after(for_update, leaf.new("direction"))
+    return for_update

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _tree, second_moment
+from optim_zoo import _checks, _leafwise, second_moment
+from optim_zoo._leafwise import SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
-
-# Tells this transform's random rounding bits from those of others chained with it.
-_SALT = 2
 
 
 class ScaleByFactoredRmsState(NamedTuple):
@@ -129,8 +127,6 @@ def scale_by_factored_rms(
     _checks.check_interval("decay_offset", decay_offset, 0)
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("decay", decay, 0.0, 1.0, allow_none=True)
-    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    _checks.check_state_rounding(state_rounding, state_rounding_seed)
     name = "scale_by_factored_rms"
 
     def decay_at(count: jax.Array, dtype: jnp.dtype) -> jax.typing.ArrayLike:
@@ -140,37 +136,19 @@ def scale_by_factored_rms(
         step = (jnp.maximum(count - decay_offset, 0) + 1).astype(dtype)
         return 1 - step ** (-jnp.asarray(decay_rate, dtype))
 
-    def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
-        moment = second_moment.init(params, layout, dtype_second_moment)
-        return ScaleByFactoredRmsState(jnp.zeros([], jnp.int32), *moment)
+    def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
+        g, v = leaf.g.astype(leaf.dtype), leaf.old("v")
+        v = leaf.store("v", v.accumulate(g, decay_at(leaf.earlier_steps, leaf.dtype), eps))
+        row_factor, col_factor = v.factors(jax.lax.rsqrt)
+        return g * row_factor * col_factor
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByFactoredRmsState, params: Any = None
-    ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
-        del params
-        moment = FactoredSecondMoment(state.v_row, state.v_col, state.v)
-        count = optax.safe_increment(state.count)
-        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
-
-        def leaf_update(g, leaf, path):
-            dtype = _dtypes.compute_dtype(g.dtype, *(x.dtype for x in leaf.arrays()))
-            g_ = g.astype(dtype)
-            # The update reads the statistics as stored (a no-op unless stored narrower).
-            new = leaf.accumulate(g_, decay_at(state.count, dtype), eps)
-            leaf = new.stored_as(leaf, rounding.for_leaf(path).store)
-            row_factor, col_factor = leaf.astype(dtype).factors(jax.lax.rsqrt)
-            return (g_ * row_factor * col_factor).astype(g.dtype), leaf
-
-        scaled, leaves = _tree.map_leaves(
-            leaf_update,
-            2,
-            name,
-            updates,
-            second_moment.leaf_moments(moment, updates, layout, name),
-            _tree.leaf_paths(updates),
-        )
-        new_moment = second_moment.from_leaf_moments(leaves, moment, jax.tree.structure(updates))
-        new_state = ScaleByFactoredRmsState(count, *new_moment)
-        return jax.tree.structure(updates).unflatten(scaled), new_state
-
-    return _tree.on_real_arrays(optax.GradientTransformation(init_fn, update_fn), name)
+    return _leafwise.transform(
+        name,
+        ScaleByFactoredRmsState,
+        (Field("v", SECOND_MOMENT),),
+        lambda step: step.map(leaf_math),
+        _leafwise.storage(None, dtype_second_moment, state_rounding, state_rounding_seed),
+        factoring=layout,
+        to_state=lambda count, values: ScaleByFactoredRmsState(count, *values["v"]),
+        from_state=lambda state: {"v": FactoredSecondMoment(state.v_row, state.v_col, state.v)},
+    )

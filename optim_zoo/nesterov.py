@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _tree, second_moment
+from optim_zoo import _checks, _fusion, _leafwise, second_moment
+from optim_zoo._leafwise import MOMENTUM, SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
-
-# Tells this transform's random rounding bits from those of others chained with it.
-_SALT = 1
 
 
 class ScaleByNesterovMomentState(NamedTuple):
@@ -25,6 +23,15 @@ class ScaleByNesterovMomentState(NamedTuple):
     # dtype_second_moment (default: at least float32).
     n: optax.Updates | FactoredSecondMoment
     prev_grad: optax.Updates  # gradient of the previous step; as m.
+
+
+# In the order the update stores them.
+FIELDS = (
+    Field("m", MOMENTUM),
+    Field("v", MOMENTUM),
+    Field("n", SECOND_MOMENT),
+    Field("prev_grad", MOMENTUM),
+)
 
 
 def scale_by_nesterov_moment(
@@ -122,91 +129,33 @@ def scale_by_nesterov_moment(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("eps_root", eps_root, 0.0)
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
-    layout = layout if factored else None  # unfactored: a full n, a tree like the params
-    dtype_momentum = _checks.check_dtype("dtype_momentum", dtype_momentum)
-    dtype_second_moment = _checks.check_second_moment_dtype(dtype_second_moment)
-    _checks.check_state_rounding(state_rounding, state_rounding_seed)
-    name = "scale_by_nesterov_moment"
+    options = _leafwise.storage(
+        dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
+    )
 
-    def init_fn(params: optax.Params) -> ScaleByNesterovMomentState:
-        return ScaleByNesterovMomentState(
-            count=jnp.zeros([], jnp.int32),
-            m=_tree.first_moment_zeros(params, dtype_momentum),
-            v=_tree.first_moment_zeros(params, dtype_momentum),
-            n=second_moment.init(params, layout, dtype_second_moment),
-            prev_grad=_tree.first_moment_zeros(params, dtype_momentum),
-        )
-
-    def update_fn(
-        updates: optax.Updates, state: ScaleByNesterovMomentState, params: Any = None
-    ) -> tuple[optax.Updates, ScaleByNesterovMomentState]:
-        del params
-        count = optax.safe_increment(state.count)
-        is_first = state.count == 0
-        never = _fusion.never_true(state.count)
-        rounding = _dtypes.StateRounding(state_rounding, state_rounding_seed, count, _SALT)
-
-        def leaf_update(g, m, v, n, prev_grad, path, index):
-            store = rounding.for_leaf(path).store
-            moment_dtype = m.dtype  # m, v and prev_grad share it.
-            dtype = _dtypes.compute_dtype(g.dtype, m.dtype, *(x.dtype for x in n.arrays()))
-            t = count.astype(dtype)
-            g_ = g.astype(dtype)
-
-            prev = prev_grad.astype(dtype)
-            g_diff, reductions = g_, None
-            if n.axes is not None:
-                # The factored means each compute g + b2 * diff from g and prev_grad in memory
-                # (equal up to the sign of zeros, which they square); diff gets its own copy of g.
-                # Their scalars are this leaf's own (never_true with its index), which XLA merges
-                # with no other leaf's.
-                own = _fusion.never_true(state.count, index)
-                b2_row, b2_col = _fusion.own_scalar(b2, own), _fusion.own_scalar(-b2, own)
-                # prev_grad stored narrower: each reads its own widening of the stored bytes.
-                prev_row, prev_col = _fusion.widened_for_reductions(prev_grad, dtype, 2)
-                reductions = (
-                    g_ + b2_row * _fusion.zeroed_for_reduction(g_ - prev_row, is_first, own, 0),
-                    g_ + b2_col * _fusion.zeroed_for_reduction(prev_col - g_, is_first, own, 1),
-                )
-                g_diff = _fusion.own_copy(g_, never)
-            # The official code starts prev_grad at the first gradient: no difference on step 1.
-            diff = jnp.where(is_first, jnp.zeros_like(g_), g_diff - prev)
-            # The direction reads the state as stored (a no-op unless it is stored narrower).
-            m = store(b1 * m.astype(dtype) + (1 - b1) * g_, moment_dtype, 0)
-            v = store(b2 * v.astype(dtype) + (1 - b2) * diff, moment_dtype, 1)
-            n = n.accumulate(g_ + b2 * diff, b3, for_reductions=reductions).stored_as(n, store, 2)
-            row_part, col_part = n.astype(dtype).factors()
-            n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
-            numerator = m.astype(dtype) / (1 - b1**t) + b2 * v.astype(dtype) / (1 - b2**t)
-            direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
-            # v and n read the old prev_grad: overwrite it (in place, when donated) only after.
-            prev_grad = _fusion.written_after(
-                store(g, moment_dtype, 5), never, v, *n.broadcastable()
+    def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
+        g, n, t = leaf.g.astype(leaf.dtype), leaf.old("n"), leaf.t
+        g_diff, means = g, None
+        if n.axes is not None:  # each factored mean computes g + b2 * diff in its own loop
+            g_diff, means = _fusion.nesterov_for_means(
+                g, leaf.stored("prev_grad"), b2, leaf.is_first
             )
-            return direction.astype(g.dtype), m, v, n, prev_grad
+        # The official code starts prev_grad at the first gradient: no difference on step 1.
+        diff = jnp.where(leaf.is_first, jnp.zeros_like(g), g_diff - leaf.old("prev_grad"))
+        m = leaf.store("m", b1 * leaf.old("m") + (1 - b1) * g)
+        v = leaf.store("v", b2 * leaf.old("v") + (1 - b2) * diff)
+        n = leaf.store("n", n.accumulate(g + b2 * diff, b3, for_reductions=means))
+        row_part, col_part = n.factors()
+        n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
+        direction = (m / (1 - b1**t) + b2 * v / (1 - b2**t)) / (jnp.sqrt(n_hat + eps_root) + eps)
+        leaf.store("prev_grad", leaf.g, after=("v", "n"))  # v and n read the old one
+        return direction
 
-        direction, m, v, n, prev_grad = _tree.map_leaves(
-            leaf_update,
-            5,
-            name,
-            updates,
-            state.m,
-            state.v,
-            second_moment.leaf_moments(state.n, updates, layout, name),
-            state.prev_grad,
-            _tree.leaf_paths(updates),
-            _tree.leaf_indices(updates),
-        )
-        treedef = jax.tree.structure(updates)
-        new_state = ScaleByNesterovMomentState(
-            count=count,
-            m=treedef.unflatten(m),
-            v=treedef.unflatten(v),
-            n=second_moment.from_leaf_moments(n, state.n, treedef),
-            prev_grad=treedef.unflatten(prev_grad),
-        )
-        return treedef.unflatten(direction), new_state
-
-    return _tree.on_real_arrays(
-        optax.GradientTransformation(init_fn, update_fn), "scale_by_nesterov_moment"
+    return _leafwise.transform(
+        "scale_by_nesterov_moment",
+        ScaleByNesterovMomentState,
+        FIELDS,
+        lambda step: step.map(leaf_math),
+        options,
+        factoring=layout if factored else None,  # unfactored: a full n, a tree like the params
     )

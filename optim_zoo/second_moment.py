@@ -225,7 +225,7 @@ class LeafMoment(NamedTuple):
         row, col, full = (None if x is None else x.astype(dtype) for x in self[:3])
         return LeafMoment(row, col, full, self.axes)
 
-    def for_reduction(self, dtype: jax.typing.DTypeLike, never: jax.Array) -> LeafMoment:
+    def for_reduction(self, dtype: jax.typing.DTypeLike) -> LeafMoment:
         """The statistics in `dtype`, bit for bit, for one reduction that sums them.
 
         Each reads its stored array apart from every other reader
@@ -233,7 +233,7 @@ class LeafMoment(NamedTuple):
         widened once for the sum and for the loops would be written out as large as the leaf.
         """
         row, col, full = (
-            None if x is None else _fusion.widened_for_reductions(x, dtype, 1, never)[0]
+            None if x is None else _fusion.widened_for_reductions(x, dtype, 1, True)[0]
             for x in self[:3]
         )
         return LeafMoment(row, col, full, self.axes)
