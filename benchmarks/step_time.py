@@ -8,7 +8,11 @@ one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer an
 the rows of its group (an algorithm family with its variants and peers: median of repeated runs
 after warm-up in each round; the row keeps its best round), so that load elsewhere on the
 machine does not single out one row, and rows that are compared run side by side: an option
-is compared with its original round by round (the median of the rounds' ratios). The trees
+is compared with its original round by round (the median of the rounds' ratios), and then
+again step by step: the two rows' steps interleaved, one each per pair in a random order, the
+median of the pairs' ratios with its 95% interval (``benchmarks/paired.py``; ``--pairs``,
+default 100, at most ``--pair-budget`` 10 s a comparison, about 8 more minutes on 2 CPU
+cores; none in the quick run unless asked). The trees
 (on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
@@ -40,6 +44,16 @@ parameters). Their bytes come from the state they allocate. They have no peers a
     python benchmarks/step_time.py --no-torch   # JAX rows only
     python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
                                                 # or variant matches: adan, factored, bf16, optax
+
+Three modes time every optim_zoo optimizer (and its bf16-state row, unless ``--no-bf16``) step
+by step against another arm and write ``<mode>.{json,md}`` instead of the run above (on the
+CPU the 30M tree, on a GPU the 185M one, unless ``--trees``):
+
+    python benchmarks/step_time.py --against-ref main  # today's package against the one at a
+                                                       # git ref (benchmarks/reference.py)
+    python benchmarks/step_time.py --steering both     # the package's compiler steering on / off
+    python benchmarks/step_time.py --noise-check       # a step, and a same-bytes pass, each
+                                                       # against itself: the method's own noise
 
 PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
 optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
