@@ -1,7 +1,7 @@
 """One short GPU check of every optim_zoo optimizer's step, with the package's compiler steering on
 and off, against optax, PyTorch's fused AdamW and a pass that only moves the same bytes.
 
-On one NVIDIA H100 or H200 it finishes within 8 minutes, compiles included (`--deadline`, 420 s
+On one NVIDIA H100 or H200 it finishes within 8 minutes, compiles included (`--deadline`, 400 s
 from the start by default, skips the rows it would not reach in time and still writes its
 report). For each row it prints and writes:
 
@@ -64,12 +64,12 @@ from benchmarks.environment import (
     load_average,
     machine_info,
 )
-from benchmarks.traffic import ALGORITHMS, StateItemsizes, traffic
+from benchmarks.traffic import ALGORITHMS, StateItemsizes, traffic, tree_bytes
 
 # When the script started (after its imports, a few seconds): the deadline counts from here.
 _IMPORTED = time.perf_counter()
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results" / "step_time_gpu"
-DEADLINE_S = 420.0
+DEADLINE_S = 400.0
 # A row is started only with this much time left before the deadline: its compiles and pairs.
 ROW_RESERVE_S = 30.0
 MB = 1e6
@@ -168,6 +168,14 @@ def _add_floors(row: dict, shapes: list, itemsize: int) -> None:
     row["state_arrays"] = round(row["state_bytes"] / row["param_bytes"])
 
 
+def _state_arrays(contender: Implementation, params_np: Any) -> int:
+    """The optimizer's state bytes in parameter-sized arrays, rounded: from the shapes that
+    `init` gives, without allocating them."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_np)
+    state = jax.eval_shape(contender.make().init, params)
+    return round(tree_bytes(state) / sum(x.nbytes for x in jax.tree.leaves(params_np)))
+
+
 def _time(
     runs: dict[str, Callable], pairs: int, budget: float | None, seed: int
 ) -> dict[str, list[float]]:
@@ -226,7 +234,53 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> dic
         left = deadline - _elapsed() - ROW_RESERVE_S
         return budget if budget is None else max(0.0, min(budget, left))
 
+    # First the references, so that a deadline can only cut optimizer rows. A pass of the
+    # same bytes for every whole number of state arrays a row has (from its state's shapes).
     selected = _selected(args)
+    adamw = next((c for c in selected if (c.library, c.algorithm) == ("optax", "AdamW")), None)
+    reason = "--no-torch" if args.no_torch else torch_skip_reason()
+    if adamw is None:
+        reason = reason or "optax's AdamW is not among the rows (--only)"
+    arrays = {_state_arrays(c, params_np) for c in selected}
+    probes: dict[int, dict] = {}
+    for k in sorted(arrays):
+        row = _row(f"same-bytes pass ({k} state arrays)", "jax", "", "", None, state_arrays=k)
+        rows.append(row)
+        if out_of_time(row):
+            continue
+        runs, moved, compiled = step_time.same_bytes_pass(shapes, dtype, k, compiler_options)
+        times = _time({"pass": runs[0]}, pairs, row_budget(), 1000 + k)
+        row.update(paired.summary(times["pass"]))
+        row.update(step_time._hlo_stats(compiled, num_leaves))
+        row["bytes_moved"] = moved
+        row["gbs"] = moved / (row["median_ms"] / 1e3) / 1e9
+        probes[k] = row
+        print(f"  {row['name']:48s} {row['median_ms']:9.3f} ms", flush=True)
+        del runs, compiled
+        gc.collect()
+
+    # PyTorch's fused AdamW, timed in turns with optax's AdamW.
+    torch_row = _row("torch AdamW (fused=True)", "torch", "AdamW", "", None)
+    if reason is None and not out_of_time(torch_row):
+        contender = _torch_adamw()
+        run, finish = step_time.prepare_torch(contender, params_np, grads_np)
+        optax_run, _ = step_time.prepare_jax(adamw, params_np, grads_np, compiler_options)
+        times = _time({"torch": run, "optax": optax_run}, pairs, row_budget(), len(selected))
+        torch_row.update(paired.summary(times["torch"]))
+        torch_row.update(finish())
+        _add_floors(torch_row, shapes, itemsize)
+        found = paired.compare(times["optax"], times["torch"])
+        comparisons.append({"row": "AdamW", "arm": "optax", "against": "torch fused", **found})
+        print(f"  {torch_row['name']:48s} {torch_row['median_ms']:9.3f} ms", flush=True)
+        print(f"  {'AdamW':48s} optax / torch: {paired.format_ratio(found)}", flush=True)
+        del run, optax_run
+        gc.collect()
+        _empty_torch_cache()
+    elif reason is not None:
+        torch_row["skipped"] = reason
+        print(f"  {torch_row['name']:48s} skipped: {reason}", flush=True)
+    rows.append(torch_row)
+
     for index, contender in enumerate(selected):
         ours = contender.library == "optim_zoo"
         label = contender.name
@@ -263,51 +317,6 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> dic
             comparisons.append({"row": label, "arm": "on", "against": "off", **found})
             print(f"  {label:48s} on / off: {paired.format_ratio(found)}", flush=True)
         del arms
-        gc.collect()
-
-    # PyTorch's fused AdamW, timed in turns with optax's AdamW.
-    torch_row = _row("torch AdamW (fused=True)", "torch", "AdamW", "", None)
-    adamw = next((c for c in selected if (c.library, c.algorithm) == ("optax", "AdamW")), None)
-    reason = "--no-torch" if args.no_torch else torch_skip_reason()
-    if adamw is None:
-        reason = reason or "optax's AdamW is not among the rows (--only)"
-    if reason is None and not out_of_time(torch_row):
-        contender = _torch_adamw()
-        run, finish = step_time.prepare_torch(contender, params_np, grads_np)
-        optax_run, _ = step_time.prepare_jax(adamw, params_np, grads_np, compiler_options)
-        times = _time({"torch": run, "optax": optax_run}, pairs, row_budget(), len(selected))
-        torch_row.update(paired.summary(times["torch"]))
-        torch_row.update(finish())
-        _add_floors(torch_row, shapes, itemsize)
-        found = paired.compare(times["optax"], times["torch"])
-        comparisons.append({"row": "AdamW", "arm": "optax", "against": "torch fused", **found})
-        print(f"  {torch_row['name']:48s} {torch_row['median_ms']:9.3f} ms", flush=True)
-        print(f"  {'AdamW':48s} optax / torch: {paired.format_ratio(found)}", flush=True)
-        del run, optax_run
-        gc.collect()
-        _empty_torch_cache()
-    elif reason is not None:
-        torch_row["skipped"] = reason
-        print(f"  {torch_row['name']:48s} skipped: {reason}", flush=True)
-    rows.append(torch_row)
-
-    # A pass of the same bytes for every whole number of state arrays a row has.
-    probes: dict[int, dict] = {}
-    for k in sorted({r["state_arrays"] for r in rows if "state_arrays" in r}):
-        row = _row(f"same-bytes pass ({k} state arrays)", "jax", "", "", None, state_arrays=k)
-        if out_of_time(row):
-            rows.append(row)
-            continue
-        runs, moved, compiled = step_time.same_bytes_pass(shapes, dtype, k, compiler_options)
-        times = _time({"pass": runs[0]}, pairs, row_budget(), 1000 + k)
-        row.update(paired.summary(times["pass"]))
-        row.update(step_time._hlo_stats(compiled, num_leaves))
-        row["bytes_moved"] = moved
-        row["gbs"] = moved / (row["median_ms"] / 1e3) / 1e9
-        probes[k] = row
-        rows.append(row)
-        print(f"  {row['name']:48s} {row['median_ms']:9.3f} ms", flush=True)
-        del runs, compiled
         gc.collect()
 
     bandwidths.append(step_time.stream_bandwidth(stream_elements, 3, 5 if args.dry_run else 20))

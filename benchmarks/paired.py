@@ -172,7 +172,9 @@ def compare(
     }
 
 
-def format_ratio(c: Mapping[str, Any]) -> str:
-    """``1.02x [0.99, 1.04]``: a comparison's ratio and interval."""
+def format_ratio(c: Mapping[str, Any], confidence: float = CONFIDENCE) -> str:
+    """``1.02x [0.99, 1.04]``: a comparison's ratio and interval, with the interval's coverage
+    when too few pairs give it less than `confidence` (``[0.95, 1.10] 88%``)."""
     low, high = c["interval"]
-    return f"{c['ratio']:.3f}x [{low:.3f}, {high:.3f}]"
+    short = f" {c['coverage']:.0%}" if c["coverage"] < confidence else ""
+    return f"{c['ratio']:.3f}x [{low:.3f}, {high:.3f}]{short}"

@@ -89,6 +89,10 @@ def test_a_row_past_the_deadline_is_skipped_not_run(tmp_path):
     result = _dry_run(tmp_path, *argv)
     rows = _rows(result)
     assert rows.pop("torch AdamW (fused=True)")["skipped"] == "--no-torch"
-    assert set(rows) == {"optim_zoo Adafactor (steering default)", "optax Adafactor"}
+    assert set(rows) == {
+        "optim_zoo Adafactor (steering default)",
+        "optax Adafactor",
+        "same-bytes pass (0 state arrays)",
+    }
     assert all(row["skipped"].startswith("deadline") for row in rows.values())
     assert (tmp_path / "gpu_check.md").exists()

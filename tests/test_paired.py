@@ -59,6 +59,9 @@ def test_compare_finds_a_ratio_under_drift():
     assert abs(found["lag1_autocorrelation"]) < 0.3
     with pytest.raises(ValueError):
         paired.compare(a, b[:-1])
+    assert paired.format_ratio(found).endswith("]")
+    # Four pairs cover the median with 87.5% only: the report says so.
+    assert paired.format_ratio(paired.compare(a[:4], b[:4])).endswith("] 88%")
 
 
 def test_interleave_times_every_arm_in_every_round_in_random_orders():
