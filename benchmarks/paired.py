@@ -1,13 +1,13 @@
 """Paired, interleaved timing: compare two programs step by step, with an interval on the ratio.
 
-The speed of a shared machine changes while a benchmark runs (the same compiled step has taken
-24-26 ms and 37-38 ms minutes apart on the 2-core CPU here), so times measured at different
-moments do not compare. `interleave` times the arms of a comparison in turns, one sample of
-each per round in a fresh random order, so that whatever the machine does at a moment hits
-both arms of that round. `compare` takes the per-round ratios of two arms and reports their
-median with a distribution-free interval (order statistics: no assumption on the shape of the
-ratios' distribution, only that the rounds are independent draws; `lag1_autocorrelation`
-says how far that holds).
+The speed of a shared machine changes while a benchmark runs (float32 Adan's rounds on the 30M
+tree: 29.9 ms in two, 41.6 to 50.4 ms in eight others of one run, docs/performance.md), so times
+measured at different moments do not compare. `interleave` times the arms of a comparison in
+turns, one sample of each per round in a fresh random order, so that whatever the machine does
+at a moment hits both arms of that round. `compare` takes the per-round ratios of two arms and
+reports their median with a distribution-free interval (order statistics: no assumption on the
+shape of the ratios' distribution, only that the rounds are independent draws;
+`lag1_autocorrelation` says how far that holds).
 
 - `interleave(runs, samples=...)`: seconds per step of each arm, round by round.
 - `calibrate_reps`: steps per sample, so that a sample lasts long enough to time.
