@@ -11,8 +11,8 @@ machine does not single out one row, and rows that are compared run side by side
 is compared with its original round by round (the median of the rounds' ratios), and then
 again step by step: the two rows' steps interleaved, one each per pair in a random order, the
 median of the pairs' ratios with its 95% interval (``benchmarks/paired.py``; ``--pairs``,
-default 100, at most ``--pair-budget`` 10 s a comparison, about 8 more minutes on 2 CPU
-cores; none in the quick run unless asked). The trees
+default 100, at most ``--pair-budget`` 10 s a comparison: by the step times above, some 8
+more minutes on 2 CPU cores, not yet measured; none in the quick run unless asked). The trees
 (on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
