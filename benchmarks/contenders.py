@@ -47,6 +47,14 @@ class Contender:
     def hyperparameters(self) -> str:
         return format_kwargs(self.kwargs)
 
+    def rebound(self, package: types.ModuleType) -> Contender:
+        """The same configuration built by `package`'s function of the same name (another
+        version of optim_zoo, `benchmarks/reference.py`)."""
+        name = self.factory.__name__
+        if not hasattr(package, name):
+            raise AttributeError(f"{package.__name__} has no {name!r}")
+        return dataclasses.replace(self, factory=getattr(package, name))
+
 
 CONTENDERS: tuple[Contender, ...] = (
     # Adan's authors use learning rates 5-10x Adam's; 5e-3 is 5x the AdamW baseline below.
@@ -160,7 +168,8 @@ class Implementation:
     `make` returns an optax transformation (JAX) or, given the list of torch parameters, a torch
     optimizer. `module` is the import that a PyTorch peer needs; a failed import skips the row.
     `variant` names a non-default configuration of the same implementation (``bf16 state``);
-    such rows have neither peers nor targets.
+    such rows have neither peers nor targets. An optim_zoo row keeps its `contender`, so that
+    the same configuration can be built by another version of the package.
     """
 
     algorithm: str
@@ -170,6 +179,8 @@ class Implementation:
     module: str | None = None
     note: str = ""
     variant: str = ""
+    # Left out of equality and hashing: its keyword arguments are a dict.
+    contender: Contender | None = dataclasses.field(default=None, compare=False)
 
     @property
     def implementation(self) -> str:
@@ -337,15 +348,9 @@ def _optim_zoo_implementations() -> list[Implementation]:
         half = bf16_state(contender, contender.name)
         rounded = bf16_state(contender, contender.name, stochastic=True)
         note = "no momentum here: statistics only" if "dtype_momentum" not in half.kwargs else ""
-        rows.append(Implementation(contender.name, "optim_zoo", contender.build))
-        rows.append(
-            Implementation(contender.name, "optim_zoo", half.build, note=note, variant=BF16_STATE)
-        )
-        rows.append(
-            Implementation(
-                contender.name, "optim_zoo", rounded.build, note=note, variant=BF16_STATE_SR
-            )
-        )
+        rows.append(_optim_zoo_row(contender))
+        rows.append(_optim_zoo_row(half, note=note, variant=BF16_STATE))
+        rows.append(_optim_zoo_row(rounded, note=note, variant=BF16_STATE_SR))
     # The same optimizers with another weight decay (or none): what a decay type costs.
     decays = [
         (adan, NO_DECAY, {"weight_decay": 0.0}),
@@ -362,8 +367,19 @@ def _optim_zoo_implementations() -> list[Implementation]:
     ]
     for contender, variant, kwargs in decays:
         other = Contender(contender.name, contender.factory, {**contender.kwargs, **kwargs})
-        rows.append(Implementation(contender.name, "optim_zoo", other.build, variant=variant))
+        rows.append(_optim_zoo_row(other, variant=variant))
     return rows
+
+
+def _optim_zoo_row(contender: Contender, note: str = "", variant: str = "") -> Implementation:
+    return Implementation(
+        contender.name,
+        "optim_zoo",
+        contender.build,
+        note=note,
+        variant=variant,
+        contender=contender,
+    )
 
 
 # Adafactor's decay (not scaled by the learning rate): the official Adafactor's order of size.

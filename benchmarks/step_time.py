@@ -8,7 +8,11 @@ one jitted, donated ``update`` + ``apply_updates`` step of each JAX optimizer an
 the rows of its group (an algorithm family with its variants and peers: median of repeated runs
 after warm-up in each round; the row keeps its best round), so that load elsewhere on the
 machine does not single out one row, and rows that are compared run side by side: an option
-is compared with its original round by round (the median of the rounds' ratios). The trees
+is compared with its original round by round (the median of the rounds' ratios), and then
+again step by step: the two rows' steps interleaved, one each per pair in a random order, the
+median of the pairs' ratios with its 95% interval (``benchmarks/paired.py``; ``--pairs``,
+default 100, at most ``--pair-budget`` 10 s a comparison: by the step times above, some 8
+more minutes on 2 CPU cores, not yet measured; none in the quick run unless asked). The trees
 (on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
 
 * ``30M``: a transformer-shaped tree of 29.4M parameters (d_model 512, 8 layers, vocab 8192);
@@ -41,6 +45,16 @@ parameters). Their bytes come from the state they allocate. They have no peers a
     python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
                                                 # or variant matches: adan, factored, bf16, optax
 
+Three modes time every optim_zoo optimizer (and its bf16-state row, unless ``--no-bf16``) step
+by step against another arm and write ``<mode>.{json,md}`` instead of the run above (on the
+CPU the 30M tree, on a GPU the 185M one, unless ``--trees``):
+
+    python benchmarks/step_time.py --against-ref main  # today's package against the one at a
+                                                       # git ref (benchmarks/reference.py)
+    python benchmarks/step_time.py --steering both     # the package's compiler steering on / off
+    python benchmarks/step_time.py --noise-check       # a step, and a same-bytes pass, each
+                                                       # against itself: the method's own noise
+
 PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
 optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
 ``benchmarks/results/step_time.{json,md,png}``. What is timed, at which hyperparameters, is
@@ -50,9 +64,12 @@ optional: a peer that cannot be imported is recorded with the reason and skipped
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -70,7 +87,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import report
+import optim_zoo
+from benchmarks import paired, report
 from benchmarks.contenders import (
     BF16_STATE,
     COMPARISONS,
@@ -81,7 +99,8 @@ from benchmarks.contenders import (
     implementations,
     import_error,
 )
-from benchmarks.environment import COMPILER_OPTIONS, load_average, machine_info
+from benchmarks.environment import COMPILER_OPTIONS, git_state, load_average, machine_info
+from benchmarks.reference import package_at
 from benchmarks.traffic import (
     ALGORITHMS,
     StateItemsizes,
@@ -202,14 +221,96 @@ def stream_bandwidth(num_elements: int, warmup: int, reps: int) -> float:
     return 2 * box[0].nbytes / timing["median_s"]
 
 
+# Opcodes that launch no kernel of their own: structure, aliasing, and the calls whose bodies
+# are counted instead.
+_NO_KERNEL = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "opt-barrier",
+    "after-all",
+    "add-dependency",
+    "domain",
+    "partition-id",
+    "replica-id",
+    "call",
+    "while",
+    "conditional",
+    "async-start",
+    "async-update",
+    "async-done",
+    "copy-done",
+}
+_CALLERS = {"call", "while", "conditional", "async-start"}
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9_\-]*)\((.*)$")
+_CALLEE = re.compile(
+    r"(?:to_apply|body|condition|calls|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+def count_kernels(hlo_text: str) -> dict[str, int]:
+    """Kernels of an optimized HLO module, by opcode: the instructions that run as kernels of
+    their own (fusions, custom calls, copies, unfused ops) in the entry computation and in
+    the computations it runs in sequence (calls, such as a GPU command buffer; loops;
+    branches). Fusion bodies and reducers are not sequences: a fusion is one kernel."""
+    computations: dict[str, list[tuple[str, str]]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        if not line[:1].isspace():
+            header = _HEADER.match(line)
+            current = header.group(2) if header else None
+            if header:
+                computations[current] = []
+                if header.group(1):
+                    entry = current
+            continue
+        instruction = _INSTRUCTION.match(line) if current is not None else None
+        if instruction:
+            computations[current].append((instruction.group(1), instruction.group(2)))
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    stack = [entry] if entry is not None else []
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for opcode, rest in computations[name]:
+            if opcode in _CALLERS:
+                stack += _CALLEE.findall(rest)
+                for branches in _BRANCHES.findall(rest):
+                    stack += [b.strip().lstrip("%") for b in branches.split(",") if b.strip()]
+            if opcode not in _NO_KERNEL:
+                counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
+
+
+def hlo_digest(hlo_text: str) -> str:
+    """A hash of the optimized program without its source locations: two steps with the same
+    digest run the same kernels on the same buffers, whichever Python code traced them."""
+    lines = []
+    started = False
+    for line in hlo_text.splitlines():
+        started = started or bool(_HEADER.match(line))
+        if started:
+            lines.append(re.sub(r",? metadata=\{[^{}]*\}", "", line))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
-    """Kernels per leaf (fusions and copies in the entry computation), temporary bytes, and the
-    bytes XLA's cost model says the compiled step reads and writes (each kernel's operands
-    and outputs; a kernel that re-reads an array counts it again)."""
+    """Kernels per leaf (fusions and copies in the entry computation, and every kernel
+    `count_kernels` finds), temporary bytes, and the bytes XLA's cost model says the compiled
+    step reads and writes (each kernel's operands and outputs; a kernel that re-reads an
+    array counts it again)."""
     text = compiled.as_text()
     entry = text[text.index("\nENTRY") :]
     fusions = len(re.findall(r" fusion\(", entry))
     copies = len(re.findall(r" copy\(", entry))
+    kernels = count_kernels(text)
     try:
         temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # memory_analysis is best effort on some backends
@@ -223,23 +324,51 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
     return {
         "fusions_per_leaf": fusions / num_leaves,
         "copies": copies,
+        "kernels_per_leaf": sum(kernels.values()) / num_leaves,
+        "kernels": kernels,
+        "hlo_digest": hlo_digest(text),
         "temp_bytes": temp_bytes,
         "xla_bytes": xla_bytes,
     }
 
 
-def prepare_jax(
-    contender: Implementation,
-    params_np: Any,
-    grads_np: Any,
+# --- The package's compiler steering -------------------------------------------------------------
+
+STEERING = {"on": True, "off": False, "default": None}
+STEERING_MISSING = (
+    "optim_zoo.compiler_steering is missing from this version of the package: --steering"
+    " on, off and both need it (leave the option out, or pass --steering default)"
+)
+
+
+def has_steering() -> bool:
+    return hasattr(optim_zoo, "compiler_steering")
+
+
+def compiler_steering(setting: str | None) -> contextlib.AbstractContextManager:
+    """The package's switch set to `setting` (``on``, ``off``, ``default``: the backend's
+    choice); nothing for None. It acts when an update is traced, so a step must be built,
+    traced and compiled inside it."""
+    if setting is None or (setting == "default" and not has_steering()):
+        return contextlib.nullcontext()
+    if not has_steering():
+        raise SystemExit(STEERING_MISSING)
+    return optim_zoo.compiler_steering(STEERING[setting])
+
+
+# --- Compiled steps ------------------------------------------------------------------------------
+
+
+def compile_step(
+    tx: optax.GradientTransformation,
+    params: Any,
+    state: Any,
+    grads: Any,
     compiler_options: dict[str, Any] | None = None,
-) -> tuple[Callable, Callable]:
-    """Compiles the donated step (with XLA's `compiler_options`, default none); returns `run`
-    (one step) and `finish` (the row's facts)."""
-    tx = contender.make()
-    params = jax.tree.map(jnp.asarray, params_np)
-    grads = jax.tree.map(jnp.asarray, grads_np)
-    state = tx.init(params)
+) -> tuple[Any, float]:
+    """`tx`'s update and `apply_updates` as one jitted step, parameters and state donated,
+    compiled (with XLA's `compiler_options`); and its compile time. The step is a new function
+    on every call, so that it is traced anew (jit caches traces per function)."""
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -248,19 +377,49 @@ def prepare_jax(
     t0 = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads)
     compiled = lowered.compile(compiler_options)
-    compile_s = time.perf_counter() - t0
-    hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
-    state_bytes = tree_bytes(state)
-    itemsize = jax.tree.leaves(params)[0].dtype.itemsize
-    itemsizes = dataclasses.asdict(state_itemsizes(state, itemsize))
-    box = [params, state]
+    return compiled, time.perf_counter() - t0
+
+
+def step_runner(compiled: Any, box: list, grads: Any) -> Callable[[], None]:
+    """One step of `compiled` on `box` ([params, state], replaced by the outputs), waited for."""
 
     def run():
         box[0], box[1] = compiled(box[0], box[1], grads)
         jax.block_until_ready(box)
 
+    return run
+
+
+def prepare_jax_copies(
+    contender: Implementation,
+    params_np: Any,
+    grads_np: Any,
+    compiler_options: dict[str, Any] | None = None,
+    steering: str | None = None,
+    copies: int = 1,
+) -> tuple[list[Callable], Callable]:
+    """Compiles the donated step (built, traced and compiled under the package's `steering`
+    setting, `compiler_steering`); returns a `run` (one step) for each of `copies` sets of
+    parameters and state, all running the one compiled program, and `finish` (the row's
+    facts, from the first set)."""
+    grads = jax.tree.map(jnp.asarray, grads_np)
+    with compiler_steering(steering):
+        tx = contender.make()
+        boxes = []
+        for _ in range(copies):
+            params = jax.tree.map(jnp.asarray, params_np)
+            boxes.append([params, tx.init(params)])
+        compiled, compile_s = compile_step(tx, *boxes[0], grads, compiler_options)
+    params, state = boxes[0]
+    hlo = _hlo_stats(compiled, len(jax.tree.leaves(params)))
+    state_bytes = tree_bytes(state)
+    itemsize = jax.tree.leaves(params)[0].dtype.itemsize
+    itemsizes = dataclasses.asdict(state_itemsizes(state, itemsize))
+    runs = [step_runner(compiled, box, grads) for box in boxes]
+    del params, state
+
     def finish():
-        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(box[0]))
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(boxes[0][0]))
         return {
             "compile_s": compile_s,
             "state_bytes": state_bytes,
@@ -269,7 +428,60 @@ def prepare_jax(
             **hlo,
         }
 
-    return run, finish
+    return runs, finish
+
+
+def prepare_jax(
+    contender: Implementation,
+    params_np: Any,
+    grads_np: Any,
+    compiler_options: dict[str, Any] | None = None,
+    steering: str | None = None,
+) -> tuple[Callable, Callable]:
+    """Compiles the donated step (with XLA's `compiler_options`, default none; under the
+    package's `steering` setting); returns `run` (one step) and `finish` (the row's facts)."""
+    runs, finish = prepare_jax_copies(contender, params_np, grads_np, compiler_options, steering)
+    return runs[0], finish
+
+
+def same_bytes_pass(
+    shapes: Sequence[tuple[int, ...]],
+    dtype: Any,
+    state_arrays: int,
+    compiler_options: dict[str, Any] | None = None,
+    copies: int = 1,
+) -> tuple[list[Callable], int, Any]:
+    """A donated elementwise pass that moves the single-pass bytes of an optimizer whose state
+    is `state_arrays` arrays of the parameters' shapes: per leaf it reads a gradient and
+    1 + `state_arrays` arrays and writes the latter in place, (3 + 2 k) parameter bytes in
+    all, with no reduction. Returns a `run` for each of `copies` sets of arrays (one compiled
+    program), the bytes a step moves, and the compiled program."""
+    writes = 1 + state_arrays
+
+    def step(xs, grads):
+        out = []
+        for leaf, g in zip(xs, grads, strict=True):
+            out.append([leaf[0] * 0.999 + 0.001 * g] + [x * 0.999 + 0.001 for x in leaf[1:]])
+        return out
+
+    grads = [jnp.full(shape, 0.5, dtype) for shape in shapes]
+    # Every array its own buffer: the donated outputs are written in place into them.
+    boxes = [
+        [[[jnp.ones(shape, dtype) for _ in range(writes)] for shape in shapes]]
+        for _ in range(copies)
+    ]
+    compiled = jax.jit(step, donate_argnums=0).lower(boxes[0][0], grads).compile(compiler_options)
+
+    def runner(box):
+        def run():
+            box[0] = compiled(box[0], grads)
+            jax.block_until_ready(box[0])
+
+        return run
+
+    itemsize = jnp.dtype(dtype).itemsize
+    moved = sum(math.prod(shape) for shape in shapes) * itemsize * (2 * writes + 1)
+    return [runner(box) for box in boxes], moved, compiled
 
 
 def torch_device() -> str:
@@ -351,13 +563,21 @@ def time_group(
     timing: dict[str, Any],
     compiler_options: dict[str, Any] | None = None,
     pace: Implementation | None = None,
+    steering: str | None = None,
+    pairs: int = 0,
+    pair_budget_s: float | None = None,
 ) -> list[dict]:
     """Builds and times every contender of `group` on `tree` (JAX's compiled with
-    `compiler_options`); returns their rows.
+    `compiler_options`, under the package's `steering` setting); returns their rows.
 
     `pace`, a JAX implementation, is timed in every round too, before the group's rows; each
     row keeps its round medians and state bytes under ``"pace"``, so that a row can be compared
     with it round by round (the per-leaf overhead against optax's AdamW).
+
+    With `pairs`, every comparison of `contenders.COMPARISONS` whose two rows are in the group
+    is timed again step by step, the two interleaved (`paired.interleave`, at most
+    `pair_budget_s` seconds each): the row keeps the ratio and its interval under
+    ``"paired"``, by the name of the row it was compared with.
     """
     tree_name, num_params, num_leaves, params_np, grads_np = tree
     rows = []
@@ -379,7 +599,9 @@ def time_group(
         if reason is None:
             try:
                 if contender.framework == "jax":
-                    run, finish = prepare_jax(contender, params_np, grads_np, compiler_options)
+                    run, finish = prepare_jax(
+                        contender, params_np, grads_np, compiler_options, steering
+                    )
                 else:
                     run, finish = prepare_torch(contender, params_np, grads_np)
                 run()  # A peer that fails at run time is recorded, not fatal.
@@ -394,7 +616,7 @@ def time_group(
         prepared.append((row, contender.name, run, finish))
     paced = None
     if pace is not None:
-        pace_run, pace_finish = prepare_jax(pace, params_np, grads_np, compiler_options)
+        pace_run, pace_finish = prepare_jax(pace, params_np, grads_np, compiler_options, steering)
         pace_run()
         paced = {"round_medians_s": []}
     # Rounds over the group's rows, so that a burst of load elsewhere on the machine hits one
@@ -413,6 +635,8 @@ def time_group(
                 row["median_s"] = min(row["round_medians_s"])
                 row["ms_per_step"] = 1e3 * row["median_s"]
                 print(f"  {name:40s} {row['ms_per_step']:9.2f} ms", flush=True)
+    if pairs:
+        _time_pairs(prepared, pairs, pair_budget_s)
     for row, _, _, finish in prepared:
         row.update(finish())
     if paced is not None:
@@ -420,6 +644,30 @@ def time_group(
         for row, _, _, _ in prepared:
             row["pace"] = paced
     return rows
+
+
+def _time_pairs(prepared: list, pairs: int, budget_s: float | None) -> None:
+    """Each comparison (`COMPARISONS`) among the prepared optim_zoo rows, step by step."""
+    by_key = {
+        (row["algorithm"], row["variant"]): (row, run)
+        for row, _, run, _ in prepared
+        if row["library"] == "optim_zoo"
+    }
+    for subject, reference_key, _ in COMPARISONS:
+        if subject not in by_key or reference_key not in by_key:
+            continue
+        (row, run), (_, reference_run) = by_key[subject], by_key[reference_key]
+        runs = {"row": run, "reference": reference_run}
+        reps = paired.calibrate_reps(runs, PAIR_SAMPLE_S)
+        times = paired.interleave(runs, samples=pairs, reps=reps, budget_s=budget_s)
+        found = paired.compare(times["row"], times["reference"])
+        found["reps"] = reps
+        row.setdefault("paired", {})[_name(reference_key)] = found
+        print(f"  {_name(subject):40s} / {_name(reference_key)}: {paired.format_ratio(found)}")
+
+
+# A paired sample lasts at least this long: steps much shorter are timed in batches.
+PAIR_SAMPLE_S = 0.005
 
 
 # --- Report ------------------------------------------------------------------------------------
@@ -511,6 +759,7 @@ def variant_comparisons(rows: list[dict], trees: Sequence[str]) -> list[dict]:
                     "limit": limit,
                     "temp_mb": _temp_mb(a),
                     "reference_temp_mb": _temp_mb(b),
+                    "paired": a.get("paired", {}).get(_name(reference)),
                 }
             )
     return found
@@ -528,17 +777,20 @@ def _temp_mb(row: dict) -> float | None:
 
 def comparisons_table(comparisons: list[dict]) -> str:
     header = (
-        "| tree | row | against | ms/step | against ms/step | ratio (quartiles) | best rounds "
+        "| tree | row | against | ms/step | against ms/step | ratio (quartiles) "
+        "| step by step [95% interval] | best rounds "
         "| floor ratio | XLA bytes ratio | at most | temp MB (row / against) |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for c in comparisons:
         bold = "**" if c["ratio"] > c["limit"] else ""
         q1, q3 = c["ratio_quartiles"]
+        step = c.get("paired")
         lines.append(
             f"| {c['tree']} | {c['row']} | {c['reference']} | {c['ms']:.2f} "
             f"| {c['reference_ms']:.2f} | {bold}{c['ratio']:.2f}{bold} ({q1:.2f}-{q3:.2f}) "
+            f"| {'n/a' if step is None else paired.format_ratio(step)} "
             f"| {c['ratio_of_best']:.2f} | {c['floor_ratio']:.2f} "
             f"| {_fmt(c['xla_bytes_ratio'], '.2f')} "
             f"| {c['limit']:.1f} "
@@ -672,6 +924,345 @@ def plot(rows: list[dict], trees: Sequence[str], path: Path) -> None:
     report.save_figure(fig, path)
 
 
+# --- Paired modes: new code against a git ref, steering on against off, the method's noise ---
+
+PAIRED_MODES = {
+    "against_ref": "against_ref",
+    "steering": "steering",
+    "noise": "noise",
+}
+
+
+def paired_rows(args: argparse.Namespace, mode: str) -> list[Implementation]:
+    """The optim_zoo rows a paired mode times: every optimizer (and its bf16-state row unless
+    `--no-bf16`), filtered by `--only`; the noise check times Adan unless told otherwise."""
+    rows = [
+        c
+        for c in implementations(with_torch=False)
+        if c.library == "optim_zoo"
+        and (c.variant == "" or (c.variant == BF16_STATE and not args.no_bf16))
+    ]
+    wanted = {w.lower() for w in args.only} if args.only else None
+    if wanted is None and mode == "noise":
+        wanted = {"adan"}
+        rows = [c for c in rows if c.algorithm == "Adan" and not c.variant]
+    if wanted is not None:
+        rows = [c for c in rows if c.matches(wanted)]
+    if not rows:
+        raise SystemExit(f"no optim_zoo row matches {args.only}")
+    return rows
+
+
+def _arms(
+    mode: str,
+    contender: Implementation,
+    package: Any,
+    params_np: Any,
+    grads_np: Any,
+    compiler_options: dict[str, Any] | None,
+) -> tuple[dict[str, tuple[Callable, Callable]], list[tuple[str, str]]]:
+    """The arms a mode times for one optimizer, as {name: (run, facts)}, and the pairs of arms
+    it compares (first over second)."""
+    if mode == "against_ref":
+        assert contender.contender is not None
+        old = dataclasses.replace(contender, make=contender.contender.rebound(package).build)
+        arms = {
+            "new": prepare_jax(contender, params_np, grads_np, compiler_options),
+            "ref": prepare_jax(old, params_np, grads_np, compiler_options),
+        }
+        return arms, [("new", "ref")]
+    if mode == "steering":
+        arms = {
+            setting: prepare_jax(contender, params_np, grads_np, compiler_options, setting)
+            for setting in ("on", "off")
+        }
+        return arms, [("on", "off")]
+    # The noise check: the one compiled step on two sets of buffers, and a pass of the same
+    # bytes without reductions, also twice.
+    runs, finish = prepare_jax_copies(contender, params_np, grads_np, compiler_options, copies=2)
+    facts = finish()
+    shapes = [x.shape for x in jax.tree.leaves(params_np)]
+    dtype = jax.tree.leaves(params_np)[0].dtype
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params_np))
+    state_arrays = round(facts["state_bytes"] / param_bytes)
+    probes, moved, compiled = same_bytes_pass(
+        shapes, dtype, state_arrays, compiler_options, copies=2
+    )
+    probe_facts = {
+        "bytes_moved": moved,
+        "state_arrays": state_arrays,
+        **_hlo_stats(compiled, len(shapes)),
+    }
+    arms = {
+        "step": (runs[0], finish),
+        "step again": (runs[1], lambda: {}),
+        "same-bytes pass": (probes[0], lambda: probe_facts),
+        "same-bytes pass again": (probes[1], lambda: {}),
+    }
+    pairs = [
+        ("step", "step again"),
+        ("same-bytes pass", "same-bytes pass again"),
+        ("step", "same-bytes pass"),
+    ]
+    return arms, pairs
+
+
+def _verdict(comparison: dict, limit: float) -> str:
+    low, high = comparison["interval"]
+    if high <= limit:
+        return "met"
+    return "missed" if low > limit else "undecided"
+
+
+def paired_main(
+    args: argparse.Namespace, argv: Sequence[str] | None, started: float
+) -> dict[str, Any]:
+    """`--against-ref`, `--steering both` or `--noise-check`: every selected optim_zoo optimizer
+    timed step by step against its other arm(s), ratios with their intervals; writes
+    ``<mode>.json`` and ``<mode>.md`` to the out dir."""
+    chosen = [
+        name
+        for name, on in (
+            ("against_ref", bool(args.against_ref)),
+            ("steering", args.steering == "both"),
+            ("noise", args.noise_check),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise SystemExit("--against-ref, --steering both and --noise-check run one at a time")
+    mode = chosen[0]
+    if mode == "against_ref" and args.steering is not None:
+        raise SystemExit("--against-ref compares both versions as they compile by default")
+    if mode == "steering" and not has_steering():
+        raise SystemExit(STEERING_MISSING)
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    available = {**TREES, **QUICK_TREES}
+    names = args.trees or (["tiny"] if args.quick else [HEADLINE_TREE[backend]])
+    unknown = set(names) - set(available)
+    if unknown:
+        raise SystemExit(f"unknown trees {sorted(unknown)}; choose from {list(available)}")
+    rows = paired_rows(args, mode)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else np.float32
+    compiler_options = COMPILER_OPTIONS["quick" if args.quick else "full"]
+    pairs = args.pairs if args.pairs is not None else (10 if args.quick else 200)
+    budget = args.pair_budget if args.pair_budget is not None else (None if args.quick else 60.0)
+    load_start = load_average()
+    entries: list[dict] = []
+    package_context = (
+        package_at(args.against_ref) if mode == "against_ref" else contextlib.nullcontext()
+    )
+    with package_context as package:
+        if package is not None:
+            print(f"reference: {package.__name__} (git {args.against_ref})", flush=True)
+        for tree_name in names:
+            shapes = available[tree_name]()
+            params_np, grads_np = make_arrays(shapes, dtype)
+            num_params = sum(int(np.prod(s)) for s in leaf_shapes(shapes))
+            print(f"\n{tree_name}: {num_params / 1e6:.2f}M parameters", flush=True)
+            for contender in rows:
+                entry: dict[str, Any] = {
+                    "tree": tree_name,
+                    "algorithm": contender.algorithm,
+                    "variant": contender.variant,
+                    "name": _name((contender.algorithm, contender.variant)),
+                }
+                entries.append(entry)
+                try:
+                    arms, compared = _arms(
+                        mode, contender, package, params_np, grads_np, compiler_options
+                    )
+                except (AttributeError, TypeError, ValueError) as e:
+                    if mode != "against_ref":
+                        raise
+                    # The reference may lack an optimizer or an argument of today's.
+                    entry["skipped"] = f"{type(e).__name__}: {e}"
+                    print(f"  {entry['name']:40s} skipped: {entry['skipped']}", flush=True)
+                    continue
+                runs = {name: run for name, (run, _) in arms.items()}
+                reps = paired.calibrate_reps(runs, PAIR_SAMPLE_S)
+                times = paired.interleave(runs, samples=pairs, reps=reps, budget_s=budget)
+                entry["reps"] = reps
+                entry["arms"] = {
+                    name: {**paired.summary(times[name]), **facts()}
+                    for name, (_, facts) in arms.items()
+                }
+                entry["comparisons"] = [
+                    {"arm": a, "against": b, **paired.compare(times[a], times[b])}
+                    for a, b in compared
+                ]
+                if mode == "against_ref":
+                    new, old = entry["arms"]["new"], entry["arms"]["ref"]
+                    entry["same_program"] = new["hlo_digest"] == old["hlo_digest"]
+                    entry["verdict"] = _verdict(entry["comparisons"][0], args.limit)
+                for c in entry["comparisons"]:
+                    print(
+                        f"  {entry['name']:32s} {c['arm']} / {c['against']}: "
+                        f"{paired.format_ratio(c)} ({c['pairs']} pairs)",
+                        flush=True,
+                    )
+                del arms, runs
+                gc.collect()
+    result = {
+        "mode": mode,
+        "config": {
+            "quick": args.quick,
+            "dtype": args.dtype,
+            "trees": names,
+            "pairs": pairs,
+            "pair_budget_s": budget,
+            "pair_sample_s": PAIR_SAMPLE_S,
+            "confidence": paired.CONFIDENCE,
+            "compiler_options": compiler_options,
+            "against_ref": args.against_ref,
+            "reference_commit": None if package is None else package.__reference_commit__,
+            "limit": args.limit if mode == "against_ref" else None,
+            "package": str(Path(optim_zoo.__file__).resolve().parent),
+            "git": git_state(),
+            "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
+        },
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "rows": entries,
+        "wall_s": time.perf_counter() - started,
+    }
+    result["table"] = paired_table(result)
+    print()
+    print(result["table"])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = PAIRED_MODES[mode]
+    (args.out_dir / f"{stem}.json").write_text(
+        json.dumps(report.json_safe(result), indent=2) + "\n"
+    )
+    (args.out_dir / f"{stem}.md").write_text(paired_markdown(result), encoding="utf-8")
+    return result
+
+
+def _ms(arm: dict) -> str:
+    return f"{arm['median_ms']:.3f}"
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / MB:.1f}"
+
+
+def paired_table(result: dict) -> str:
+    mode = result["mode"]
+    lines = []
+    if mode == "against_ref":
+        limit = result["config"]["limit"]
+        header = (
+            "| tree | optimizer | new ms | ref ms | new / ref [95% interval] | pairs "
+            "| pairs' IQR / median | lag-1 autocorr. | same program | "
+            f"at most {limit:.2f}x |\n|---|---|---:|---:|---:|---:|---:|---:|---|---|\n"
+        )
+    elif mode == "steering":
+        header = (
+            "| tree | optimizer | on ms | off ms | on / off [95% interval] | pairs "
+            "| pairs' IQR / median | XLA MB on / off | kernels per leaf on / off "
+            "| temp MB on / off |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        )
+    else:
+        header = (
+            "| tree | optimizer | comparison | ms (each arm) | ratio [95% interval] | contains 1 "
+            "| pairs | pairs' IQR / median | each arm's IQR / median | lag-1 autocorr. |\n"
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|\n"
+        )
+    for e in result["rows"]:
+        if "skipped" in e:
+            lines.append(f"| {e['tree']} | {e['name']} | skipped: {e['skipped']} |")
+            continue
+        arms = e["arms"]
+        if mode == "against_ref":
+            c = e["comparisons"][0]
+            lines.append(
+                f"| {e['tree']} | {e['name']} | {_ms(arms['new'])} | {_ms(arms['ref'])} "
+                f"| {paired.format_ratio(c)} | {c['pairs']} "
+                f"| {c['ratio_iqr_over_median']:.3f} | {_fmt(c['lag1_autocorrelation'], '.2f')} "
+                f"| {'yes' if e['same_program'] else 'no'} | {e['verdict']} |"
+            )
+        elif mode == "steering":
+            c = e["comparisons"][0]
+            on, off = arms["on"], arms["off"]
+            kernels = f"{on['kernels_per_leaf']:.1f} / {off['kernels_per_leaf']:.1f}"
+            lines.append(
+                f"| {e['tree']} | {e['name']} | {_ms(on)} | {_ms(off)} "
+                f"| {paired.format_ratio(c)} | {c['pairs']} | {c['ratio_iqr_over_median']:.3f} "
+                f"| {_mb(on['xla_bytes'])} / {_mb(off['xla_bytes'])} | {kernels} "
+                f"| {_mb(on['temp_bytes'])} / {_mb(off['temp_bytes'])} |"
+            )
+        else:
+            for c in e["comparisons"]:
+                a, b = arms[c["arm"]], arms[c["against"]]
+                lines.append(
+                    f"| {e['tree']} | {e['name']} | {c['arm']} / {c['against']} "
+                    f"| {_ms(a)} / {_ms(b)} | {paired.format_ratio(c)} "
+                    f"| {'yes' if c['contains_1'] else '**no**'} | {c['pairs']} "
+                    f"| {c['ratio_iqr_over_median']:.3f} "
+                    f"| {a['iqr_over_median']:.3f} / {b['iqr_over_median']:.3f} "
+                    f"| {_fmt(c['lag1_autocorrelation'], '.2f')} |"
+                )
+    return header + "\n".join(lines) + "\n"
+
+
+PAIRED_TITLES = {
+    "against_ref": "Step time: today's optim_zoo against the package at a git ref",
+    "steering": "Step time: the package's compiler steering on against off",
+    "noise": "Step time: the paired method's own noise",
+}
+
+
+def paired_markdown(result: dict) -> str:
+    config, machine = result["config"], result["machine"]
+    method = (
+        "Method: the arms of each row are timed one sample each in turn, in a fresh random order"
+        f" per round, {config['pairs']} rounds at most ({config['pair_budget_s']} s at most per"
+        " row once 10 are done); a sample is one step, or a batch of steps lasting at least"
+        f" {1e3 * config['pair_sample_s']:.0f} ms, waited for. The ratio is the median of the"
+        " rounds' ratios; the interval is the order-statistics interval of that median"
+        f" (coverage >= {config['confidence']:.0%}, no assumption on the distribution; it"
+        " assumes the rounds independent, which the lag-1 autocorrelation of the log ratios"
+        " checks: near 0 is fine). ms: each arm's median sample."
+    )
+    lines = [
+        f"# {PAIRED_TITLES[result['mode']]}",
+        "",
+        f"Command: `{config['command'].strip()}`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; JAX {machine['jax']} on "
+        f"{', '.join(machine['jax_devices'])}; optax {machine['optax']}. Load average at start "
+        f"{result['load_average']['start']}, at end {result['load_average']['end']}. "
+        f"Parameters: {config['dtype']}. Wall time {result['wall_s']:.0f} s.",
+        "",
+        method,
+        "",
+    ]
+    if result["mode"] == "against_ref":
+        lines += [
+            f"New: the package imported as `optim_zoo` from `{config['package']}` (git "
+            f"{config['git']}). Reference: `{config['against_ref']}` = "
+            f"`{config['reference_commit']}`, extracted with `git archive` and imported under"
+            " another name (`benchmarks/reference.py`). 'same program': the two optimized HLO"
+            " modules are identical but for source locations, so any ratio is the method's"
+            f" noise. Verdict on the claim new / ref <= {config['limit']:.2f}: met when the"
+            " interval's upper end is within it, missed when its lower end is above it,"
+            " undecided otherwise.",
+            "",
+        ]
+    if result["mode"] == "noise":
+        lines += [
+            "'step again': the same compiled step on a second set of buffers; 'same-bytes pass':"
+            " a donated elementwise pass without reductions over arrays of the parameters'"
+            " shapes that moves the optimizer's single-pass bytes (its state rounded to whole"
+            " arrays). A step against itself shows what the method adds; the pass against"
+            " itself what the machine adds to a program that only streams memory; if the"
+            " step's spread is larger than the pass's, the program adds to it.",
+            "",
+        ]
+    lines.append(result["table"])
+    return "\n".join(lines) + "\n"
+
+
 # --- Main --------------------------------------------------------------------------------------
 
 
@@ -688,12 +1279,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="interleaved pairs per comparison (default: 100 in a full run, 0 in a quick one;"
+        " 200 and 10 in --against-ref, --steering both and --noise-check)",
+    )
+    parser.add_argument(
+        "--pair-budget",
+        type=float,
+        default=None,
+        help="seconds at most per comparison's pairs, once 10 are done (default 10 in a full"
+        " run, 60 in the paired modes; none in a quick one)",
+    )
+    parser.add_argument(
+        "--steering",
+        choices=[*STEERING, "both"],
+        default=None,
+        help="the package's compiler steering for every step (on, off, default: the backend's"
+        " choice); 'both' times every optim_zoo optimizer with it on against off, step by step",
+    )
+    parser.add_argument(
+        "--against-ref",
+        default=None,
+        metavar="REF",
+        help="time every optim_zoo optimizer against the package at this git ref, step by step",
+    )
+    parser.add_argument(
+        "--noise-check",
+        action="store_true",
+        help="the method's own noise: a step against itself, and a same-bytes pass against itself",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=1.05,
+        help="--against-ref: the ratio new / reference each optimizer should stay within",
+    )
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="paired modes: leave out the bf16-state rows"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.against_ref or args.steering == "both" or args.noise_check:
+        return paired_main(args, argv, started)
+    if args.steering is not None:
+        compiler_steering(args.steering)  # Fails now, not at the first row, when it is missing.
     available = QUICK_TREES if args.quick else TREES
     backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
     names = args.trees or (list(QUICK_TREES) if args.quick else DEFAULT_TREES[backend])
@@ -721,6 +1357,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The quick run checks that every row builds and runs, as the study's quick mode does: its
     # timings mean nothing, and XLA's backend optimisations would take most of its time.
     compiler_options = COMPILER_OPTIONS["quick" if args.quick else "full"]
+    pairs = args.pairs if args.pairs is not None else (0 if args.quick else 100)
+    pair_budget = (
+        args.pair_budget if args.pair_budget is not None else (None if args.quick else 10.0)
+    )
 
     load_start = load_average()
     bandwidths = [stream_bandwidth(stream_elements, 3, 5 if args.quick else 20)]
@@ -737,7 +1377,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pace = adamw if tree_name in MANY_LEAVES_TREES else None
         for group in timing_groups(contenders):
             tree = (tree_name, num_params, num_leaves, params_np, grads_np)
-            rows += time_group(group, tree, dtype, rounds, timing, compiler_options, pace)
+            rows += time_group(
+                group,
+                tree,
+                dtype,
+                rounds,
+                timing,
+                compiler_options,
+                pace,
+                args.steering,
+                pairs,
+                pair_budget,
+            )
             gc.collect()
         for row in rows:
             if row["tree"] != tree_name or "skipped" in row:
@@ -783,6 +1434,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "timing": timing,
             "rounds": rounds,
             "compiler_options": compiler_options,
+            "steering": args.steering,
+            "pairs": pairs,
+            "pair_budget_s": pair_budget,
             "stream_elements": stream_elements,
             "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
@@ -857,7 +1511,10 @@ def markdown_report(result: dict, rows: list[dict], trees: Sequence[str], checks
         "Each option's row over the row without it, timed side by side in this run: the ratio"
         " is the median over the rounds of the two rows' medians in the same round (quartiles"
         " in brackets), bold where it exceeds the limit (a memory option moves fewer bytes, so"
-        " it should be no slower; a weight decay should cost at most 10%); 'best rounds' is"
+        " it should be no slower; a weight decay should cost at most 10%); 'step by step' times"
+        " the two again one step each in turn, in a random order per pair"
+        f" ({result['config'].get('pairs', 0)} pairs at most; n/a: not run), and gives the"
+        " median of the pairs' ratios with its 95% order-statistics interval; 'best rounds' is"
         " the ratio of the two rows' best rounds (their ms/step); 'floor ratio' the ratio of"
         " the bytes the two algorithms must move (their 'min' floors: no formulation can make"
         " the option cheaper than that, on a memory-bound step); 'XLA bytes ratio' the ratio of"

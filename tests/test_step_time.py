@@ -34,7 +34,7 @@ FACTORED = {"Factored Adan": "Adan", "Factored Adai": "Adai", "Factored AdaiW": 
 def quick_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("step_time")
     argv = ["--quick", "--no-torch", "--no-plot", "--trees", "tiny", "--out-dir", str(out_dir)]
-    return out_dir, step_time.main(argv)
+    return out_dir, step_time.main([*argv, "--pairs", "2"])
 
 
 def test_many_leaves_tree_checks_the_per_leaf_overhead(tmp_path):
@@ -173,7 +173,13 @@ def test_each_option_is_timed_against_its_original(quick_run):
         assert c["floor_ratio"] == pytest.approx(a["bytes_min"] / b["bytes_min"])
         if c["row"] == "Apollo [L2 decay]":  # the sums read p too
             assert c["floor_ratio"] > 1 and c["xla_bytes_ratio"] > 1
-    assert "## Variants against their originals" in (out_dir / "step_time.md").read_text()
+        # And again step by step, the two rows interleaved: two pairs here.
+        assert c["paired"]["pairs"] == 2
+        low, high = c["paired"]["interval"]
+        assert low <= c["paired"]["ratio"] <= high
+    report = (out_dir / "step_time.md").read_text()
+    assert "## Variants against their originals" in report
+    assert "step by step" in report
 
 
 def test_rows_are_consistent(quick_run):
