@@ -283,8 +283,8 @@ def test_resolution_is_per_transform():
             decay=0.5, eps=0.0, min_dim_size_to_factor=0, dtype_second_moment=dtype, **options
         )
         confidence = optim_zoo.scale_by_confidence(b1=0.5, dtype_momentum=dtype, **options)
-        _, rms_state = rms.update(grads, rms.init(grads))
-        _, confidence_state = confidence.update(squares, confidence.init(grads))
+        _, rms_state = jax.jit(rms.update)(grads, rms.init(grads))
+        _, confidence_state = jax.jit(confidence.update)(squares, confidence.init(grads))
         (row,) = jax.tree.leaves(rms_state.v_row)
         (momentum,) = jax.tree.leaves(confidence_state.m)
         return np.asarray(row.astype(F32)), np.asarray(momentum.astype(F32)).ravel()
