@@ -472,13 +472,33 @@ def test_adan_freezes_on_huge_gradients(factored):
         tx = optim_zoo.factored_adan(0.01, min_dim_size_to_factor=2)
     else:
         tx = optim_zoo.adan(0.01)
-    params = {"w": jnp.ones((3, 4))}
-    state = tx.init(params)
-    for _ in range(3):
-        updates, state = tx.update({"w": jnp.full((3, 4), 1e30)}, state, params)
-        assert _all_finite(updates)
-        params = optax.apply_updates(params, updates)
-    assert _all_finite(params)
+    initial = {"w": jnp.ones((3, 4))}
+
+    def run(gradient, num_steps):
+        params, state = initial, tx.init(initial)
+        steps = []
+        for _ in range(num_steps):
+            updates, state = tx.update({"w": jnp.full((3, 4), gradient)}, state, params)
+            steps.append(np.asarray(updates["w"]))
+            params = optax.apply_updates(params, updates)
+        (moment,) = [
+            s
+            for s in jax.tree.leaves(
+                state, is_leaf=lambda x: isinstance(x, optim_zoo.ScaleByNesterovMomentState)
+            )
+            if isinstance(s, optim_zoo.ScaleByNesterovMomentState)
+        ]
+        return steps, params, jax.tree.leaves(moment.n)
+
+    # Below the overflow ((1e18)**2 = 1e36) the same gradient moves the parameters...
+    steps, params, n = run(1e18, 1)
+    assert np.all(np.abs(steps[0]) > 1e-3) and all(np.all(np.isfinite(x)) for x in n)
+    # ...above it n is infinite and every step is exactly zero: the parameters do not move.
+    steps, params, n = run(1e30, 3)
+    assert n and all(np.all(np.isinf(x)) for x in n)
+    for step in steps:
+        np.testing.assert_array_equal(step, np.zeros_like(step))
+    np.testing.assert_array_equal(params["w"], initial["w"])
 
 
 def test_adafactor_large_float16_leaf():

@@ -9,6 +9,7 @@ steps. 60 steps, the whole trajectory is compared.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -316,6 +317,45 @@ def test_package_matches_reference(config):
     make_tx, make_reference, zero_steps = CONFIGS[config]
     problems = [make_problem(seed, zero_steps) for seed in SEEDS]
     trajectories.assert_package_matches_reference(make_tx, make_reference, problems, LEAVES, TOL)
+
+
+# --- CAME's eps_confidence: the official default, 1e-16 (SPEC-came.md) ---------------------------
+# On the problems above the instability dwarfs eps_confidence, so any default passes them. With
+# gradients of 1e-24, Adafactor's eps (1e-30) dominates their squares (1e-48), the normalised
+# update is ~1e-8, and its instability (u - m)**2 ~1e-16: of the order of eps_confidence.
+_TINY_GRADIENTS = {
+    "a_matrix": ((4, 3), 3e-24, False),
+    "b_tensor": ((2, 3, 5), 3e-24, False),
+    "c_vector": ((3,), 3e-24, False),
+}
+
+
+def test_came_default_eps_confidence_is_the_official_one():
+    for factory in (optim_zoo.came, optim_zoo.scale_by_confidence):
+        assert inspect.signature(factory).parameters["eps_confidence"].default == 1e-16
+    problem = trajectories.make_problem(3, 0, _TINY_GRADIENTS, 6)
+    with jax.enable_x64(True):
+        default = package_trajectory(lambda: optim_zoo.came(0.01), problem)
+        explicit = package_trajectory(lambda: optim_zoo.came(0.01, eps_confidence=1e-16), problem)
+        smaller = package_trajectory(lambda: optim_zoo.came(0.01, eps_confidence=1e-30), problem)
+        official = reference_trajectory(reference.Came(0.01, eps_confidence=1e-16), problem)
+    for name in _TINY_GRADIENTS:
+        np.testing.assert_array_equal(default[name], explicit[name], err_msg=name)
+        np.testing.assert_allclose(default[name], official[name], rtol=0, atol=1e-12)
+    # The default matters here: 1e-30 takes other steps on the factored leaves (by 0.2 and more).
+    for name in ("a_matrix", "b_tensor"):
+        assert np.max(np.abs(smaller[name] - default[name])) > 1e-2, name
+
+
+def test_scale_by_confidence_default_eps_confidence_in_the_step():
+    # With b1 = 0 the momentum is the update itself, so the instability is eps_confidence alone
+    # and the step is the update over sqrt((1 - b3) * eps_confidence), 1e10 times it.
+    with jax.enable_x64(True):
+        update = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+        tx = optim_zoo.scale_by_confidence(b1=0.0, b3=0.9999)
+        step, _ = jax.jit(tx.update)(update, tx.init(update))
+    expected = np.asarray(update) / np.sqrt((1 - 0.9999) * 1e-16)
+    np.testing.assert_allclose(np.asarray(step), expected, rtol=1e-12)
 
 
 def max_errors() -> dict[str, float]:

@@ -262,11 +262,42 @@ def test_an_ema_with_a_slow_decay_follows_its_float32_value():
 
 
 def test_resolution_is_per_transform():
-    # CAME chains two transforms with narrow state; each draws its own bits.
+    # CAME chains two transforms with narrow state; each keeps its own count...
     tx = optim_zoo.came(1e-2, **BF16_STATE, state_rounding="stochastic")
     _, state = _run(tx, 2)
     second_moment, confidence = state[0], state[2]
     assert int(second_moment.count) == int(confidence.count) == 2
+
+    # ...and draws its own bits: with one seed, at one step, on one leaf, the two must not
+    # round alike where they store the same number, as they would from one shared stream. On a
+    # (n, 1) leaf the first array each stores holds the same numbers: the second moment's row
+    # statistic of g (decay 0.5, no eps) is g**2 / 2, and so is the confidence's momentum
+    # (b1 = 0.5) of the update g**2.
+    rng = np.random.default_rng(4)
+    grads = {"x": jnp.asarray(rng.standard_normal((4096, 1)), F32)}
+    squares = jax.tree.map(jnp.square, grads)
+
+    def first_states(dtype, rounding):
+        options = {"factoring": "last_two", "state_rounding": rounding, "state_rounding_seed": 9}
+        rms = optim_zoo.scale_by_factored_rms(
+            decay=0.5, eps=0.0, min_dim_size_to_factor=0, dtype_second_moment=dtype, **options
+        )
+        confidence = optim_zoo.scale_by_confidence(b1=0.5, dtype_momentum=dtype, **options)
+        _, rms_state = jax.jit(rms.update)(grads, rms.init(grads))
+        _, confidence_state = jax.jit(confidence.update)(squares, confidence.init(grads))
+        (row,) = jax.tree.leaves(rms_state.v_row)
+        (momentum,) = jax.tree.leaves(confidence_state.m)
+        return np.asarray(row.astype(F32)), np.asarray(momentum.astype(F32)).ravel()
+
+    row, momentum = first_states(F32, "nearest")
+    np.testing.assert_array_equal(row, momentum)  # the same numbers to store
+    on_grid = row == row.astype(BF16).astype(F32)
+    assert np.mean(on_grid) < 0.01
+    row, momentum = first_states(BF16, "stochastic")
+    # Independent bits round a value apart with probability 2p(1 - p), p its place between its
+    # two neighbours: a third of the values on average. One stream would round none apart.
+    apart = float(np.mean(row[~on_grid] != momentum[~on_grid]))
+    assert 0.25 < apart < 0.42, f"{apart:.1%} of the values rounded apart"
 
 
 def test_a_leaf_draws_the_same_bits_whatever_other_leaves_there_are():
