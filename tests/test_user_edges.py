@@ -1,0 +1,156 @@
+"""Edges a careful user hits: field names in leaf paths, 8-bit floats, rounding seeds, callables
+under ``optax.inject_hyperparams``, and zero epsilons."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import NamedTuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optim_zoo
+
+BF16 = jnp.dtype(jnp.bfloat16)
+
+# The smallest call of each optimizer, and of each primitive.
+_OPTIMIZERS = {
+    "adan": (optim_zoo.adan, {"learning_rate": 1e-2}),
+    "factored_adan": (
+        optim_zoo.factored_adan,
+        {"learning_rate": 1e-2, "min_dim_size_to_factor": 2},
+    ),
+    "adafactor": (optim_zoo.adafactor, {"learning_rate": 1e-2, "min_dim_size_to_factor": 2}),
+    "apollo": (optim_zoo.apollo, {"learning_rate": 1e-2, "warmup": 5}),
+    "adai": (optim_zoo.adai, {"learning_rate": 0.1}),
+    "adaiw": (optim_zoo.adaiw, {"learning_rate": 0.1}),
+    "factored_adai": (optim_zoo.factored_adai, {"learning_rate": 0.1, "min_dim_size_to_factor": 2}),
+    "came": (optim_zoo.came, {"learning_rate": 1e-2}),
+}
+_PRIMITIVES = {
+    "scale_by_nesterov_moment": (optim_zoo.scale_by_nesterov_moment, {}),
+    "scale_by_factored_rms": (optim_zoo.scale_by_factored_rms, {"min_dim_size_to_factor": 2}),
+    "scale_by_rectified_diag_hessian": (optim_zoo.scale_by_rectified_diag_hessian, {}),
+    "scale_by_adaptive_inertia": (optim_zoo.scale_by_adaptive_inertia, {}),
+    "scale_by_confidence": (optim_zoo.scale_by_confidence, {}),
+}
+_ALL = {**_OPTIMIZERS, **_PRIMITIVES}
+
+
+def _make(name, **overrides):
+    factory, kwargs = _ALL[name]
+    return factory(**{**kwargs, **overrides})
+
+
+def _takes(name, argument):
+    return argument in inspect.signature(_ALL[name][0]).parameters
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {
+        "w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(3), jnp.float32),
+    }
+
+
+def _run(tx, params, grad_fn, steps=3):
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _ordinary_grads(params):
+    return jax.tree.map(lambda p: 2 * p + 0.1, params)
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# --- 1. Leaf paths keep the field names of NamedTuples, dataclasses and flax.struct ---------------
+
+
+class _Pair(NamedTuple):
+    kernel: jax.Array
+    embedding: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _PairDataclass:
+    kernel: jax.Array
+    embedding: jax.Array
+
+
+@flax.struct.dataclass
+class _PairStruct:
+    kernel: jax.Array
+    embedding: jax.Array
+
+
+_CONTAINERS = {"namedtuple": _Pair, "dataclass": _PairDataclass, "flax_struct": _PairStruct}
+
+
+def _field_names(path):
+    return [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+
+
+def _factor_kernels(path, shape):
+    return (0, 1) if _field_names(path)[-1:] == ["kernel"] else None
+
+
+@pytest.mark.parametrize("container", list(_CONTAINERS))
+def test_a_factoring_rule_sees_field_names(container):
+    params = _CONTAINERS[container](kernel=jnp.ones((4, 3)), embedding=jnp.ones((4, 3)))
+    tx = optim_zoo.adafactor(1e-2, factoring=_factor_kernels)
+    state = tx.init(params)
+    # Leaves in field order: the kernel is factored, the embedding keeps a full statistic.
+    assert [x is not None for x in state[0].v_row] == [True, False]
+    updates, _ = tx.update(jax.tree.map(lambda p: p + 0.5, params), state, params)
+    assert _all_finite(updates)
+
+
+@pytest.mark.parametrize("container", list(_CONTAINERS))
+def test_same_shaped_fields_draw_their_own_rounding_bits(container):
+    # Identical fields with identical gradients: only their rounding bits can tell them apart.
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(64), jnp.float32)
+    params = _CONTAINERS[container](kernel=x, embedding=x)
+    tx = optim_zoo.adan(
+        1e-2,
+        dtype_momentum=BF16,
+        dtype_second_moment=BF16,
+        state_rounding="stochastic",
+        state_rounding_seed=3,
+    )
+    _, state = _run(tx, params, _ordinary_grads)
+    moment = state[0]
+    assert not np.array_equal(moment.m.kernel, moment.m.embedding)
+    assert not np.array_equal(moment.n.kernel, moment.n.embedding)
+
+
+def test_nnx_variables_and_linen_boxes_add_nothing_to_paths():
+    # NNX gives init its variables (`['w'].value`) and update bare arrays (`['w']`); Linen's
+    # boxes may be unboxed between the two. Both must name the leaf alike.
+    seen = []
+
+    def rule(path, shape):
+        seen.append(jax.tree_util.keystr(path))
+        return (0, 1)
+
+    tx = optim_zoo.adafactor(1e-2, factoring=rule, multiply_by_parameter_scale=False)
+    w = jnp.ones((4, 3))
+    for wrapped in (nnx.Param(w), nn.Partitioned(w, names=("a", "b"))):
+        state = tx.init({"w": wrapped})
+        updates, _ = tx.update({"w": w + 1.0}, state)
+        assert _all_finite(updates)
+    assert set(seen) == {"['w']"}
