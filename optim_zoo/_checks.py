@@ -187,7 +187,9 @@ def static_int(name: str, value: Any) -> int:
 
 
 def check_dtype(name: str, value: Any) -> jnp.dtype | None:
-    """None, or `value` as a floating-point dtype; raises `ValueError` naming `name` otherwise.
+    """None, or `value` as a floating-point dtype a step can compute with
+    (:func:`_dtypes.computes_with`: not an 8-bit float); raises `ValueError` naming `name`
+    otherwise.
 
     A jax array stands for its dtype: `optax.inject_hyperparams` takes a callable such as
     `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead. Optax
@@ -205,6 +207,12 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
+    if not _dtypes.computes_with(dtype):
+        raise ValueError(
+            f"{name} must be None or a floating-point dtype that JAX promotes with float32 (the "
+            f"least a step computes in), got {value!r}: {dtype.name} has no implicit promotion "
+            "in JAX. Store the state in bfloat16 for half of float32's bytes."
+        )
     if isinstance(value, jax.Array) and not INJECT_HYPERPARAMS_KEEPS_DTYPES:
         raise ValueError(
             f"{name} arrived as a {dtype.name} array, as optax.inject_hyperparams passes a dtype "

@@ -197,16 +197,22 @@ def _as_arrays(tree: Any) -> Any:
 
 
 def _check_trainable(params: Any, name: str) -> None:
-    """Raises `TypeError` naming the first integer or boolean leaf of `params`."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in leaves:
-        dtype = np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+    """Raises `TypeError` naming the first leaf of `params` that `name` cannot train: an integer
+    or boolean leaf, or a float that a step's arithmetic cannot take in (an 8-bit float)."""
+    for path, leaf in leaves_with_paths(params):
+        dtype = jnp.dtype(np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype)
+        where = jax.tree_util.keystr(path) or "(the root)"
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"{name} cannot train the {jnp.dtype(dtype).name} leaf "
-                f"{jax.tree_util.keystr(path) or '(the root)'}: gradient steps do not move "
+                f"{name} cannot train the {dtype.name} leaf {where}: gradient steps do not move "
                 "integers or bools. Keep it out of the optimizer (optax.masked, or "
                 "optax.multi_transform with optax.set_to_zero), or make it floating-point."
+            )
+        if not _dtypes.computes_with(dtype):
+            raise TypeError(
+                f"{name} cannot train the {dtype.name} leaf {where}: a step computes in at least "
+                f"float32, which JAX does not promote {dtype.name} with. Train a float32 or "
+                "bfloat16 copy of it and cast that to the narrow dtype where it is used."
             )
 
 

@@ -154,3 +154,28 @@ def test_nnx_variables_and_linen_boxes_add_nothing_to_paths():
         updates, _ = tx.update({"w": w + 1.0}, state)
         assert _all_finite(updates)
     assert set(seen) == {"['w']"}
+
+
+# --- 2. State and parameter dtypes the arithmetic cannot promote ----------------------------------
+
+_NARROW_FLOATS = [jnp.float8_e4m3fn, jnp.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", _NARROW_FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("argument", ["dtype_momentum", "dtype_second_moment"])
+@pytest.mark.parametrize("name", list(_ALL))
+def test_an_8_bit_state_dtype_is_refused_at_construction(name, argument, dtype):
+    if not _takes(name, argument):
+        pytest.skip(f"{name} has no {argument}")
+    with pytest.raises(ValueError, match=argument):
+        _make(name, **{argument: dtype})
+
+
+@pytest.mark.parametrize("dtype", _NARROW_FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(_ALL))
+def test_8_bit_parameters_are_refused_at_init(name, dtype):
+    tx = _make(name)
+    params = {"w": jnp.ones((4, 3), dtype), "b": jnp.ones((3,), jnp.float32)}
+    with pytest.raises(TypeError, match=r"\['w'\]") as excinfo:
+        tx.init(params)
+    assert jnp.dtype(dtype).name in str(excinfo.value)
