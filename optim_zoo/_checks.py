@@ -238,8 +238,26 @@ def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
 
 def check_state_rounding(rounding: Any, seed: Any) -> None:
     """`state_rounding` is one of `_dtypes.STATE_ROUNDINGS`; `state_rounding_seed` an integer in
-    [0, 2**32) (a jax array, as `optax.inject_hyperparams` passes it, is not checked)."""
+    [0, 2**32).
+
+    A jax array (as `optax.inject_hyperparams` passes it, a tracer under `jax.jit`) must be of
+    an integer dtype; its value is not checked. Any integer dtype gives the seed of its low 32
+    bits, so a NumPy or jax uint32 seed of 2**31 or more works there too.
+    """
     check_choice("state_rounding", rounding, _dtypes.STATE_ROUNDINGS)
-    check_interval("state_rounding_seed", seed, 0, 2**32)
-    if is_concrete_number(seed) and float(seed) != int(seed):
-        raise ValueError(f"state_rounding_seed must be an integer, got {seed!r}.")
+    allowed = "state_rounding_seed must be an integer in [0, 2**32)"
+    dtype = getattr(seed, "dtype", None)  # jax arrays (tracers too), NumPy scalars and arrays
+    if isinstance(seed, float) or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer)):
+        if isinstance(seed, jax.Array):
+            raise HyperparameterTypeError(
+                f"{allowed}, got a {jnp.dtype(dtype).name} array (as optax.inject_hyperparams "
+                "passes a float): give an int."
+            )
+        raise HyperparameterTypeError(f"{allowed}, got {seed!r}: give an int.")
+    if isinstance(seed, str | bytes):
+        raise HyperparameterTypeError(
+            f"{allowed}, got {seed!r}: convert a string from a config file with int() first."
+        )
+    number = _as_number("state_rounding_seed", seed)  # bools, containers and the like raise
+    if number is not None and not 0 <= number < 2**32:
+        raise ValueError(f"{allowed}, got {seed!r}.")

@@ -61,6 +61,8 @@ def adan(
     element, so a run is repeatable and resumes bit for bit from a checkpoint; no state is
     added. Every optimizer of the package takes the same two arguments. State as wide as the
     arithmetic is stored as is, with no random bits drawn, so float32 state is unaffected.
+    ``optax.inject_hyperparams`` turns a Python int into an int32 array, so there a seed of
+    2**31 or more goes in ``static_args`` or as ``np.uint32(seed)``; any integer array works.
 
     Args:
       learning_rate: a float >= 0 or an optax schedule.

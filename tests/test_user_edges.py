@@ -179,3 +179,50 @@ def test_8_bit_parameters_are_refused_at_init(name, dtype):
     with pytest.raises(TypeError, match=r"\['w'\]") as excinfo:
         tx.init(params)
     assert jnp.dtype(dtype).name in str(excinfo.value)
+
+
+# --- 3. The rounding seed is an integer in [0, 2**32) ---------------------------------------------
+
+_STOCHASTIC = {"dtype_momentum": BF16, "dtype_second_moment": BF16, "state_rounding": "stochastic"}
+
+
+def _stochastic(name):
+    return {k: v for k, v in _STOCHASTIC.items() if _takes(name, k)}
+
+
+@pytest.mark.parametrize("seed", [1.0, np.float32(2.0), 1.5])
+@pytest.mark.parametrize("name", list(_ALL))
+def test_a_float_seed_is_refused(name, seed):
+    with pytest.raises(ValueError, match="state_rounding_seed"):
+        _make(name, **_stochastic(name), state_rounding_seed=seed)
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+def test_a_float_seed_is_refused_under_inject_hyperparams(name):
+    factory, kwargs = _OPTIMIZERS[name]
+    tx = optax.inject_hyperparams(factory)(**kwargs, **_STOCHASTIC, state_rounding_seed=1.0)
+    with pytest.raises(ValueError, match="state_rounding_seed"):
+        jax.jit(tx.init)(_params())
+
+
+def _injected_seed_only(factory):
+    """`factory` under inject_hyperparams with every argument but the seed static."""
+    names = set(inspect.signature(factory).parameters) - {"state_rounding_seed"}
+    return optax.inject_hyperparams(factory, static_args=tuple(names))
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31, 2**32 - 1])
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+def test_every_seed_gives_the_same_run_with_and_without_inject_hyperparams(name, seed):
+    factory, kwargs = _OPTIMIZERS[name]
+    expected = _run(
+        factory(**kwargs, **_STOCHASTIC, state_rounding_seed=seed), _params(), _ordinary_grads
+    )
+    # optax turns a Python int into an int32 array: from 2**31, give the seed as an unsigned
+    # 32-bit number (or in static_args).
+    given = [seed if seed < 2**31 else np.uint32(seed), jnp.uint32(seed)]
+    for value in given:
+        tx = _injected_seed_only(factory)(**kwargs, **_STOCHASTIC, state_rounding_seed=value)
+        params, state = _run(tx, _params(), _ordinary_grads)
+        jax.tree.map(np.testing.assert_array_equal, params, expected[0])
+        jax.tree.map(np.testing.assert_array_equal, state.inner_state, expected[1])
