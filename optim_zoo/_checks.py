@@ -161,6 +161,38 @@ def _injected_number(name: str) -> Any:
     return None
 
 
+def check_not_scheduled(name: str, value: Any) -> None:
+    """Raises `ValueError` naming `name` when `value` is what `optax.inject_hyperparams` made of
+    a callable it took for a schedule, such as a weight-decay mask or a factoring rule.
+
+    `inject_hyperparams` takes every callable for a schedule: it calls it with the step count
+    and passes on what that returns, a value that may look like a valid argument (a mask that
+    decays nothing) while meaning nothing. Its ``init`` and ``update`` keep the callables it
+    took in a local mapping, ``sched_hps``, and what it passes in another, ``hparams``, which
+    this reads from the calling frames. A callable itself was not taken for a schedule.
+    """
+    if callable(value):
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("init_fn", "update_fn") and "optax" in code.co_filename:
+            scheduled, passed = frame.f_locals.get("sched_hps"), frame.f_locals.get("hparams")
+            if (
+                isinstance(scheduled, dict)
+                and isinstance(passed, dict)
+                and name in scheduled
+                and name in passed
+                and passed[name] is value
+            ):
+                raise ValueError(
+                    f"{name} is a callable, which optax.inject_hyperparams takes for a schedule: "
+                    "it would pass on the callable's value at the step count instead. Give "
+                    f"static_args=({name!r},) to optax.inject_hyperparams."
+                )
+        frame = frame.f_back
+
+
 def static_int(name: str, value: Any) -> int:
     """`value`, a shape-deciding hyperparameter, as a Python int; called by `init`.
 

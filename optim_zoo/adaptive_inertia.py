@@ -151,6 +151,7 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
     # A literal zero decay needs neither params nor a read of them.
     no_decay = _checks.is_literal_zero(weight_decay)
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)

@@ -119,6 +119,7 @@ def scale_by_rectified_diag_hessian(
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_choice("rebound", rebound, ("constant", "belief"))
     _checks.check_choice("weight_decay_type", weight_decay_type, ("L2", "decoupled", "stable"))
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
     l2 = weight_decay_type == "L2"

@@ -226,3 +226,62 @@ def test_every_seed_gives_the_same_run_with_and_without_inject_hyperparams(name,
         params, state = _run(tx, _params(), _ordinary_grads)
         jax.tree.map(np.testing.assert_array_equal, params, expected[0])
         jax.tree.map(np.testing.assert_array_equal, state.inner_state, expected[1])
+
+
+# --- 4. Callables that optax.inject_hyperparams would take for schedules --------------------------
+
+
+def _decay_matrices(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _decay_argument(name):
+    return "weight_decay_rate" if name == "adafactor" else "weight_decay"
+
+
+_WITH_MASK = [name for name in _ALL if _takes(name, "weight_decay_mask")]
+_WITH_FACTORING = [name for name in _ALL if _takes(name, "factoring")]
+
+
+@pytest.mark.parametrize("name", _WITH_MASK)
+def test_a_callable_mask_under_inject_hyperparams_is_refused(name):
+    factory, kwargs = _ALL[name]
+    tx = optax.inject_hyperparams(factory)(
+        **kwargs, **{_decay_argument(name): 0.1}, weight_decay_mask=_decay_matrices
+    )
+    with pytest.raises(ValueError, match="weight_decay_mask.*static_args"):
+        tx.init(_params())
+
+
+@pytest.mark.parametrize("name", _WITH_MASK)
+def test_a_static_callable_mask_under_inject_hyperparams_decays(name):
+    factory, kwargs = _ALL[name]
+    decay = {_decay_argument(name): 0.1}
+    # Every other argument static too, so that the runs are equal bit for bit.
+    tx = optax.inject_hyperparams(
+        factory, static_args=tuple(inspect.signature(factory).parameters)
+    )(**kwargs, **decay, weight_decay_mask=_decay_matrices)
+    plain = factory(**kwargs, **decay, weight_decay_mask=_decay_matrices)
+    undecayed = factory(
+        **kwargs, **decay, weight_decay_mask=lambda p: jax.tree.map(lambda _: False, p)
+    )
+    injected, _ = _run(tx, _params(), _ordinary_grads)
+    expected, _ = _run(plain, _params(), _ordinary_grads)
+    without, _ = _run(undecayed, _params(), _ordinary_grads)
+    jax.tree.map(np.testing.assert_array_equal, injected, expected)
+    assert not np.allclose(injected["w"], without["w"])
+
+
+def _rule_with_default_shape(path, shape=()):
+    # A rule optax can call with the step count alone, so the call reaches optim_zoo.
+    return (0, 1) if len(shape) == 2 else None
+
+
+@pytest.mark.parametrize("name", _WITH_FACTORING)
+def test_a_callable_factoring_rule_under_inject_hyperparams_is_refused(name):
+    factory, kwargs = _ALL[name]
+    if _takes(name, "factored") and name.startswith("scale_by_"):
+        kwargs = {**kwargs, "factored": True}
+    tx = optax.inject_hyperparams(factory)(**kwargs, factoring=_rule_with_default_shape)
+    with pytest.raises(ValueError, match="factoring.*static_args"):
+        tx.init(_params())
