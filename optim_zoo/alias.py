@@ -326,7 +326,7 @@ def apollo(
     Args:
       learning_rate: the learning rate after warmup, a float >= 0 or an optax schedule.
       beta: decay of the gradient EMA, in [0, 1).
-      eps: the official ``eps``, >= 0.
+      eps: the official ``eps``, > 0 (at 0 the first step is 0 / 0 for every gradient).
       rebound: ``'constant'`` (default) or ``'belief'``.
       warmup: number of linear warmup steps, >= 0.
       init_lr: first learning rate, in [0, learning_rate]; None means ``learning_rate / 1000``.

@@ -285,3 +285,69 @@ def test_a_callable_factoring_rule_under_inject_hyperparams_is_refused(name):
     tx = optax.inject_hyperparams(factory)(**kwargs, factoring=_rule_with_default_shape)
     with pytest.raises(ValueError, match="factoring.*static_args"):
         tx.init(_params())
+
+
+# --- 5. Zero epsilons -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rebound", ["constant", "belief"])
+@pytest.mark.parametrize("name", ["apollo", "scale_by_rectified_diag_hessian"])
+def test_apollo_refuses_eps_zero(name, rebound):
+    # Its first step divides the zero direction by its 4-norm plus eps: 0 / 0 for any gradient.
+    with pytest.raises(ValueError, match="eps"):
+        _make(name, eps=0.0, rebound=rebound)
+
+
+# Every eps-like argument at 0, for each optimizer and primitive that takes one (Apollo refuses).
+_EPS_ZERO = {
+    "adan": {"eps": 0.0, "eps_root": 0.0},
+    "factored_adan": {"eps": 0.0, "eps_root": 0.0},
+    "adafactor": {"eps": 0.0},
+    "adai": {"eps": 0.0},
+    "adaiw": {"eps": 0.0, "weight_decay": 0.1},
+    "factored_adai": {"eps": 0.0},
+    "came": {"eps": 0.0, "eps_confidence": 0.0},
+    "scale_by_nesterov_moment": {"eps": 0.0, "eps_root": 0.0},
+    "scale_by_factored_rms": {"eps": 0.0},
+    "scale_by_adaptive_inertia": {"eps": 0.0},
+    "scale_by_confidence": {"eps_confidence": 0.0},
+}
+# Defined everywhere but where the second moment is zero; keeping such a zero gradient from
+# becoming 0 / 0 needs a guard inside their update functions.
+_ZERO_OVER_ZERO = {
+    "adan",
+    "factored_adan",
+    "adafactor",
+    "came",
+    "scale_by_nesterov_moment",
+    "scale_by_factored_rms",
+    "scale_by_confidence",
+}
+
+
+def _eps_zero_cases(gradient):
+    cases = []
+    for name in _EPS_ZERO:
+        marks = []
+        if gradient == "zero" and name in _ZERO_OVER_ZERO:
+            marks.append(
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="0 / 0 at a zero second moment; needs a guard in update_fn that "
+                    "keeps a zero numerator zero",
+                )
+            )
+        cases.append(pytest.param(name, marks=marks, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("name", _eps_zero_cases("ordinary"))
+def test_eps_zero_on_an_ordinary_gradient_is_finite(name):
+    tx = _make(name, **_EPS_ZERO[name])
+    assert _all_finite(_run(tx, _params(), _ordinary_grads))
+
+
+@pytest.mark.parametrize("name", _eps_zero_cases("zero"))
+def test_eps_zero_on_a_zero_gradient_is_finite(name):
+    tx = _make(name, **_EPS_ZERO[name])
+    assert _all_finite(_run(tx, _params(), lambda p: jax.tree.map(jnp.zeros_like, p)))
