@@ -161,6 +161,38 @@ def _injected_number(name: str) -> Any:
     return None
 
 
+def check_not_scheduled(name: str, value: Any) -> None:
+    """Raises `ValueError` naming `name` when `value` is what `optax.inject_hyperparams` made of
+    a callable it took for a schedule, such as a weight-decay mask or a factoring rule.
+
+    `inject_hyperparams` takes every callable for a schedule: it calls it with the step count
+    and passes on what that returns, a value that may look like a valid argument (a mask that
+    decays nothing) while meaning nothing. Its ``init`` and ``update`` keep the callables it
+    took in a local mapping, ``sched_hps``, and what it passes in another, ``hparams``, which
+    this reads from the calling frames. A callable itself was not taken for a schedule.
+    """
+    if callable(value):
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("init_fn", "update_fn") and "optax" in code.co_filename:
+            scheduled, passed = frame.f_locals.get("sched_hps"), frame.f_locals.get("hparams")
+            if (
+                isinstance(scheduled, dict)
+                and isinstance(passed, dict)
+                and name in scheduled
+                and name in passed
+                and passed[name] is value
+            ):
+                raise ValueError(
+                    f"{name} is a callable, which optax.inject_hyperparams takes for a schedule: "
+                    "it would pass on the callable's value at the step count instead. Give "
+                    f"static_args=({name!r},) to optax.inject_hyperparams."
+                )
+        frame = frame.f_back
+
+
 def static_int(name: str, value: Any) -> int:
     """`value`, a shape-deciding hyperparameter, as a Python int; called by `init`.
 
@@ -187,7 +219,9 @@ def static_int(name: str, value: Any) -> int:
 
 
 def check_dtype(name: str, value: Any) -> jnp.dtype | None:
-    """None, or `value` as a floating-point dtype; raises `ValueError` naming `name` otherwise.
+    """None, or `value` as a floating-point dtype a step can compute with
+    (:func:`_dtypes.computes_with`: not an 8-bit float); raises `ValueError` naming `name`
+    otherwise.
 
     A jax array stands for its dtype: `optax.inject_hyperparams` takes a callable such as
     `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead. Optax
@@ -205,6 +239,12 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
+    if not _dtypes.computes_with(dtype):
+        raise ValueError(
+            f"{name} must be None or a floating-point dtype that JAX promotes with float32 (the "
+            f"least a step computes in), got {value!r}: {dtype.name} has no implicit promotion "
+            "in JAX. Store the state in bfloat16 for half of float32's bytes."
+        )
     if isinstance(value, jax.Array) and not INJECT_HYPERPARAMS_KEEPS_DTYPES:
         raise ValueError(
             f"{name} arrived as a {dtype.name} array, as optax.inject_hyperparams passes a dtype "
@@ -230,8 +270,26 @@ def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
 
 def check_state_rounding(rounding: Any, seed: Any) -> None:
     """`state_rounding` is one of `_dtypes.STATE_ROUNDINGS`; `state_rounding_seed` an integer in
-    [0, 2**32) (a jax array, as `optax.inject_hyperparams` passes it, is not checked)."""
+    [0, 2**32).
+
+    A jax array (as `optax.inject_hyperparams` passes it, a tracer under `jax.jit`) must be of
+    an integer dtype; its value is not checked. Any integer dtype gives the seed of its low 32
+    bits, so a NumPy or jax uint32 seed of 2**31 or more works there too.
+    """
     check_choice("state_rounding", rounding, _dtypes.STATE_ROUNDINGS)
-    check_interval("state_rounding_seed", seed, 0, 2**32)
-    if is_concrete_number(seed) and float(seed) != int(seed):
-        raise ValueError(f"state_rounding_seed must be an integer, got {seed!r}.")
+    allowed = "state_rounding_seed must be an integer in [0, 2**32)"
+    dtype = getattr(seed, "dtype", None)  # jax arrays (tracers too), NumPy scalars and arrays
+    if isinstance(seed, float) or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer)):
+        if isinstance(seed, jax.Array):
+            raise HyperparameterTypeError(
+                f"{allowed}, got a {jnp.dtype(dtype).name} array (as optax.inject_hyperparams "
+                "passes a float): give an int."
+            )
+        raise HyperparameterTypeError(f"{allowed}, got {seed!r}: give an int.")
+    if isinstance(seed, str | bytes):
+        raise HyperparameterTypeError(
+            f"{allowed}, got {seed!r}: convert a string from a config file with int() first."
+        )
+    number = _as_number("state_rounding_seed", seed)  # bools, containers and the like raise
+    if number is not None and not 0 <= number < 2**32:
+        raise ValueError(f"{allowed}, got {seed!r}.")

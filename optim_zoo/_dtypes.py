@@ -44,6 +44,16 @@ def compute_dtype(*dtypes: jax.typing.DTypeLike | None) -> jnp.dtype:
     return functools.reduce(jnp.promote_types, given, jnp.dtype(jnp.float32))
 
 
+def computes_with(dtype: jax.typing.DTypeLike) -> bool:
+    """True when a step's arithmetic (:func:`compute_dtype`) can take `dtype` in: JAX promotes
+    no 8-, 6- or 4-bit float with float32 (they are cast explicitly or not at all)."""
+    try:
+        jnp.promote_types(dtype, jnp.float32)
+    except jax.dtypes.TypePromotionError:
+        return False
+    return True
+
+
 # --- Storing state: rounded to nearest, or stochastically ---------------------------------------
 
 STATE_ROUNDINGS = ("nearest", "stochastic")

@@ -82,7 +82,7 @@ def _setting(**values: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def compiler_steering(enabled: bool | None = True) -> Iterator[None]:
+def compiler_steering(enabled: bool | None) -> Iterator[None]:
     """Turns optim_zoo's compiler steering on (True) or off (False) for updates traced inside.
 
     None restores the default: on when a step is compiled for the CPU, off for GPU and TPU. The

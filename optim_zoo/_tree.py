@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,17 +29,45 @@ def is_params_placeholder(params: Any) -> bool:
 PER_LEAF_PLACEHOLDER = 0
 
 
+# Flax's wrappers around a parameter: an NNX variable (`nnx.Param`; `VariableState` in older
+# Flax) and a Linen box (`nn.Partitioned`, any `AxisMetadata`). Each holds its array as the
+# attribute `value`, which `init` may see and `update` not: NNX hands `init` its variables and
+# `update` the bare arrays, and Linen's boxes may be unboxed in between. Recognised by name, so
+# that the package does not import Flax.
+_FLAX_WRAPPERS = {"flax.nnx": ("Variable", "VariableState"), "flax.core": ("AxisMetadata",)}
+
+
+@functools.cache
+def _is_flax_wrapper_type(cls: type) -> bool:
+    return any(
+        c.__module__.startswith(prefix) and c.__name__ in names
+        for c in cls.__mro__
+        for prefix, names in _FLAX_WRAPPERS.items()
+    )
+
+
+def _is_flax_wrapper(x: Any) -> bool:
+    return _is_flax_wrapper_type(type(x))
+
+
 def leaves_with_paths(tree: Any) -> list[tuple[tuple, Any]]:
     """``(path, leaf)`` for each leaf of `tree`, in ``jax.tree.leaves`` order.
 
-    Attribute keys are left out of the paths: Flax NNX hands ``init`` its parameters wrapped in
-    variables (``['kernel'].value``) and ``update`` the bare arrays (``['kernel']``), so only
-    dict keys and sequence positions identify a leaf.
+    The path is the leaf's key path, with the field names of NamedTuples, dataclasses and
+    ``flax.struct`` classes, less the keys a Flax wrapper adds: an NNX variable or a Linen box
+    (``['kernel'].value``) names its leaf as the bare array does (``['kernel']``).
     """
-    return [
-        (tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)), leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    if "flax" not in sys.modules:  # no Flax wrapper can be in the tree
+        return jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths_and_leaves = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_flax_wrapper)[0]:
+        if _is_flax_wrapper(x):
+            # The wrapper's own key (`.value`) comes first in the paths of its leaves.
+            inner = jax.tree_util.tree_flatten_with_path(x)[0]
+            paths_and_leaves.extend((path + inner_path[1:], leaf) for inner_path, leaf in inner)
+        else:
+            paths_and_leaves.append((path, x))
+    return paths_and_leaves
 
 
 def leaf_keys(tree: Any) -> tuple[str, ...]:
@@ -167,16 +197,22 @@ def _as_arrays(tree: Any) -> Any:
 
 
 def _check_trainable(params: Any, name: str) -> None:
-    """Raises `TypeError` naming the first integer or boolean leaf of `params`."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in leaves:
-        dtype = np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+    """Raises `TypeError` naming the first leaf of `params` that `name` cannot train: an integer
+    or boolean leaf, or a float that a step's arithmetic cannot take in (an 8-bit float)."""
+    for path, leaf in leaves_with_paths(params):
+        dtype = jnp.dtype(np.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype)
+        where = jax.tree_util.keystr(path) or "(the root)"
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"{name} cannot train the {jnp.dtype(dtype).name} leaf "
-                f"{jax.tree_util.keystr(path) or '(the root)'}: gradient steps do not move "
+                f"{name} cannot train the {dtype.name} leaf {where}: gradient steps do not move "
                 "integers or bools. Keep it out of the optimizer (optax.masked, or "
                 "optax.multi_transform with optax.set_to_zero), or make it floating-point."
+            )
+        if not _dtypes.computes_with(dtype):
+            raise TypeError(
+                f"{name} cannot train the {dtype.name} leaf {where}: a step computes in at least "
+                f"float32, which JAX does not promote {dtype.name} with. Train a float32 or "
+                "bfloat16 copy of it and cast that to the narrow dtype where it is used."
             )
 
 

@@ -153,6 +153,7 @@ def scale_by_adaptive_inertia(
     _checks.check_interval("eps", eps, 0.0)
     _checks.check_interval("dampening", dampening, 0.0, 1.0, high_open=False)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
     options = _leafwise.storage(
         dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed

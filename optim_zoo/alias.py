@@ -61,6 +61,8 @@ def adan(
     element, so a run is repeatable and resumes bit for bit from a checkpoint; no state is
     added. Every optimizer of the package takes the same two arguments. State as wide as the
     arithmetic is stored as is, with no random bits drawn, so float32 state is unaffected.
+    ``optax.inject_hyperparams`` turns a Python int into an int32 array, so there a seed of
+    2**31 or more goes in ``static_args`` or as ``np.uint32(seed)``; any integer array works.
 
     Args:
       learning_rate: a float >= 0 or an optax schedule.
@@ -324,7 +326,7 @@ def apollo(
     Args:
       learning_rate: the learning rate after warmup, a float >= 0 or an optax schedule.
       beta: decay of the gradient EMA, in [0, 1).
-      eps: the official ``eps``, >= 0.
+      eps: the official ``eps``, > 0 (at 0 the first step is 0 / 0 for every gradient).
       rebound: ``'constant'`` (default) or ``'belief'``.
       warmup: number of linear warmup steps, >= 0.
       init_lr: first learning rate, in [0, learning_rate]; None means ``learning_rate / 1000``.

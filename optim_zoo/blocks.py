@@ -174,6 +174,7 @@ def scale_by_proximal_learning_rate(
     """
     _checks.check_learning_rate(learning_rate)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
 
     def init_fn(params):
         del params
@@ -203,8 +204,11 @@ def add_decayed_weights(
     for :func:`optax.adam`; given params, it computes what ``add_decayed_weights`` computes,
     after checking that each parameter has its update's shape (optax's would broadcast). A jax
     array (as ``inject_hyperparams`` passes) always needs them. Like optax's, it does not
-    validate `weight_decay`: the optimizers do, under their argument's name.
+    validate `weight_decay`: the optimizers do, under their argument's name. A callable mask
+    that ``inject_hyperparams`` took for a schedule is refused (optax's would decay as its value
+    at the step count says, a mask of no leaf or of every leaf).
     """
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
     decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
     zero = _checks.is_literal_zero(weight_decay)
 

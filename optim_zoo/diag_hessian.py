@@ -70,7 +70,8 @@ def scale_by_rectified_diag_hessian(
 
     Args:
       beta: decay of the gradient EMA, in [0, 1).
-      eps: the official ``eps``, >= 0.
+      eps: the official ``eps``, > 0: the first step divides the zero initial direction by its
+        4-norm plus :math:`e`, which is 0 / 0 at ``eps = 0`` for every gradient.
       weight_decay: L2, decoupled or stable decay rate :math:`\lambda`, >= 0.
       rebound: ``'constant'`` or ``'belief'``.
       weight_decay_type: ``'L2'``, ``'decoupled'`` or ``'stable'``.
@@ -113,10 +114,12 @@ def scale_by_rectified_diag_hessian(
       one real number.
     """
     _checks.check_interval("beta", beta, 0.0, 1.0)
-    _checks.check_interval("eps", eps, 0.0)
+    # At eps = 0 the first step divides the zero direction by its 4-norm: 0 / 0.
+    _checks.check_interval("eps", eps, 0.0, low_open=True)
     _checks.check_interval("weight_decay", weight_decay, 0.0)
     _checks.check_choice("rebound", rebound, ("constant", "belief"))
     _checks.check_choice("weight_decay_type", weight_decay_type, ("L2", "decoupled", "stable"))
+    _checks.check_not_scheduled("weight_decay_mask", weight_decay_mask)
     belief = rebound == "belief"
     stable = weight_decay_type == "stable"
     l2 = weight_decay_type == "L2"

@@ -68,11 +68,13 @@ def checked_factoring(factored: Any, min_dim_size_to_factor: Any, factoring: Any
     """A primitive's three factoring options, validated, as a :class:`Factoring`.
 
     Raises naming the argument: `factored` must be a bool, `min_dim_size_to_factor` a number
-    >= 0, and `factoring` ``"largest_two"``, ``"last_two"`` or a callable.
+    >= 0, and `factoring` ``"largest_two"``, ``"last_two"`` or a callable (in the
+    ``static_args`` of ``optax.inject_hyperparams``, which takes callables for schedules).
     """
     _checks.check_flag("factored", factored)
     _checks.check_interval("min_dim_size_to_factor", min_dim_size_to_factor, 0)
     if not callable(factoring):
+        _checks.check_not_scheduled("factoring", factoring)
         _checks.check_choice("factoring", factoring, (LARGEST_TWO, LAST_TWO))
     return Factoring(factored, min_dim_size_to_factor, factoring)
 

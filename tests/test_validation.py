@@ -305,10 +305,10 @@ def test_boundary_values_are_allowed(alias, overrides):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
-def test_apollo_eps_zero_is_allowed():
-    # Constructs; no step is taken, since with d = 0 on the first step the official update
-    # divides 0 by ||d||_4 + eps = 0.
-    assert isinstance(optim_zoo.apollo(0.01, eps=0.0), optax.GradientTransformationExtraArgs)
+def test_apollo_eps_zero_is_refused():
+    # With d = 0 on the first step the official update divides 0 by ||d||_4 + eps = 0, whatever
+    # the gradient: Apollo's eps must be positive.
+    _assert_refused("apollo", "eps", 0.0, "0.0")
 
 
 # (alias, argument, an array that would be invalid as a Python number).
