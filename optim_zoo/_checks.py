@@ -39,6 +39,11 @@ def is_concrete_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_ | jax.Array)
 
 
+def may_be_zero(value: Any) -> bool:
+    """False only for a concrete number > 0; a traced value may be zero when the step runs."""
+    return not (is_concrete_number(value) and float(value) > 0)
+
+
 def is_literal_zero(value: Any) -> bool:
     """True when `value` is a concrete number equal to 0: the option it sets does nothing."""
     return is_concrete_number(value) and value == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optim_zoo import _checks, _leafwise, second_moment
@@ -94,7 +95,9 @@ def scale_by_confidence(
       adds ``eps_confidence`` before the means. Like the official code it factors the last two
       axes of every leaf of rank >= 2, whatever their sizes. Its rank-one estimate is taken as
       zero where :math:`\mathrm{mean}_a(R) = 0` and as infinite where it overflows (the step is
-      then zero), instead of the official code's NaN. optax has no CAME.
+      then zero), instead of the official code's NaN. With ``eps_confidence`` 0 (or traced), a
+      zero momentum over a zero instability gives a zero step instead of 0 / 0 = NaN. optax has
+      no CAME.
     """
     _checks.check_interval("b1", b1, 0.0, 1.0)
     _checks.check_interval("b3", b3, 0.0, 1.0)
@@ -104,6 +107,8 @@ def scale_by_confidence(
         dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
     )
 
+    zero_eps = _checks.may_be_zero(eps_confidence)
+
     def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
         u = leaf.g.astype(leaf.dtype)
         m = leaf.store("m", b1 * leaf.old("m") + (1 - b1) * u)
@@ -112,7 +117,10 @@ def scale_by_confidence(
             return m
         r = leaf.store("instability", r.accumulate(u - m, b3, eps_confidence))
         row_factor, col_factor = r.factors(jax.lax.rsqrt)
-        return m * row_factor * col_factor
+        scaled = m * row_factor * col_factor
+        if zero_eps:  # a zero momentum over a zero instability: a zero step, not 0 / 0
+            scaled = jnp.where(m == 0, m, scaled)
+        return scaled
 
     return _leafwise.transform(
         "scale_by_confidence",

@@ -120,7 +120,8 @@ def scale_by_factored_rms(
       float32, as in the official code, ``g**2`` overflows at ``|g|`` ~ 1e19. A complex leaf is
       trained as its real and imaginary parts (PyTorch's convention; optax keeps one statistic
       of ``|g|**2`` per complex element), stacked on a new first axis, so a complex vector is a
-      two-row matrix here.
+      two-row matrix here. With ``eps`` 0 (or traced), a zero gradient over a zero statistic
+      gives a zero step where tensor2tensor and optax give 0 / 0 = NaN.
     """
     layout = second_moment.checked_factoring(factored, min_dim_size_to_factor, factoring)
     _checks.check_interval("decay_rate", decay_rate, 0.0, low_open=True)
@@ -136,11 +137,16 @@ def scale_by_factored_rms(
         step = (jnp.maximum(count - decay_offset, 0) + 1).astype(dtype)
         return 1 - step ** (-jnp.asarray(decay_rate, dtype))
 
+    zero_eps = _checks.may_be_zero(eps)
+
     def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
         g, v = leaf.g.astype(leaf.dtype), leaf.old("v")
         v = leaf.store("v", v.accumulate(g, decay_at(leaf.earlier_steps, leaf.dtype), eps))
         row_factor, col_factor = v.factors(jax.lax.rsqrt)
-        return g * row_factor * col_factor
+        scaled = g * row_factor * col_factor
+        if zero_eps:  # a zero gradient over a zero second moment: a zero step, not 0 / 0
+            scaled = jnp.where(g == 0, g, scaled)
+        return scaled
 
     return _leafwise.transform(
         name,

@@ -122,7 +122,9 @@ def scale_by_nesterov_moment(
       As in the official code, :math:`(g + b_2 \Delta)^2` overflows float32 at ``|g|`` ~ 1e19:
       ``n`` is then infinite and the step zero (as Adam's); the factored estimate is infinite
       there too, not NaN. A complex leaf is trained as its real and imaginary parts (PyTorch's
-      convention), each with its own moments.
+      convention), each with its own moments. With ``eps`` and ``eps_root`` both 0 (or traced),
+      a zero numerator over a zero ``n`` gives a zero step where the official code gives
+      0 / 0 = NaN.
     """
     for name, value in (("b1", b1), ("b2", b2), ("b3", b3)):
         _checks.check_interval(name, value, 0.0, 1.0)
@@ -132,6 +134,8 @@ def scale_by_nesterov_moment(
     options = _leafwise.storage(
         dtype_momentum, dtype_second_moment, state_rounding, state_rounding_seed
     )
+
+    zero_eps = _checks.may_be_zero(eps) and _checks.may_be_zero(eps_root)
 
     def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
         g, n, t = leaf.g.astype(leaf.dtype), leaf.old("n"), leaf.t
@@ -147,7 +151,10 @@ def scale_by_nesterov_moment(
         n = leaf.store("n", n.accumulate(g + b2 * diff, b3, for_reductions=means))
         row_part, col_part = n.factors()
         n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
-        direction = (m / (1 - b1**t) + b2 * v / (1 - b2**t)) / (jnp.sqrt(n_hat + eps_root) + eps)
+        numerator = m / (1 - b1**t) + b2 * v / (1 - b2**t)
+        direction = numerator / (jnp.sqrt(n_hat + eps_root) + eps)
+        if zero_eps:  # a zero numerator over a zero second moment: a zero step, not 0 / 0
+            direction = jnp.where(numerator == 0, numerator, direction)
         leaf.store("prev_grad", leaf.g, after=("v", "n"))  # v and n read the old one
         return direction
 

@@ -312,42 +312,17 @@ _EPS_ZERO = {
     "scale_by_adaptive_inertia": {"eps": 0.0},
     "scale_by_confidence": {"eps_confidence": 0.0},
 }
-# Defined everywhere but where the second moment is zero; keeping such a zero gradient from
-# becoming 0 / 0 needs a guard inside their update functions.
-_ZERO_OVER_ZERO = {
-    "adan",
-    "factored_adan",
-    "adafactor",
-    "came",
-    "scale_by_nesterov_moment",
-    "scale_by_factored_rms",
-    "scale_by_confidence",
-}
+# Defined everywhere but where the second moment is zero, where a zero gradient is a zero step.
+_EPS_ZERO_CASES = list(_EPS_ZERO)
 
 
-def _eps_zero_cases(gradient):
-    cases = []
-    for name in _EPS_ZERO:
-        marks = []
-        if gradient == "zero" and name in _ZERO_OVER_ZERO:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="0 / 0 at a zero second moment; needs a guard in update_fn that "
-                    "keeps a zero numerator zero",
-                )
-            )
-        cases.append(pytest.param(name, marks=marks, id=name))
-    return cases
-
-
-@pytest.mark.parametrize("name", _eps_zero_cases("ordinary"))
+@pytest.mark.parametrize("name", _EPS_ZERO_CASES)
 def test_eps_zero_on_an_ordinary_gradient_is_finite(name):
     tx = _make(name, **_EPS_ZERO[name])
     assert _all_finite(_run(tx, _params(), _ordinary_grads))
 
 
-@pytest.mark.parametrize("name", _eps_zero_cases("zero"))
+@pytest.mark.parametrize("name", _EPS_ZERO_CASES)
 def test_eps_zero_on_a_zero_gradient_is_finite(name):
     tx = _make(name, **_EPS_ZERO[name])
     assert _all_finite(_run(tx, _params(), lambda p: jax.tree.map(jnp.zeros_like, p)))
