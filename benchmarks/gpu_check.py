@@ -31,7 +31,7 @@ recorded as skipped, with the reason).
     python benchmarks/gpu_check.py --dry-run --out-dir /tmp/gpu-check   # the logic, on a CPU
 
 ``--steering`` picks the settings (``both``, the default; ``on``, ``off`` or ``default``: the
-backend's choice, the only one a package without ``optim_zoo.compiler_steering`` has).
+backend's choice, off on a GPU).
 ``--bf16-state`` adds every optimizer with its state in bfloat16; ``--only`` keeps the rows
 whose algorithm, library or variant matches, as in `step_time.py`.
 """
@@ -191,8 +191,6 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> dic
         return time.perf_counter() - started
 
     backend = jax.default_backend()
-    if args.steering != "default" and not step_time.has_steering():
-        raise SystemExit(step_time.STEERING_MISSING)
     tree_name = args.tree or ("tiny" if args.dry_run else "185M")
     trees = {**step_time.TREES, **step_time.QUICK_TREES}
     if tree_name not in trees:

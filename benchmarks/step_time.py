@@ -335,24 +335,14 @@ def _hlo_stats(compiled: Any, num_leaves: int) -> dict:
 # --- The package's compiler steering -------------------------------------------------------------
 
 STEERING = {"on": True, "off": False, "default": None}
-STEERING_MISSING = (
-    "optim_zoo.compiler_steering is missing from this version of the package: --steering"
-    " on, off and both need it (leave the option out, or pass --steering default)"
-)
-
-
-def has_steering() -> bool:
-    return hasattr(optim_zoo, "compiler_steering")
 
 
 def compiler_steering(setting: str | None) -> contextlib.AbstractContextManager:
     """The package's switch set to `setting` (``on``, ``off``, ``default``: the backend's
     choice); nothing for None. It acts when an update is traced, so a step must be built,
     traced and compiled inside it."""
-    if setting is None or (setting == "default" and not has_steering()):
+    if setting is None:
         return contextlib.nullcontext()
-    if not has_steering():
-        raise SystemExit(STEERING_MISSING)
     return optim_zoo.compiler_steering(STEERING[setting])
 
 
@@ -1034,8 +1024,6 @@ def paired_main(
     mode = chosen[0]
     if mode == "against_ref" and args.steering is not None:
         raise SystemExit("--against-ref compares both versions as they compile by default")
-    if mode == "steering" and not has_steering():
-        raise SystemExit(STEERING_MISSING)
     backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
     available = {**TREES, **QUICK_TREES}
     names = args.trees or (["tiny"] if args.quick else [HEADLINE_TREE[backend]])
@@ -1328,8 +1316,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     if args.against_ref or args.steering == "both" or args.noise_check:
         return paired_main(args, argv, started)
-    if args.steering is not None:
-        compiler_steering(args.steering)  # Fails now, not at the first row, when it is missing.
     available = QUICK_TREES if args.quick else TREES
     backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
     names = args.trees or (list(QUICK_TREES) if args.quick else DEFAULT_TREES[backend])

@@ -3,10 +3,8 @@
 import contextlib
 import json
 
-import pytest
-
 import optim_zoo
-from benchmarks import gpu_check, step_time
+from benchmarks import gpu_check
 
 
 def _dry_run(tmp_path, *extra):
@@ -68,20 +66,11 @@ def test_dry_run_times_steering_on_against_off(tmp_path, monkeypatch):
 
 
 def test_dry_run_with_the_package_steering(tmp_path):
-    if not step_time.has_steering():
-        pytest.skip("optim_zoo.compiler_steering is not in this version of the package")
     result = _dry_run(tmp_path, "--only", "adan", "--no-torch")
     assert [c["row"] for c in result["comparisons"] if c["arm"] == "on"] == [
         "optim_zoo Adan",
         "optim_zoo Factored Adan",
     ]
-
-
-def test_steering_without_the_switch_is_a_clear_error(tmp_path):
-    if step_time.has_steering():
-        pytest.skip("optim_zoo.compiler_steering exists")
-    with pytest.raises(SystemExit, match="compiler_steering"):
-        _dry_run(tmp_path)
 
 
 def test_a_row_past_the_deadline_is_skipped_not_run(tmp_path):

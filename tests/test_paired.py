@@ -254,12 +254,3 @@ def test_steering_both_builds_each_step_under_its_setting(tmp_path, monkeypatch)
     (row,) = result["rows"]
     assert set(row["arms"]) == {"on", "off"}
     assert (tmp_path / "steering.json").exists()
-
-
-def test_steering_options_fail_clearly_without_the_switch(tmp_path):
-    if step_time.has_steering():
-        pytest.skip("optim_zoo.compiler_steering exists")
-    with pytest.raises(SystemExit, match="compiler_steering"):
-        _paired_run(tmp_path, "--steering", "both")
-    with pytest.raises(SystemExit, match="compiler_steering"):
-        step_time.main(["--quick", "--steering", "on", "--out-dir", str(tmp_path)])
