@@ -1,4 +1,4 @@
-"""Sharded runs on 8 host CPU devices: launches `tests/mesh_jax.py` in a subprocess.
+"""Sharded runs on 8 host CPU devices: launches `tests/on_devices/mesh_jax.py` in a subprocess.
 
 The 8 devices come from `XLA_FLAGS=--xla_force_host_platform_device_count=8`, which only takes
 effect before jax first initialises; this process may already have done so with one device, so

@@ -1,6 +1,6 @@
 """Two processes of 4 CPU devices each train like one process of 8: JAX's multi-controller runtime.
 
-Launches `tests/multiprocess_nnx.py` three times at once: two processes joined by
+Launches `tests/on_devices/multiprocess_nnx.py` three times at once: two processes joined by
 `jax.distributed.initialize` on a free local port, with gloo collectives, and one process with
 all 8 devices, which also restores the two processes' checkpoint onto another mesh shape. What
 each process checks in itself (its share of every sharded leaf, the checkpoint restored into
@@ -35,7 +35,7 @@ from fixtures.mesh import (
 from fixtures.sharded_nnx import SPECS
 
 OPTIMIZER_IDS = registry.names("multiprocess")
-WORKER = "tests.multiprocess_nnx"
+WORKER = "tests.on_devices.multiprocess_nnx"
 # Compiling every optimizer's update four times (in each of the two processes, and in the
 # single process on two meshes) takes most of the run: about 45 s on 2 idle cores.
 TIMEOUT = 600.0

@@ -24,8 +24,9 @@ Process 0 of each layout writes `<out>/<layout>.npz` (whole arrays, gathered, un
 update). Each update is compiled on its own, apart from the gradient, so that its HLO holds the
 optimizer's collectives only (the model's sharded matmuls add their own).
 
-    python -m tests.multiprocess_nnx OUT single
-    python -m tests.multiprocess_nnx OUT processes --coordinator 127.0.0.1:PORT --process-id I
+    python -m tests.on_devices.multiprocess_nnx OUT single
+    python -m tests.on_devices.multiprocess_nnx OUT processes \
+        --coordinator 127.0.0.1:PORT --process-id I
 """
 
 from __future__ import annotations
