@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _dtypes
+from optim_zoo import _codes, _dtypes
 
 
 def is_params_placeholder(params: Any) -> bool:
@@ -263,16 +263,30 @@ def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
 
 
 def first_moment_zeros(params: Any, dtype_momentum: jnp.dtype | None) -> Any:
-    """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype."""
+    """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype;
+    int8: signed 8-bit codes where a leaf is large enough (:mod:`optim_zoo._codes`)."""
     return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _dtypes.momentum_dtype(p.dtype, dtype_momentum)), params
+        lambda p: _codes.state_zeros(
+            p, _dtypes.momentum_dtype(p.dtype, dtype_momentum), True, p.dtype
+        ),
+        params,
     )
 
 
-def second_moment_zeros(params: Any, dtype_second_moment: jnp.dtype | None) -> Any:
-    """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32."""
+def second_moment_zeros(
+    params: Any, dtype_second_moment: jnp.dtype | None, signed: bool = False
+) -> Any:
+    """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32;
+    uint8: 8-bit codes where a leaf is large enough, signed for a statistic that takes both
+    signs (`signed`), else at least float32."""
     return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _dtypes.stats_dtype(p.dtype, dtype_second_moment)), params
+        lambda p: _codes.state_zeros(
+            p,
+            _dtypes.stats_dtype(p.dtype, dtype_second_moment),
+            signed,
+            _dtypes.stats_dtype(p.dtype),
+        ),
+        params,
     )
 
 
