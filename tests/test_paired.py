@@ -1,5 +1,6 @@
-"""The paired, interleaved timing (benchmarks/paired.py), the package loaded at a git ref
-(benchmarks/reference.py), the HLO kernel count, and step_time.py's paired modes on tiny trees."""
+"""The paired, interleaved timing (benchmarks/speed/paired.py), the package loaded at a git ref
+(benchmarks/speed/reference.py), the HLO kernel count, and step_time.py's paired modes on tiny
+trees."""
 
 import contextlib
 import json
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 import optim_zoo
-from benchmarks import paired, reference, step_time
+from benchmarks.speed import paired, reference, step_time
 
 # --- Statistics -------------------------------------------------------------------------------
 
