@@ -1,1 +1,1 @@
-"""Benchmarks for optim_zoo: speed, memory and convergence studies (see README.md)."""
+"""optim_zoo's three benchmark programs: the main job, the claims, the speed (see README.md)."""

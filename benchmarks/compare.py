@@ -11,7 +11,7 @@ accuracy curves plotted in `results/compare.png`.
     python benchmarks/compare.py --study full   # the claims study instead (benchmarks/README.md)
 
 Learning rates were picked once on this problem from each method's documented starting point;
-`CONTENDERS` (`benchmarks/contenders.py`) says where each comes from. They are sensible, not
+`CONTENDERS` (`benchmarks/common/contenders.py`) says where each comes from. They are sensible, not
 exhaustively tuned: the table shows that every method trains this model, not which one is best
 in general.
 """
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
-    import _script  # noqa: F401
+if __package__ in (None, ""):  # run as a file: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +36,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from benchmarks import report
-from benchmarks.contenders import CONTENDERS, Contender
-from benchmarks.digits import (
+from benchmarks.common import report
+from benchmarks.common.contenders import CONTENDERS, Contender
+from benchmarks.common.digits import (
     Dataset,
     cross_entropy,
     init_mlp,
@@ -47,10 +47,10 @@ from benchmarks.digits import (
     mlp_logits,
     mlp_sizes,
 )
-from benchmarks.environment import environment
-from benchmarks.traffic import tree_bytes
+from benchmarks.common.environment import RESULTS_DIR, environment
+from benchmarks.common.traffic import tree_bytes
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS_DIR
 
 
 def loss(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -229,7 +229,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--study",
         choices=("quick", "full"),
         default=None,
-        help="run the study of benchmarks/study.py (every claim tested) instead",
+        help="run the study of benchmarks/claims/study.py (every claim tested) instead",
     )
     args = parser.parse_args(argv)
     if args.out_dir is None and args.study is None:
@@ -255,8 +255,8 @@ def select_contenders(patterns: str | None) -> tuple[Contender, ...]:
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    """--study: benchmarks/study.py's run_study, which trains this file's data and model too."""
-    from benchmarks import study  # only here: the main job runs without the study's code
+    """--study: the study's run_study (benchmarks/claims/study.py), on this data and model."""
+    from benchmarks.claims import study  # only here: the main job runs without the study's code
 
     results = study.run_study(args.study, args.out_dir, progress=not args.no_progress)
     print(study.markdown_report(results))

@@ -172,19 +172,20 @@ def written_after(x: jax.Array, *reads: jax.Array) -> jax.Array:
 
 
 def mean_squares(
-    x: jax.Array, small_axis: int, large_axis: int, y: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """``(mean(x**2, large_axis), mean(y**2, small_axis))``, each squaring on its own.
+    x: jax.Array, axes: tuple[int, int] | None, y: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array] | None:
+    """A factored second moment's two means, ``(mean(x**2, b), mean(y**2, a))`` for ``axes``
+    ``(a, b)``, each squaring on its own; None for the plain expression (or no factoring).
 
     `y` defaults to `x`; given, it is `x` up to the sign of zeros, computed apart (see
     :func:`nesterov_for_means`). One shared ``x**2`` would be kept in a temporary buffer as
     large as `x`; squared inside each reduction (as ``|y| * |y|`` in the second, so XLA does not
     merge the two squares), it is not.
     """
-    if not _on():
-        square = jnp.square(x)
-        return jnp.mean(square, axis=large_axis), jnp.mean(square, axis=small_axis)
+    if not _on() or axes is None:
+        return None
     y = x if y is None else y
+    small_axis, large_axis = axes
     return (
         jnp.mean(jnp.square(x), axis=large_axis),
         jnp.mean(jnp.abs(y) * jnp.abs(y), axis=small_axis),
@@ -228,20 +229,25 @@ def decayed_for_reduction(
 
 
 def decayed_for_means(
-    g: jax.Array, p: jax.Array, weight_decay: jax.typing.ArrayLike, dtype: jnp.dtype
+    g: jax.Array,
+    p: jax.Array,
+    weight_decay: jax.typing.ArrayLike,
+    dtype: jnp.dtype,
+    axes: tuple[int, int] | None,
 ) -> tuple[jax.Array, jax.Array] | None:
-    """Two copies of ``g + weight_decay * p`` in `dtype`, bit for bit, for a factored second
-    moment's two means, or None for the plain expression.
+    """A factored second moment's two means of ``(g + weight_decay * p)**2`` in `dtype`, each
+    from its own copy of the decayed gradient, bit for bit; or None for the plain expression.
 
-    :func:`decayed_for_reduction`, and ``g + wd' * p`` with ``wd'`` the decay passed through
-    :func:`own_scalar`: each a different expression from the other and from the elementwise
-    consumers' ``g + wd * p``, so that each mean computes its copy in its own loop. Not for a
-    gradient narrower than `dtype`: XLA rounds a narrow sum differently in each.
+    The copies are :func:`decayed_for_reduction`, and ``g + wd' * p`` with ``wd'`` the decay
+    passed through :func:`own_scalar`: each a different expression from the other and from the
+    elementwise consumers' ``g + wd * p``, so that each mean computes its copy in its own loop.
+    Not for a gradient narrower than `dtype`: XLA rounds a narrow sum differently in each.
     """
-    if not _on() or g.dtype != dtype:
+    if not _on() or axes is None or g.dtype != dtype:
         return None
-    copies = decayed_for_reduction(g, p, weight_decay), g + own_scalar(weight_decay) * p
-    return tuple(x.astype(dtype) for x in copies)
+    row = decayed_for_reduction(g, p, weight_decay).astype(dtype)
+    col = (g + own_scalar(weight_decay) * p).astype(dtype)
+    return mean_squares(row, axes, col)
 
 
 def rebounded_for_reduction(x: jax.Array, floor: jax.typing.ArrayLike) -> jax.Array:
@@ -280,9 +286,11 @@ def nesterov_for_means(
     prev_grad: jax.Array,
     b2: jax.typing.ArrayLike,
     is_first: jax.Array,
+    axes: tuple[int, int] | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Adan's factored means: the gradient for the elementwise loops, and the Nesterov gradient
-    ``g + b2 * diff`` spelled twice, once for each mean, or None for the plain expression.
+    """Adan's factored means: the gradient for the elementwise loops, and the two means of the
+    squared Nesterov gradient ``g + b2 * diff``, each spelling it on its own; or `g` and None
+    for the plain expression.
 
     Each mean computes ``g + b2 * (g - prev_grad)``, zeroed on the first step, from `g` and the
     stored `prev_grad` in its own loop: the first as ``g + b2' * (g - prev)``, the second as
@@ -290,16 +298,14 @@ def nesterov_for_means(
     own scalars and their own widenings of `prev_grad`; the elementwise loops get their own
     copy of `g`.
     """
-    if not _on():
+    if not _on() or axes is None:
         return g, None
     dtype = g.dtype
     b2_row, b2_col = own_scalar(b2), own_scalar(-b2)
     prev_row, prev_col = widened_for_reductions(prev_grad, dtype, 2)
-    means = (
-        g + b2_row * _zeroed_for_reduction(g - prev_row, is_first, 0),
-        g + b2_col * _zeroed_for_reduction(prev_col - g, is_first, 1),
-    )
-    return own_copy(g), means
+    row = g + b2_row * _zeroed_for_reduction(g - prev_row, is_first, 0)
+    col = g + b2_col * _zeroed_for_reduction(prev_col - g, is_first, 1)
+    return own_copy(g), mean_squares(row, axes, col)
 
 
 def apart(x: Any) -> Any:

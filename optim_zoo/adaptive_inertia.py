@@ -172,12 +172,12 @@ def scale_by_adaptive_inertia(
 
     def second_moment_pass(leaf: _leafwise.Leaf) -> tuple[LeafMoment, jax.Array]:
         """Pass 1: the leaf's second moment, and the sum of its debiased estimate's entries."""
-        v = leaf.old("v")
+        v, g = leaf.old("v"), decayed_gradient(leaf).astype(leaf.dtype)
+        # Factored, each mean squares on its own, and computes g + wd * p in its own loop.
         means = None
-        if leaf.decayed and v.axes is not None:  # each mean computes g + wd * p in its own loop
-            means = _fusion.decayed_for_means(leaf.g, leaf.p, weight_decay, leaf.dtype)
-        g = decayed_gradient(leaf).astype(leaf.dtype)
-        v = leaf.store("v", v.accumulate(g, beta2, for_reductions=means))
+        if leaf.decayed:
+            means = _fusion.decayed_for_means(leaf.g, leaf.p, weight_decay, leaf.dtype, v.axes)
+        v = leaf.store("v", v.accumulate(g, beta2, means=means or _fusion.mean_squares(g, v.axes)))
         return v, leaf.new("v").for_reduction(leaf.dtype).total()
 
     def inertia_pass(leaf: _leafwise.Leaf, v: LeafMoment, v_bar: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _leafwise, second_moment
+from optim_zoo import _checks, _fusion, _leafwise, second_moment
 from optim_zoo._leafwise import MOMENTUM, SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
@@ -115,7 +115,9 @@ def scale_by_confidence(
         r = leaf.old("instability")
         if r.is_empty:  # not factored: the momentum itself
             return m
-        r = leaf.store("instability", r.accumulate(u - m, b3, eps_confidence))
+        instability = u - m
+        means = _fusion.mean_squares(instability, r.axes)  # each squares on its own (steering)
+        r = leaf.store("instability", r.accumulate(instability, b3, eps_confidence, means))
         row_factor, col_factor = r.factors(jax.lax.rsqrt)
         scaled = m * row_factor * col_factor
         if zero_eps:  # a zero momentum over a zero instability: a zero step, not 0 / 0

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _leafwise, second_moment
+from optim_zoo import _checks, _fusion, _leafwise, second_moment
 from optim_zoo._leafwise import SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
@@ -141,7 +141,8 @@ def scale_by_factored_rms(
 
     def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
         g, v = leaf.g.astype(leaf.dtype), leaf.old("v")
-        v = leaf.store("v", v.accumulate(g, decay_at(leaf.earlier_steps, leaf.dtype), eps))
+        means = _fusion.mean_squares(g, v.axes)  # each mean squares g on its own (steering)
+        v = leaf.store("v", v.accumulate(g, decay_at(leaf.earlier_steps, leaf.dtype), eps, means))
         row_factor, col_factor = v.factors(jax.lax.rsqrt)
         scaled = g * row_factor * col_factor
         if zero_eps:  # a zero gradient over a zero second moment: a zero step, not 0 / 0

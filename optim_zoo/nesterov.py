@@ -139,16 +139,15 @@ def scale_by_nesterov_moment(
 
     def leaf_math(leaf: _leafwise.Leaf) -> jax.Array:
         g, n, t = leaf.g.astype(leaf.dtype), leaf.old("n"), leaf.t
-        g_diff, means = g, None
-        if n.axes is not None:  # each factored mean computes g + b2 * diff in its own loop
-            g_diff, means = _fusion.nesterov_for_means(
-                g, leaf.stored("prev_grad"), b2, leaf.is_first
-            )
+        # Factored, each mean of n computes g + b2 * diff in its own loop (steering).
+        g_diff, means = _fusion.nesterov_for_means(
+            g, leaf.stored("prev_grad"), b2, leaf.is_first, n.axes
+        )
         # The official code starts prev_grad at the first gradient: no difference on step 1.
         diff = jnp.where(leaf.is_first, jnp.zeros_like(g), g_diff - leaf.old("prev_grad"))
         m = leaf.store("m", b1 * leaf.old("m") + (1 - b1) * g)
         v = leaf.store("v", b2 * leaf.old("v") + (1 - b2) * diff)
-        n = leaf.store("n", n.accumulate(g + b2 * diff, b3, for_reductions=means))
+        n = leaf.store("n", n.accumulate(g + b2 * diff, b3, means=means))
         row_part, col_part = n.factors()
         n_hat = row_part * col_part / (1 - b3**t)  # unfactored: n / (1 - b3**t)
         numerator = m / (1 - b1**t) + b2 * v / (1 - b2**t)

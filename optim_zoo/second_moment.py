@@ -175,25 +175,27 @@ class LeafMoment(NamedTuple):
         x: jax.Array,
         decay: jax.typing.ArrayLike,
         eps: jax.typing.ArrayLike | None = None,
-        for_reductions: tuple[jax.Array, jax.Array] | None = None,
+        means: tuple[jax.Array, jax.Array] | None = None,
     ) -> LeafMoment:
         """One EMA step of ``x**2 (+ eps)``, in the dtype of `x` (cast back with `stored_as`).
 
-        On XLA:CPU, a computed `x` read by both factored reductions is written to a temporary
-        buffer as large as the leaf. `for_reductions` gives each reduction its own copy of `x`
-        (equal to it up to the sign of zeros, which the squares drop; spelled apart: see
-        `_fusion`), which it computes in its own loop; the full statistic reads `x`.
+        Factored, the row takes ``mean(x**2)`` over axis b and the column over axis a; `means`
+        gives those two means computed another way (the compiler steering's, `_fusion`), equal
+        to them.
         """
         if self.axes is None:
             square = jnp.square(x) if eps is None else jnp.square(x) + eps
             full = decay * self.full.astype(x.dtype) + (1 - decay) * square
             return self._replace(full=full)
-        x_row, x_col = (x, x) if for_reductions is None else for_reductions
-        row_square, col_square = _fusion.mean_squares(x_row, *self.axes, x_col)
+        row_old, col_old = self.row.astype(x.dtype), self.col.astype(x.dtype)
+        if means is None:
+            square = jnp.square(x)
+            means = jnp.mean(square, axis=self.axes[1]), jnp.mean(square, axis=self.axes[0])
+        row_square, col_square = means
         if eps is not None:  # mean(x**2) + eps is mean(x**2 + eps) up to rounding.
             row_square, col_square = row_square + eps, col_square + eps
-        row = decay * self.row.astype(x.dtype) + (1 - decay) * row_square
-        col = decay * self.col.astype(x.dtype) + (1 - decay) * col_square
+        row = decay * row_old + (1 - decay) * row_square
+        col = decay * col_old + (1 - decay) * col_square
         return self._replace(row=row, col=col)
 
     def check_shape(self, shape: tuple[int, ...], name: str, key: str) -> None:

@@ -1,4 +1,4 @@
-"""benchmarks/beyond.py end to end in its quick mode: structure and finiteness only.
+"""benchmarks/claims/beyond.py end to end in its quick mode: structure and finiteness only.
 
 The quick mode's runs are far too short for the comparisons to mean anything; this checks that
 every code path runs and that what it writes is complete and well formed.
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import beyond, protocol, tasks
+from benchmarks.claims import beyond, protocol, tasks
 
 VERDICTS = ("worse", "better", "level", "both diverged")
 

@@ -1,10 +1,10 @@
-"""benchmarks/gpu_check.py's logic, in its dry run on a tiny tree (any backend)."""
+"""benchmarks/speed/gpu_check.py's logic, in its dry run on a tiny tree (any backend)."""
 
 import contextlib
 import json
 
 import optim_zoo
-from benchmarks import gpu_check
+from benchmarks.speed import gpu_check
 
 
 def _dry_run(tmp_path, *extra):

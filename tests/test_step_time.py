@@ -1,7 +1,7 @@
-"""benchmarks/step_time.py end to end in its quick mode, JAX rows only (no torch needed).
+"""benchmarks/speed/step_time.py end to end in its quick mode, JAX rows only (no torch needed).
 
-With the byte counter it reports (benchmarks/traffic.py) and the implementations it times
-(benchmarks/contenders.py).
+With the byte counter it reports (benchmarks/common/traffic.py) and the implementations it times
+(benchmarks/common/contenders.py).
 """
 
 import json
@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import optim_zoo
-from benchmarks import contenders, step_time, traffic
+from benchmarks.common import contenders, traffic
+from benchmarks.speed import step_time
 
 OPTIM_ZOO_ALGORITHMS = (
     "Adan",

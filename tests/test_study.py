@@ -1,4 +1,4 @@
-"""The study (benchmarks/study.py) end to end in its quick mode: structure and finiteness only.
+"""The study (benchmarks/claims/study.py) end to end in its quick mode: structure and finiteness.
 
 The quick mode's runs are far too short for the claims' verdicts to mean anything; this checks
 that every code path runs and that what it writes is complete and well formed.
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from benchmarks import protocol, study, tasks
+from benchmarks.claims import protocol, study, tasks
 
 CLAIMS = ("adan", "adai", "apollo", "adafactor", "came")
 
@@ -164,7 +164,7 @@ def test_apollo_warms_up_by_itself_only_at_constant_rates():
 
 
 def test_came_claim_checks_loss_and_state_bytes():
-    from benchmarks import claims
+    from benchmarks.claims import paper_claims as claims
 
     def row(val_loss, state_bytes):
         return {"final": {"val_loss": {"mean": val_loss, "std": 0.01}}, "state_bytes": state_bytes}

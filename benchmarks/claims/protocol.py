@@ -1,7 +1,7 @@
 """The study's protocol: its optimizers, learning-rate grids and seeds, and what trains them.
 
-Every optimizer of the main job (`benchmarks/contenders.py`) runs on a task
-(`benchmarks/tasks.py`) in two stages:
+Every optimizer of the main job (`benchmarks/common/contenders.py`) runs on a task
+(`benchmarks/claims/tasks.py`) in two stages:
 
 1. Selection: every learning rate of the optimizer's grid (`Method.lr_grid`) is trained with
    seed 0; the one with the best final value of the task's selection metric is chosen (a run
@@ -18,7 +18,7 @@ A seed sets the initial parameters and the minibatch order (or the gradient nois
 optimizer sees the same ones. The runs of one optimizer on one task are batched with `jax.vmap`
 (the learning rate is an argument of the training step) and whole stretches of training are
 compiled as one `jax.lax.scan`. `run_task` applies the protocol to one task; the study
-(`benchmarks/study.py`) and the beyond study (`benchmarks/beyond.py`) run it.
+(`benchmarks/claims/study.py`) and the beyond study (`benchmarks/claims/beyond.py`) run it.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 import optim_zoo
-from benchmarks import tasks as tasks_lib
-from benchmarks.contenders import CONTENDERS, Contender, format_kwargs
-from benchmarks.environment import COMPILER_OPTIONS
-from benchmarks.traffic import tree_bytes
+from benchmarks.claims import tasks as tasks_lib
+from benchmarks.common.contenders import CONTENDERS, Contender, format_kwargs
+from benchmarks.common.environment import COMPILER_OPTIONS
+from benchmarks.common.traffic import tree_bytes
 
 # Neural tasks: each method's grid is its main-job learning rate (`CONTENDERS`, each a
 # documented starting point) times these factors, half a decade apart over two decades, so that
@@ -84,7 +84,7 @@ class Method:
         }
         if self.contender.factory is optim_zoo.apollo:
             # The warmup is part of Apollo as its authors run it; scale it with the run (also for
-            # a variant of the contender under another name, as benchmarks/beyond.py runs).
+            # a variant of the contender under another name, as benchmarks/claims/beyond.py runs).
             # Under the papers' schedule its warmup is the schedule's: Apollo adds none.
             warmup = max(1, round(APOLLO_WARMUP_FRACTION * steps))
             kwargs["warmup"] = warmup if schedule == "constant" else 0

@@ -10,7 +10,7 @@ after warm-up in each round; the row keeps its best round), so that load elsewhe
 machine does not single out one row, and rows that are compared run side by side: an option
 is compared with its original round by round (the median of the rounds' ratios), and then
 again step by step: the two rows' steps interleaved, one each per pair in a random order, the
-median of the pairs' ratios with its 95% interval (``benchmarks/paired.py``; ``--pairs``,
+median of the pairs' ratios with its 95% interval (``benchmarks/speed/paired.py``; ``--pairs``,
 default 100, at most ``--pair-budget`` 10 s a comparison: by the step times above, some 8
 more minutes on 2 CPU cores, not yet measured; none in the quick run unless asked). The trees
 (on the CPU the first three, on a GPU ``185M`` and ``30M``; ``--trees`` chooses):
@@ -37,28 +37,31 @@ Adai and AdaiW, and every optim_zoo optimizer again with its state in bfloat16
 (``optim_zoo [bf16 state]``: ``dtype_momentum`` and ``dtype_second_moment`` bfloat16, float32
 parameters). Their bytes come from the state they allocate. They have no peers and no targets.
 
-    python benchmarks/step_time.py              # full run: 13 minutes on 2 CPU cores when rows
-                                                # had two long rounds (the 30M tree's rows take
-                                                # 7% longer in ten short ones)
-    python benchmarks/step_time.py --quick      # smoke run, 2.5 minutes on 2 cores (the tests')
-    python benchmarks/step_time.py --no-torch   # JAX rows only
-    python benchmarks/step_time.py --only adan  # rows whose algorithm (or a word of it), library
-                                                # or variant matches: adan, factored, bf16, optax
+    python benchmarks/speed/step_time.py             # full run: 13 minutes on 2 CPU cores when
+                                                     # rows had two long rounds (the 30M tree's
+                                                     # rows take 7% longer in ten short ones)
+    python benchmarks/speed/step_time.py --quick     # smoke run, 2.5 minutes on 2 cores (tests')
+    python benchmarks/speed/step_time.py --no-torch  # JAX rows only
+    python benchmarks/speed/step_time.py --only adan # rows whose algorithm (or a word of it),
+                                                     # library or variant matches: adan,
+                                                     # factored, bf16, optax
 
 Three modes time every optim_zoo optimizer (and its bf16-state row, unless ``--no-bf16``) step
 by step against another arm and write ``<mode>.{json,md}`` instead of the run above (on the
 CPU the 30M tree, on a GPU the 185M one, unless ``--trees``):
 
-    python benchmarks/step_time.py --against-ref main  # today's package against the one at a
-                                                       # git ref (benchmarks/reference.py)
-    python benchmarks/step_time.py --steering both     # the package's compiler steering on / off
-    python benchmarks/step_time.py --noise-check       # a step, and a same-bytes pass, each
-                                                       # against itself: the method's own noise
+    python benchmarks/speed/step_time.py --against-ref main  # today's package against the one
+                                                             # at a git ref (speed/reference.py)
+    python benchmarks/speed/step_time.py --steering both     # compiler steering on / off
+    python benchmarks/speed/step_time.py --noise-check       # a step, and a same-bytes pass,
+                                                             # each against itself: the
+                                                             # method's own noise
 
 PyTorch peers (``pip install -e '.[torch]'``, plus ``pip install --no-deps timm==1.0.31``) are
 optional: a peer that cannot be imported is recorded with the reason and skipped. Results go to
 ``benchmarks/results/step_time.{json,md,png}``. What is timed, at which hyperparameters, is
-``contenders.implementations``; the bytes each step moves are counted by ``benchmarks/traffic.py``.
+``contenders.implementations``; the bytes each step moves are counted by
+``benchmarks/common/traffic.py``.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
-    import _script  # noqa: F401
+if __package__ in (None, ""):  # run as a file: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +91,8 @@ import numpy as np
 import optax
 
 import optim_zoo
-from benchmarks import paired, report
-from benchmarks.contenders import (
+from benchmarks.common import report
+from benchmarks.common.contenders import (
     BF16_STATE,
     COMPARISONS,
     DECAY_OF_VARIANT,
@@ -99,9 +102,14 @@ from benchmarks.contenders import (
     implementations,
     import_error,
 )
-from benchmarks.environment import COMPILER_OPTIONS, git_state, load_average, machine_info
-from benchmarks.reference import package_at
-from benchmarks.traffic import (
+from benchmarks.common.environment import (
+    COMPILER_OPTIONS,
+    RESULTS_DIR,
+    git_state,
+    load_average,
+    machine_info,
+)
+from benchmarks.common.traffic import (
     ALGORITHMS,
     StateItemsizes,
     single_pass_bytes,
@@ -109,8 +117,10 @@ from benchmarks.traffic import (
     traffic,
     tree_bytes,
 )
+from benchmarks.speed import paired
+from benchmarks.speed.reference import package_at
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS_DIR
 MB = 1e6
 
 # --- Trees -------------------------------------------------------------------------------------
@@ -1107,7 +1117,7 @@ def paired_main(
             "limit": args.limit if mode == "against_ref" else None,
             "package": str(Path(optim_zoo.__file__).resolve().parent),
             "git": git_state(),
-            "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
+            "command": "python benchmarks/speed/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
         "machine": machine_info(),
         "load_average": {"start": load_start, "end": load_average()},
@@ -1230,7 +1240,7 @@ def paired_markdown(result: dict) -> str:
             f"New: the package imported as `optim_zoo` from `{config['package']}` (git "
             f"{config['git']}). Reference: `{config['against_ref']}` = "
             f"`{config['reference_commit']}`, extracted with `git archive` and imported under"
-            " another name (`benchmarks/reference.py`). 'same program': the two optimized HLO"
+            " another name (`benchmarks/speed/reference.py`). 'same program': the two optimized HLO"
             " modules are identical but for source locations, so any ratio is the method's"
             f" noise. Verdict on the claim new / ref <= {config['limit']:.2f}: met when the"
             " interval's upper end is within it, missed when its lower end is above it,"
@@ -1424,7 +1434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "pairs": pairs,
             "pair_budget_s": pair_budget,
             "stream_elements": stream_elements,
-            "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
+            "command": "python benchmarks/speed/step_time.py " + " ".join(argv or sys.argv[1:]),
         },
         "machine": machine_info(),
         "load_average": {"start": load_start, "end": load_average()},

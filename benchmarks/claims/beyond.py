@@ -1,7 +1,7 @@
 """Beyond the papers: factored Adan and Adai, and bfloat16 optimizer state, on the study's tasks.
 
 Three pieces of evidence for options of optim_zoo that no paper tested, all on the problems and
-under the protocol of the study (`benchmarks/protocol.py`, results in `results/study/`):
+under the protocol of the study (`benchmarks/claims/protocol.py`, results in `results/study/`):
 
 1. Factored variants under the study's full protocol (a learning-rate grid on seed 0, the chosen
    rate on seeds 1, 2 and 3) on all six tasks: `optim_zoo.factored_adan`,
@@ -18,13 +18,13 @@ under the protocol of the study (`benchmarks/protocol.py`, results in `results/s
    200 steps with float32 params: bfloat16 against float32 state, and float32 against float64
    for scale.
 
-The variants themselves are the contender registry's (`benchmarks/contenders.py`).
+The variants themselves are the contender registry's (`benchmarks/common/contenders.py`).
 
-    python benchmarks/beyond.py            # full: writes results/beyond/ (~20 min, 2 shared cores)
-    python benchmarks/beyond.py --quick    # every code path at tiny sizes (used by the tests)
-    python benchmarks/beyond.py --parts storage --out-dir benchmarks/results/beyond_rounding
+    python benchmarks/claims/beyond.py          # full: results/beyond/ (~20 min, 2 shared cores)
+    python benchmarks/claims/beyond.py --quick  # every code path at tiny sizes (the tests')
+    python benchmarks/claims/beyond.py --parts storage --out-dir benchmarks/results/beyond_rounding
                                            # part 2 alone (~1 h on 2 shared cores)
-    python benchmarks/beyond.py --parts storage --methods optim_zoo.came --out-dir ...
+    python benchmarks/claims/beyond.py --parts storage --methods optim_zoo.came --out-dir ...
                                            # part 2 for some of the optimizers only
 """
 
@@ -40,23 +40,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
-    import _script  # noqa: F401
+if __package__ in (None, ""):  # run as a file: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import optim_zoo
-from benchmarks import contenders, protocol, report
-from benchmarks import tasks as tasks_lib
-from benchmarks.environment import COMPILER_OPTIONS, display_path, environment, git_state
-from benchmarks.protocol import BASELINE, SEEDS, Method
-from benchmarks.traffic import find_states, second_moment_floats, tree_bytes
+from benchmarks.claims import protocol
+from benchmarks.claims import tasks as tasks_lib
+from benchmarks.claims.protocol import BASELINE, SEEDS, Method
+from benchmarks.common import contenders, report
+from benchmarks.common.environment import (
+    COMPILER_OPTIONS,
+    RESULTS_DIR,
+    display_path,
+    environment,
+    git_state,
+)
+from benchmarks.common.traffic import find_states, second_moment_floats, tree_bytes
 from fixtures import goldens
 from fixtures.trajectories import run_golden
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT_DIR = RESULTS_DIR / "beyond"
 QUICK_OUT_DIR = RESULTS_DIR / "beyond_quick"
 STUDY_JSON = RESULTS_DIR / "study" / "study.json"

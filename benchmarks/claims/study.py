@@ -1,16 +1,17 @@
 """The study: each paper's claim tested on small problems anyone can rerun offline.
 
-Six tasks (`benchmarks/tasks.py`): scikit-learn's digits with the main job's MLP and with a
+Six tasks (`benchmarks/claims/tasks.py`): scikit-learn's digits with the main job's MLP and with a
 small CNN, a character-level transformer on CPython's offline language reference, an
 ill-conditioned quadratic, Rosenbrock, and a noisy quadratic. Every optimizer of the main job
-runs on every task under one protocol (`benchmarks/protocol.py`): a learning-rate grid on
-seed 0, then the chosen rate on seeds 1, 2 and 3. The claims (`benchmarks/claims.py` states
-each test and its threshold) are evaluated on the results and reported PASS or FAIL with their
-numbers, whichever way they go. This module runs it all and writes the tables and figures.
+runs on every task under one protocol (`benchmarks/claims/protocol.py`): a learning-rate grid on
+seed 0, then the chosen rate on seeds 1, 2 and 3. The claims
+(`benchmarks/claims/paper_claims.py` states each test and its threshold) are evaluated on the
+results and reported PASS or FAIL with their numbers, whichever way they go. This
+module runs it all and writes the tables and figures.
 
-    python benchmarks/study.py --mode full    # the committed results, < 30 min on 2 CPU cores
-    python benchmarks/study.py --mode quick   # every code path in seconds (used by the tests)
-    python benchmarks/compare.py --study full # the same, through the main job's script
+    python benchmarks/claims/study.py --mode full   # the committed results, < 30 min on 2 cores
+    python benchmarks/claims/study.py --mode quick  # every code path in seconds (the tests')
+    python benchmarks/compare.py --study full       # the same, through the main job's script
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
-    import _script  # noqa: F401
+if __package__ in (None, ""):  # run as a file: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 
-from benchmarks import report
-from benchmarks import tasks as tasks_lib
-from benchmarks.claims import (
+from benchmarks.claims import tasks as tasks_lib
+from benchmarks.claims.paper_claims import (
     ADAI_EARLY_FRACTION,
     ADAN_STEP_FRACTION,
     SGD,
@@ -40,8 +40,7 @@ from benchmarks.claims import (
     factored_matrix_report,
     need,
 )
-from benchmarks.environment import environment
-from benchmarks.protocol import (
+from benchmarks.claims.protocol import (
     APOLLO_WARMUP_FRACTION,
     BASELINE,
     HESSIAN_ITERATIONS,
@@ -55,9 +54,11 @@ from benchmarks.protocol import (
     landscape_lr_grid,
     run_task,
 )
+from benchmarks.common import report
+from benchmarks.common.environment import RESULTS_DIR, environment
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results" / "study"
-QUICK_OUT_DIR = Path(__file__).resolve().parent / "results" / "study_quick"
+DEFAULT_OUT_DIR = RESULTS_DIR / "study"
+QUICK_OUT_DIR = RESULTS_DIR / "study_quick"
 
 
 # --- Tables ------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Every task is a `Task`: how to initialise parameters from a seed, the per-seed sequence of
 minibatches (or gradient noise), the loss whose gradient trains, and the metrics recorded at
-each evaluation. The engine in `benchmarks/protocol.py` trains any task with any optimizer, so a
-task knows nothing about optimizers.
+each evaluation. The engine in `benchmarks/claims/protocol.py` trains any task with any
+optimizer, so a task knows nothing about optimizers.
 
-The digits tasks reuse the main job's data split and MLP (`benchmarks/digits.py`).
+The digits tasks reuse the main job's data split and MLP (`benchmarks/common/digits.py`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from benchmarks import digits as digits_lib
-from benchmarks.digits import cross_entropy, he_normal
+from benchmarks.common import digits as digits_lib
+from benchmarks.common.digits import cross_entropy, he_normal
 
 # Seeds of the fixed (task-defining, not run-varying) randomness: the quadratic's rotation, the
 # language model's evaluation windows. Runs vary only through their own seed.

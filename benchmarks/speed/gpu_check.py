@@ -5,12 +5,12 @@ On one NVIDIA H100 or H200 it finishes within 8 minutes, compiles included (`--d
 from the start by default, skips the rows it would not reach in time and still writes its
 report). For each row it prints and writes:
 
-- ms per step: the median of interleaved samples (`benchmarks/paired.py`), each step jitted,
+- ms per step: the median of interleaved samples (`benchmarks/speed/paired.py`), each step jitted,
   parameters and state donated, warmed up and waited for (`block_until_ready`);
 - XLA MB: the bytes XLA's cost model says the compiled step reads and writes
   (``compiled.cost_analysis()["bytes accessed"]``);
 - floor MB: the bytes a single pass must move, read p, g and the state once and write p and the
-  state once (`benchmarks/traffic.py`), and the fewest passes' bytes its reductions force;
+  state once (`benchmarks/common/traffic.py`), and the fewest passes' bytes its reductions force;
 - time/floor: ms over (single-pass bytes / reachable bandwidth), the bandwidth a donated
   in-place update of a 1 GiB buffer reaches (`step_time.stream_bandwidth`, best of a measure at
   the start and one at the end);
@@ -27,8 +27,8 @@ larger than a GPU's last-level cache). The peers: optax's AdamW, Adan and Adafac
 ``torch.optim.AdamW(fused=True)`` on CUDA when torch with CUDA imports (otherwise the row is
 recorded as skipped, with the reason).
 
-    python benchmarks/gpu_check.py                  # on the GPU: writes results/step_time_gpu/
-    python benchmarks/gpu_check.py --dry-run --out-dir /tmp/gpu-check   # the logic, on a CPU
+    python benchmarks/speed/gpu_check.py              # on the GPU: writes results/step_time_gpu/
+    python benchmarks/speed/gpu_check.py --dry-run --out-dir /tmp/gpu-check  # the logic, on a CPU
 
 ``--steering`` picks the settings (``both``, the default; ``on``, ``off`` or ``default``: the
 backend's choice, off on a GPU).
@@ -50,25 +50,27 @@ from typing import Any
 
 # JAX and PyTorch share the card: JAX takes memory as it needs it rather than most of it upfront.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-if __package__ in (None, ""):  # run as a script: put the repository root on sys.path
-    import _script  # noqa: F401
+if __package__ in (None, ""):  # run as a file: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import numpy as np
 
-from benchmarks import paired, report, step_time
-from benchmarks.contenders import BF16_STATE, Implementation, implementations
-from benchmarks.environment import (
+from benchmarks.common import report
+from benchmarks.common.contenders import BF16_STATE, Implementation, implementations
+from benchmarks.common.environment import (
     COMPILER_OPTIONS,
+    RESULTS_DIR,
     git_state,
     load_average,
     machine_info,
 )
-from benchmarks.traffic import ALGORITHMS, StateItemsizes, traffic, tree_bytes
+from benchmarks.common.traffic import ALGORITHMS, StateItemsizes, traffic, tree_bytes
+from benchmarks.speed import paired, step_time
 
 # When the script started (after its imports, a few seconds): the deadline counts from here.
 _IMPORTED = time.perf_counter()
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results" / "step_time_gpu"
+DEFAULT_OUT_DIR = RESULTS_DIR / "step_time_gpu"
 DEADLINE_S = 400.0
 # A row is started only with this much time left before the deadline: its compiles and pairs.
 ROW_RESERVE_S = 30.0
@@ -343,7 +345,7 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> dic
             "compiler_options": compiler_options,
             "stream_elements": stream_elements,
             "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
-            "command": "python benchmarks/gpu_check.py " + " ".join(argv or sys.argv[1:]),
+            "command": "python benchmarks/speed/gpu_check.py " + " ".join(argv or sys.argv[1:]),
         },
         "backend": backend,
         "machine": machine_info(),
@@ -435,7 +437,7 @@ def markdown(result: dict) -> str:
         f" {config['pairs']} per row, {config['row_budget_s']} s at most). XLA MB: the cost"
         " model's bytes accessed. Floor MB: a single pass (read p, g and the state, write p and"
         " the state) and the fewest passes the algorithm's reductions force"
-        " (benchmarks/traffic.py). time/floor: ms over (single-pass bytes / reachable"
+        " (benchmarks/common/traffic.py). time/floor: ms over (single-pass bytes / reachable"
         " bandwidth). time / same-bytes pass: ms over a donated elementwise pass that moves the"
         " single-pass bytes (state rounded to whole arrays). kernels/leaf: kernels in the"
         " optimized HLO over the leaves. on / off: steering on over off, the median of the"

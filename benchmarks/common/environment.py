@@ -21,7 +21,9 @@ import optax
 
 import optim_zoo
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where every program writes its results by default, and reads the committed ones.
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # A quick mode (the study's, the beyond study's, `step_time.py --quick`) compiles dozens of small
 # programs and runs each for a few steps: XLA's backend optimisations would take most of its

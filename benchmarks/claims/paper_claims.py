@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 import optim_zoo
-from benchmarks import tasks as tasks_lib
-from benchmarks.protocol import BASELINE, Method, state_shapes
-from benchmarks.traffic import find_states, second_moment_floats
+from benchmarks.claims import tasks as tasks_lib
+from benchmarks.claims.protocol import BASELINE, Method, state_shapes
+from benchmarks.common.traffic import find_states, second_moment_floats
 
 SGD = "optax.sgd"
 

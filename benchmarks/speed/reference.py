@@ -30,8 +30,9 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.common.environment import REPO_ROOT
+
 PACKAGE = "optim_zoo"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git(*args: str) -> bytes:

@@ -1,8 +1,8 @@
 """scikit-learn's 8x8 digits and the MLP that the main job trains, shared with the study's tasks.
 
 The main job (`benchmarks/compare.py`) trains the MLP on this split; the study's digits tasks
-(`benchmarks/tasks.py`) hold out part of its training images for validation and train the same
-MLP, or a small CNN initialised the same way.
+(`benchmarks/claims/tasks.py`) hold out part of its training images for validation and train
+the same MLP, or a small CNN initialised the same way.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Every optimizer the benchmarks run, and the settings each runs with.
 
 - `CONTENDERS`: the main job's eight (`benchmarks/compare.py`), at documented learning rates;
-  the study (`benchmarks/protocol.py`) grids each one's rate around it.
+  the study (`benchmarks/claims/protocol.py`) grids each one's rate around it.
 - `factored` and `bf16_state`: optim_zoo's options that no paper tested, as variants of a
   contender: its factored combination (`factored_adan`, `factored_adai`) and its moments
-  stored in bfloat16. `benchmarks/beyond.py` runs them on the study's tasks and
-  `benchmarks/step_time.py` times them.
-- `implementations`: what `benchmarks/step_time.py` times, every algorithm in optim_zoo, optax
+  stored in bfloat16. `benchmarks/claims/beyond.py` runs them on the study's tasks and
+  `benchmarks/speed/step_time.py` times them.
+- `implementations`: what `benchmarks/speed/step_time.py` times, every algorithm in optim_zoo, optax
   and the PyTorch peers, at one shared setting per algorithm.
 """
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import optim_zoo
-from benchmarks import traffic
+from benchmarks.common import traffic
 
 
 def format_kwargs(kwargs: dict[str, Any]) -> str:
@@ -49,7 +49,7 @@ class Contender:
 
     def rebound(self, package: types.ModuleType) -> Contender:
         """The same configuration built by `package`'s function of the same name (another
-        version of optim_zoo, `benchmarks/reference.py`)."""
+        version of optim_zoo, `benchmarks/speed/reference.py`)."""
         name = self.factory.__name__
         if not hasattr(package, name):
             raise AttributeError(f"{package.__name__} has no {name!r}")
@@ -385,7 +385,7 @@ def _optim_zoo_row(contender: Contender, note: str = "", variant: str = "") -> I
 # Adafactor's decay (not scaled by the learning rate): the official Adafactor's order of size.
 _ADAFACTOR_DECAY = {"weight_decay_rate": 1e-3}
 
-# Which rows `benchmarks/step_time.py` times together: every row compared with another (below)
+# Which rows `benchmarks/speed/step_time.py` times together: every row compared with another (below)
 # shares its family.
 TIMING_FAMILY = {
     "Factored Adan": "Adan",

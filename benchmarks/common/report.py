@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.contenders import CONTENDERS
+from benchmarks.common.contenders import CONTENDERS
 
 # --- Text ---------------------------------------------------------------------------------------
 
