@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # Elements per scale, along the last axis: chosen by the ablation (see the module doc).
-BLOCK_SIZE = 32
+BLOCK_SIZE = 64
 # Leaves smaller than this keep their state as is (bitsandbytes' threshold).
 MIN_CODED_SIZE = 4096
 # "sqrt" (companded), "linear" or "float8" (an e4m3 float relative to the scale): the

@@ -39,11 +39,11 @@ def _random(shape, seed=0, scale=1.0):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_round_trip_within_the_bound_of_each_block(signed):
-    x = _random((3, 100))  # 100 = 3 blocks of 32 and one of 4
+    x = _random((3, 100))  # 100 = a block of 64 and one of 36
     x = x if signed else jnp.abs(x)
-    x = x.at[1, 32:64].set(0.0)  # an all-zero block
+    x = x.at[1, :64].set(0.0)  # an all-zero block
     state = _codes.encode(x, signed, jnp.float32)
-    assert state.codes.shape == x.shape and state.scales.shape == (3, 4)
+    assert state.codes.shape == x.shape and state.scales.shape == (3, 2)
     assert state.codes.dtype == (jnp.int8 if signed else jnp.uint8)
     decoded = np.asarray(_codes.decode(state))
     bound = np.asarray(_codes.error_bound(x, signed))
@@ -54,7 +54,7 @@ def test_round_trip_within_the_bound_of_each_block(signed):
     np.testing.assert_array_equal(
         np.take_along_axis(decoded_blocks, largest, -1), np.take_along_axis(blocks, largest, -1)
     )
-    np.testing.assert_array_equal(decoded[1, 32:64], 0.0)
+    np.testing.assert_array_equal(decoded[1, :64], 0.0)
     # The bound is not loose: some element is off by more than a quarter of it.
     assert np.max(np.abs(decoded - np.asarray(x)) / np.maximum(bound, 1e-30)) > 0.25
 
@@ -80,7 +80,7 @@ def test_stochastic_rounding_of_codes_is_unbiased(signed):
     gap = bound
     if not signed:  # below the first grid point a second moment rounds up: excluded
         scale = np.max(np.abs(_blocks_of(x64)), -1, keepdims=True)
-        first = np.repeat(scale / 254**2, 32, -1).reshape(x.shape)
+        first = np.repeat(scale / 254**2, _codes.BLOCK_SIZE, -1).reshape(x.shape)
         keep = x64 >= first
     else:
         keep = np.ones(x.shape, bool)
@@ -171,7 +171,7 @@ def test_every_optimizer_trains_with_8bit_state(name):
     coded = _coded(state)
     assert coded, "no state field was stored as codes"
     for x in coded:
-        assert x.codes.shape == (64, 128) and x.scales.shape == (64, 4)
+        assert x.codes.shape == (64, 128) and x.scales.shape == (64, 2)
         assert x.scales.dtype == jnp.float32
     initial = float(loss(_problem()[0]))
     # Level with float32 state on this problem: the same progress within 2% of it.
@@ -275,7 +275,7 @@ def test_tree_map_params_maps_codes_and_scales():
     state = tx.init(params)
     # A function of one array reaches the codes and the scales of every coded field.
     shapes = optax.tree_map_params(tx, lambda x: x.shape, state)
-    assert shapes[0].m["w"] == optim_zoo.CodedState((64, 128), (64, 4))
+    assert shapes[0].m["w"] == optim_zoo.CodedState((64, 128), (64, 2))
     # With is_leaf, each coded field arrives whole, beside its parameter.
     seen = optax.tree_map_params(
         tx, lambda x, p: type(x).__name__ + str(p.shape), state, params, is_leaf=_is_coded
