@@ -151,20 +151,6 @@ def _from_blocks(x: jax.Array, n: int) -> jax.Array:
     return x[..., :n] if x.shape[-1] != n else x
 
 
-def _compand(y: jax.Array) -> jax.Array:
-    """The code's grid coordinate of `y` in [-1, 1], in [-1, 1]."""
-    if CODE == "sqrt":
-        return jnp.sign(y) * jnp.sqrt(jnp.abs(y))
-    return y
-
-
-def _expand(z: jax.Array) -> jax.Array:
-    """The inverse of :func:`_compand`."""
-    if CODE == "sqrt":
-        return z * jnp.abs(z)
-    return z
-
-
 _FLOAT8 = jnp.float8_e4m3fn
 _FLOAT8_MAX = 448.0
 
@@ -180,31 +166,51 @@ def encode(
     magnitude = jnp.where(finite, jnp.abs(blocks), 0)
     scales = jnp.max(magnitude, axis=-1).astype(scale_dtype)
     scale = scales.astype(x.dtype)[..., None]
-    y = jnp.where(finite, blocks, 0) / jnp.where(scale == 0, 1, scale)
-    if not signed:
-        y = jnp.maximum(y, 0)  # -0.0 and nothing else: a second moment is never negative
     uniform = None
     if bits is not None:
         uniform = (_in_blocks(bits) >> 8).astype(x.dtype) * 2.0**-24  # [0, 1) in 24 exact bits
     if CODE == "float8":
-        codes = _float8_codes(y, bits, signed)
+        y = jnp.where(finite, blocks, 0) / jnp.where(scale == 0, 1, scale)
+        codes = _float8_codes(y if signed else jnp.maximum(y, 0), bits, signed)
     else:
-        top = _top(signed)
-        z = _compand(y) * top
-        if uniform is None:
-            k = jnp.round(z)
-        else:  # the lower or upper grid point, chosen so that the decoded value is y on average
-            low = jnp.clip(jnp.floor(z), -top, top)
-            high = jnp.minimum(low + 1, top)
-            y_low, y_high = _expand(low / top), _expand(high / top)
-            gap = y_high - y_low
-            probability = jnp.where(gap > 0, (y - y_low) / jnp.where(gap > 0, gap, 1), 0)
-            k = jnp.where(uniform < probability, high, low)
-        codes = jnp.clip(k, -top, top).astype(jnp.int8 if signed else jnp.uint8)
-    if not signed:  # a positive second moment is never zero: it divides the step
-        codes = jnp.where((y > 0) & (codes == 0), jnp.ones_like(codes), codes)
+        codes = _grid_codes(blocks, magnitude, scale, signed, uniform)
     codes = jnp.where(finite, codes, jnp.asarray(_reserved(signed), codes.dtype))
     return CodedState(_from_blocks(codes, n), scales)
+
+
+def _grid_codes(
+    blocks: jax.Array,
+    magnitude: jax.Array,
+    scale: jax.Array,
+    signed: bool,
+    uniform: jax.Array | None,
+) -> jax.Array:
+    """The codes ``sign(x) k`` of the grid points ``k`` of each magnitude, in magnitude space.
+
+    With ``a = Q**2 |x| / s`` (the sqrt code; ``Q |x| / s`` the linear one) and ``z`` its square
+    root (or ``a``), nearest is ``round(z)``; stochastic is ``l = floor(z)`` or ``l + 1``, the
+    latter with probability ``(a - l**2) / (2 l + 1)`` (``a - l``), the share of the gap in
+    value space, compared without a division. Unsigned: only positive values, and never zero.
+    """
+    top = _top(signed)
+    power = 2 if CODE == "sqrt" else 1
+    if not signed:
+        magnitude = jnp.where(blocks > 0, magnitude, 0)  # a second moment is never negative
+    per_block = jnp.where(scale == 0, 0, top**power / jnp.where(scale == 0, 1, scale))
+    a = magnitude * per_block  # in [0, top**power], up to rounding
+    z = jnp.sqrt(a) if power == 2 else a
+    if uniform is None:
+        k = jnp.round(z)
+    else:
+        low = jnp.floor(z)
+        share = a - low * low if power == 2 else a - low
+        gap = 2 * low + 1 if power == 2 else 1
+        k = low + (uniform * gap < share)
+    k = jnp.minimum(k, top)
+    if not signed:  # a positive second moment is never zero: it divides the step
+        k = jnp.where((a > 0) & (k == 0), 1, k)
+        return k.astype(jnp.uint8)
+    return jnp.where(blocks < 0, -k, k).astype(jnp.int8)
 
 
 def _float8_codes(y: jax.Array, bits: jax.Array | None, signed: bool) -> jax.Array:
@@ -228,7 +234,9 @@ def decode(state: CodedState) -> jax.Array:
         f8 = jax.lax.bitcast_convert_type(blocks, _FLOAT8)
         y = f8.astype(dtype) / _FLOAT8_MAX
     else:
-        y = _expand(blocks.astype(dtype) / _top(signed))
+        k = blocks.astype(dtype)
+        top = _top(signed)
+        y = k * jnp.abs(k) / top**2 if CODE == "sqrt" else k / top
     values = y * scales[..., None]
     values = jnp.where(blocks == _reserved(signed), jnp.nan, values)
     return _from_blocks(values, n)

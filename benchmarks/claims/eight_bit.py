@@ -75,14 +75,8 @@ BYTES_OPTIMIZERS = {
 
 
 def eight_bit_method(method: Method, name: str | None = None) -> Method:
-    """`method` with 8-bit state and stochastic rounding (Adafactor: its second moment only,
-    as the bfloat16 study, since it runs without momentum)."""
-    contender = method.contender
-    dtypes = dict(EIGHT_BIT)
-    if contender.factory is optim_zoo.adafactor:
-        del dtypes["dtype_momentum"]
-    kwargs = {**contender.kwargs, **dtypes, "state_rounding": "stochastic"}
-    variant = contenders.Contender(name or contender.name + SUFFIX, contender.factory, kwargs)
+    """`method` with 8-bit state and stochastic rounding (`contenders.eight_bit_state`)."""
+    variant = contenders.eight_bit_state(method.contender, name or method.contender.name + SUFFIX)
     return Method(variant, method.center_lr)
 
 
