@@ -172,6 +172,8 @@ def encode(
     if CODE == "float8":
         y = jnp.where(finite, blocks, 0) / jnp.where(scale == 0, 1, scale)
         codes = _float8_codes(y if signed else jnp.maximum(y, 0), bits, signed)
+        if not signed:  # as the grid codes: a positive second moment is never zero
+            codes = jnp.where((y > 0) & (codes == 0), jnp.ones_like(codes), codes)
     else:
         codes = _grid_codes(blocks, magnitude, scale, signed, uniform)
     codes = jnp.where(finite, codes, jnp.asarray(_reserved(signed), codes.dtype))

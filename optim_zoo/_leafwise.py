@@ -13,7 +13,9 @@ driver owns, for every primitive alike:
   the new state;
 * storage (:meth:`Leaf.store`, the one hook every stored value passes through): a field's
   storage dtype and its rounding, to nearest or stochastically, with a random stream of its own
-  that follows from the field's place in the declaration;
+  that follows from the field's place in the declaration, or 8-bit codes with a scale per block
+  (:mod:`optim_zoo._codes`: int8 for ``dtype_momentum``, uint8 for ``dtype_second_moment``),
+  decoded by :meth:`Leaf.old` for the arithmetic and encoded by :meth:`Leaf.store`;
 * the compiler-steering switch (:func:`optim_zoo._fusion.steered`).
 """
 

@@ -323,3 +323,29 @@ def test_bad_code_dtypes_are_refused_naming_the_argument(argument, value, messag
         with pytest.raises(ValueError, match=message) as error:
             make(1e-2, **{argument: value})
         assert argument in str(error.value)
+
+
+def test_nnx_optimizer_holds_codes():
+    from flax import nnx
+
+    model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    tx = optim_zoo.adan(1e-2, **EIGHT_BIT, state_rounding="stochastic")
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.ones((4, 64))
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    before = np.asarray(model.kernel[...])
+    step(model, optimizer)
+    step(model, optimizer)
+    state = nnx.to_pure_dict(nnx.state(optimizer))
+    codes = [
+        x
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        if "kernel" in jax.tree_util.keystr(path) and x.dtype in (jnp.int8, jnp.uint8)
+    ]
+    assert len(codes) == 4  # m, v, n and the previous gradient of the kernel
+    assert not np.array_equal(np.asarray(model.kernel[...]), before)

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optim_zoo
 from benchmarks.claims import beyond, protocol
@@ -58,7 +59,7 @@ SUFFIX = " [8-bit state, stochastic rounding]"
 COMMITTED = ("beyond_rounding", "beyond_rounding_came", "beyond_rounding_char_transformer")
 CODES = ("linear", "sqrt", "float8")
 BLOCK_SIZES = (32, 64, 128, 256)
-PARTS = ("bytes", "ablation", "quality")
+PARTS = ("bytes", "fidelity", "ablation", "quality")
 
 # Every optimizer, as the main job builds it (Adafactor also with momentum, which 8-bit stores).
 BYTES_OPTIMIZERS = {
@@ -223,6 +224,102 @@ def ablation_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- Part 2b: fidelity of the codes on real state -------------------------------------------
+
+FIDELITY_STEPS = (10, 100, 1000)
+FIDELITY_BLOCKS = (32, 64, 128)
+
+
+def part_fidelity(mode: str) -> dict[str, Any]:
+    """Adan's float32 state while it trains the main job's digits MLP (lr 5e-3, batch 64): at
+    each of `FIDELITY_STEPS`, every coded leaf's m, v, n and previous gradient through each code
+    and block size (rounded to nearest), and the error that makes in Adan's direction
+    ``(m / (1 - b1**t) + b2 v / (1 - b2**t)) / (sqrt(n / (1 - b3**t)) + eps)``: the relative
+    L2 error of each field and of the direction, and the largest error of one element of the
+    direction relative to the RMS of the direction."""
+    from benchmarks.common import digits
+
+    data = digits.load_digits_dataset()
+    params = digits.init_mlp(jax.random.key(0), digits.mlp_sizes(data.x_train.shape[1]))
+    steps = FIDELITY_STEPS if mode == "full" else (2, 5)
+    batches = digits.minibatch_order(data.x_train.shape[0], 64, max(steps), 0)
+    tx = optim_zoo.adan(5e-3)
+
+    def loss(p, i):
+        return digits.cross_entropy(digits.mlp_logits(p, data.x_train[i]), data.y_train[i])
+
+    @jax.jit
+    def step(p, s, i):
+        updates, s = tx.update(jax.grad(loss)(p, i), s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = tx.init(params)
+    result: dict[str, Any] = {}
+    for t in range(1, max(steps) + 1):
+        params, state = step(params, state, batches[t - 1])
+        if t not in steps:
+            continue
+        inner = state[0]
+        fields = {f: jax.tree.leaves(getattr(inner, f)) for f in ("m", "v", "n", "prev_grad")}
+        coded = [i for i, x in enumerate(fields["m"]) if x.size >= _codes.MIN_CODED_SIZE]
+        rows = {}
+        for code in CODES:
+            for block in FIDELITY_BLOCKS:
+                _codes.CODE, _codes.BLOCK_SIZE = code, block
+                errors = {f: [] for f in (*fields, "direction", "direction_max")}
+                for i in coded:
+                    exact = {f: fields[f][i] for f in fields}
+                    rounded = {
+                        f: _codes.decode(_codes.encode(x, f != "n", jnp.float32))
+                        for f, x in exact.items()
+                    }
+                    for f in fields:
+                        errors[f].append(_relative(rounded[f], exact[f]))
+
+                    d, d_hat = _direction(exact, t), _direction(rounded, t)
+                    errors["direction"].append(_relative(d_hat, d))
+                    rms = float(jnp.sqrt(jnp.mean(d * d)))
+                    errors["direction_max"].append(float(jnp.max(jnp.abs(d_hat - d))) / rms)
+                rows[f"{code}/{block}"] = {f: max(e) for f, e in errors.items()}
+        result[f"step {t}"] = rows
+    _codes.CODE, _codes.BLOCK_SIZE = "sqrt", 64
+    return {"steps": result}
+
+
+def _direction(s: dict[str, jax.Array], t: int) -> jax.Array:
+    """Adan's direction from its fields `s` at step `t` (the default betas and eps)."""
+    b1, b2, b3, eps = 0.98, 0.92, 0.99, 1e-8
+    numerator = s["m"] / (1 - b1**t) + b2 * s["v"] / (1 - b2**t)
+    return numerator / (jnp.sqrt(s["n"] / (1 - b3**t)) + eps)
+
+
+def _relative(a: jax.Array, b: jax.Array) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def fidelity_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "Relative L2 error of each field and of Adan's direction (the larger over the two "
+        "coded weight matrices), and the largest error of one element of the direction over the "
+        "direction's RMS; rounded to nearest.",
+        "",
+    ]
+    for step, rows in result["steps"].items():
+        lines += [
+            f"### {step}",
+            "",
+            "| code / block | m | v | n | prev_grad | direction | worst element / RMS |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, e in rows.items():
+            lines.append(
+                f"| {key} | {e['m']:.2e} | {e['v']:.2e} | {e['n']:.2e} | {e['prev_grad']:.2e} "
+                f"| {e['direction']:.2e} | {e['direction_max']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --- Part 3: quality ------------------------------------------------------------------------
 
 
@@ -309,6 +406,8 @@ def main() -> None:
             blocks = tuple(int(b) for b in args.blocks.split(","))
             result = part_ablation(tasks, mode, args.progress, codes, blocks)
             markdown = ablation_markdown
+        elif part == "fidelity":
+            result, markdown = part_fidelity(mode), fidelity_markdown
         elif part == "quality":
             methods = args.methods.split(",")
             result = part_quality(tasks, methods, mode, args.progress)
@@ -324,7 +423,7 @@ def main() -> None:
             **result,
             "runtime_seconds": time.perf_counter() - started,
         }
-        stem = part if part == "bytes" else f"{part}_{'_'.join(tasks)}"
+        stem = part if part in ("bytes", "fidelity") else f"{part}_{'_'.join(tasks)}"
         (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out_dir / f"{stem}.md").write_text(
             f"# 8-bit state: {part}\n\n`{result['command']}` ({mode} mode, "
