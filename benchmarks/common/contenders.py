@@ -158,6 +158,7 @@ ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 
 CAME_HP = {"lr": 2e-4, "betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16), "weight_decay": 1e-2}
 BF16_STATE = "bf16 state"
 BF16_STATE_SR = "bf16 state, stochastic rounding"
+EIGHT_BIT_STATE = "8-bit state, stochastic rounding"
 NO_DECAY = "no decay"
 L2_DECAY, DECOUPLED_DECAY, STABLE_DECAY = "L2 decay", "decoupled decay", "stable decay"
 # The weight decay each decay variant runs (`traffic.DECAY_READS`).
