@@ -349,3 +349,17 @@ def test_nnx_optimizer_holds_codes():
     ]
     assert len(codes) == 4  # m, v, n and the previous gradient of the kernel
     assert not np.array_equal(np.asarray(model.kernel[...]), before)
+
+
+@pytest.mark.parametrize("name", ["adan", "adai"])
+def test_all_zero_leaf_stays_zero(name):
+    params = {"w": jnp.zeros((64, 128))}
+    tx = OPTIMIZERS[name](**EIGHT_BIT, state_rounding="stochastic")
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for _ in range(2):
+        updates, state = step(params, state, params)  # zero gradients
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    for x in _coded(state):
+        np.testing.assert_array_equal(x.codes, 0)
+        np.testing.assert_array_equal(x.scales, 0.0)
