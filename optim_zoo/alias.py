@@ -219,7 +219,8 @@ def adafactor(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       factoring: which axes to factor: ``"largest_two"`` (default, as optax), ``"last_two"``
         (as tensor2tensor) or a callable ``(path, shape) -> (a, b) | None``
-        (:mod:`optim_zoo.second_moment`).
+        (:mod:`optim_zoo.second_moment`); :func:`optim_zoo.pytorch_last_two` factors what
+        Hugging Face's PyTorch Adafactor factors, on Flax's kernel layouts.
       dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
         means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
         least float32 whatever the storage.
@@ -603,7 +604,9 @@ def came(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       factoring: which axes to factor: ``"last_two"`` (the default, the official code's),
         ``"largest_two"`` or a callable ``(path, shape) -> (a, b) | None``
-        (:mod:`optim_zoo.second_moment`), for both factored statistics.
+        (:mod:`optim_zoo.second_moment`), for both factored statistics. The official code's
+        last two axes are PyTorch's layout's; on Flax's convolution kernels (HWIO),
+        :func:`optim_zoo.pytorch_last_two` factors the axes it factors.
       dtype_momentum: dtype the momentum is stored in; None means the parameter's.
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider. The arithmetic runs in at least float32.
