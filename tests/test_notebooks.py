@@ -126,10 +126,8 @@ def _run_install_cell(name, folder):
     installed = []
 
     def import_(module, *args, **kwargs):
-        if module == "optim_zoo":
-            if not installed:
-                raise ImportError("No module named 'optim_zoo'")
-            return sys.modules["optim_zoo"]
+        if module == "optim_zoo" and not installed:
+            raise ImportError("No module named 'optim_zoo'")
         return builtins.__import__(module, *args, **kwargs)
 
     namespace = {"__builtins__": {**vars(builtins), "__import__": import_}}
