@@ -67,6 +67,17 @@ nb_merge_streams = True
 # --- autodoc and napoleon ------------------------------------------------------------------------
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+# The annotations as the source spells them, not the unions they stand for.
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "jax.typing.ArrayLike",
+        "jax.typing.DTypeLike",
+        "optax.ScalarOrSchedule",
+        "optax.Params",
+        "FactoringRule",
+    )
+}
 autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -79,7 +90,7 @@ napoleon_custom_sections = [("Differences", "notes_style")]
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|numpy|np|flax|chex|orbax)(\..*)?"),
-    (r"py:.*", r"(Callable|Any|NamedTuple|collections\.abc\..*|typing\..*)"),
+    (r"py:.*", r"(Callable|Any|NamedTuple|TypeAliasForwardRef|collections\.abc\..*|typing\..*)"),
     (r"py:.*", r"(ArrayLike|DTypeLike|ScalarOrSchedule|Params|PerLeaf|FactoringRule)"),
     (r"py:.*", r"optim_zoo\.(_\w+|second_moment\.FactoringRule)(\..*)?"),
 ]
