@@ -18,8 +18,9 @@ smaller of them has at least ``min_dim_size_to_factor`` elements (optax's rule, 
 ``"last_two"``, the last two axes of every leaf of rank >= 2, whatever their sizes
 (tensor2tensor's and CAME's rule); or a callable ``(path, shape) -> (a, b) | None`` of the
 leaf's key path and shape, for example to keep a stack of scanned layers from being averaged
-across layers, or :func:`optim_zoo.pytorch_last_two`, the axes PyTorch code's ``"last_two"`` factors, on
-Flax's kernel layouts. Leaves of rank < 2 or with a zero-size axis are never factored.
+across layers, or :func:`optim_zoo.pytorch_last_two`, the axes PyTorch code's ``"last_two"``
+factors, on Flax's kernel layouts. Leaves of rank < 2 or with a zero-size axis are never
+factored.
 """
 
 from __future__ import annotations
