@@ -29,7 +29,7 @@ from optim_zoo.diag_hessian import ScaleByRectifiedDiagHessianState, scale_by_re
 from optim_zoo.factored import ScaleByFactoredRmsState, scale_by_factored_rms
 from optim_zoo.nesterov import ScaleByNesterovMomentState, scale_by_nesterov_moment
 from optim_zoo.schedules import linear_warmup, relative_step_size
-from optim_zoo.second_moment import FactoredSecondMoment, factored_dims
+from optim_zoo.second_moment import FactoredSecondMoment, factored_dims, pytorch_last_two
 
 __version__ = "0.1.0"
 
@@ -61,6 +61,7 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "factored_dims",
+    "pytorch_last_two",
     "linear_warmup",
     "relative_step_size",
     "scale_by_param_rms",

@@ -55,12 +55,16 @@ CODE = "sqrt"
 
 
 class CodedState(NamedTuple):
-    """One leaf's state field as 8-bit codes with one scale per block (see :mod:`._codes`).
+    """One leaf's state field stored as 8-bit codes with one scale per block of 64 elements.
 
-    ``codes``: int8 or uint8, the leaf's shape. ``scales``: the leaf's shape with its last axis
-    ``ceil(n / BLOCK_SIZE)`` long; float32 (float64 for float64 parameters). ``shape``,
-    ``dtype`` (the dtype it decodes to) and ``astype`` (decoding) let the driver read it as it
-    reads an array.
+    What ``dtype_momentum=jnp.int8`` and ``dtype_second_moment=jnp.uint8`` store for a leaf of
+    4,096 elements or more. ``codes``: int8 (momenta) or uint8 (second moments), the leaf's
+    shape. ``scales``: the largest finite magnitude of each block of 64 consecutive elements of
+    the last axis, with the leaf's shape but its last axis ``ceil(n / 64)`` long; float32
+    (float64 for float64 parameters). An element with code ``k`` in a block of scale ``s`` is
+    ``s * sign(k) * (k / Q)**2``, ``Q`` 127 signed and 254 unsigned; the code -128 (signed) or
+    255 (unsigned) is NaN. ``shape``, ``dtype`` (the dtype it decodes to) and ``astype``
+    (decoding) read it as an array.
     """
 
     codes: jax.Array

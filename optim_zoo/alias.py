@@ -47,8 +47,9 @@ def adan(
 
     The first step is :math:`p_1 = p_0 - \eta\, g / (|g| + \epsilon)` (then the decay). With
     ``max_grad_norm``, every gradient is first scaled by
-    :math:`\min(\text{max\_grad\_norm} / (\lVert g \rVert + \epsilon), 1)` over all leaves, and the
-    clipped gradient is the one remembered for the next difference, as in the official code.
+    :math:`\min(\mathrm{max\_grad\_norm} / (\lVert g \rVert + \epsilon), 1)` over all leaves,
+    and the clipped gradient is the one remembered for the next difference, as in the official
+    code.
 
     State stored narrower than the arithmetic (``dtype_momentum`` or ``dtype_second_moment``
     bfloat16, say; the arithmetic runs in at least float32) is rounded to nearest by default.
@@ -78,7 +79,7 @@ def adan(
     infinity decodes to NaN, and its neighbours keep their values. Leaves under 4096 elements,
     or with a last axis under 64, keep the default dtypes; factored statistics and Adai's
     product of inertias stay float32. Adan's state goes from 16 to about 4.5 bytes per
-    float32 parameter (``docs/state_precision.md`` has the measurements).
+    float32 parameter (``docs/eight_bit_state.md`` has the measurements).
 
     Args:
       learning_rate: a float >= 0 or an optax schedule.
@@ -204,12 +205,12 @@ def adafactor(
 
     .. math::
 
-      x_t &\leftarrow x_t / \max(1, \mathrm{rms}(x_t) / \text{clipping\_threshold}) \\
+      x_t &\leftarrow x_t / \max(1, \mathrm{rms}(x_t) / \mathrm{clipping\_threshold}) \\
       s_t &= \eta_t\, x_t \cdot \max(10^{-3}, \mathrm{rms}(p_t))
         \quad \text{(parameter scale, if enabled)} \\
       s_t &\leftarrow \mu s_{t-1} + (1 - \mu) s_t \quad \text{(momentum, if given; no debias)} \\
-      p_{t+1} &= p_t - s_t - \lambda p_t \quad \text{(weight\_decay\_rate } \lambda
-        \text{, if given)}
+      p_{t+1} &= p_t - s_t - \lambda p_t \quad (\mathrm{weight\_decay\_rate}\ \lambda
+        \text{, if given})
 
     ``learning_rate=None`` means the paper's relative step size
     :math:`\eta_t = \min(10^{-2}, 1/\sqrt t)` (times 0.05 without parameter scale), not "no
@@ -238,7 +239,8 @@ def adafactor(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       factoring: which axes to factor: ``"largest_two"`` (default, as optax), ``"last_two"``
         (as tensor2tensor) or a callable ``(path, shape) -> (a, b) | None``
-        (:mod:`optim_zoo.second_moment`).
+        (:mod:`optim_zoo.second_moment`); :func:`optim_zoo.pytorch_last_two` factors what
+        Hugging Face's PyTorch Adafactor factors, on Flax's kernel layouts.
       dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
         means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
         least float32 whatever the storage.
@@ -627,7 +629,9 @@ def came(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       factoring: which axes to factor: ``"last_two"`` (the default, the official code's),
         ``"largest_two"`` or a callable ``(path, shape) -> (a, b) | None``
-        (:mod:`optim_zoo.second_moment`), for both factored statistics.
+        (:mod:`optim_zoo.second_moment`), for both factored statistics. The official code's
+        last two axes are PyTorch's layout's; on Flax's convolution kernels (HWIO),
+        :func:`optim_zoo.pytorch_last_two` factors the axes it factors.
       dtype_momentum: dtype the momentum is stored in; None means the parameter's.
         ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or

@@ -70,7 +70,7 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
 
 
 def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.GradientTransformation:
-    r"""Scales each update by its parameter's RMS, :math:`\max(\text{min\_scale}, \mathrm{rms}(p))`.
+    r"""Scales each update by its parameter's RMS, :math:`\max(\text{min_scale}, \mathrm{rms}(p))`.
 
     Adafactor's ``multiply_by_parameter_scale``. The value is that of
     :func:`optax.scale_by_param_block_rms`, which reduces over the parameter twice (the second
@@ -110,7 +110,7 @@ def scale_by_param_rms(min_scale: jax.typing.ArrayLike = 1e-3) -> optax.Gradient
 def clip_by_global_norm(
     max_norm: jax.typing.ArrayLike, eps: jax.typing.ArrayLike = 0.0
 ) -> optax.GradientTransformation:
-    r"""Scales all updates by :math:`\min(1, \text{max\_norm} / (\lVert g \rVert_2 + \epsilon))`.
+    r"""Scales all updates by :math:`\min(1, \mathrm{max\_norm} / (\lVert g \rVert_2 + \epsilon))`.
 
     This is the official Adan clip (``max_grad_norm``): one factor from the norm over every leaf,
     with ``eps`` in the denominator. With ``eps=0`` it equals :func:`optax.clip_by_global_norm`.

@@ -46,7 +46,7 @@ def scale_by_factored_rms(
     r"""Rescales updates by Adafactor's (factored) estimate of the gradient's RMS.
 
     With :math:`c` the number of earlier updates,
-    :math:`\beta_c = 1 - (\max(c - \text{decay\_offset}, 0) + 1)^{-\text{decay\_rate}}` (zero
+    :math:`\beta_c = 1 - (\max(c - \mathrm{decay\_offset}, 0) + 1)^{-\mathrm{decay\_rate}}` (zero
     on the first step), or the constant ``decay`` when it is given (CAME's :math:`\beta_2`), and
     :math:`G = g^2 + \epsilon`. For a leaf factored over axes
     :math:`(a, b)` (:func:`optim_zoo.factored_dims`),

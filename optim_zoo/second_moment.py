@@ -18,7 +18,9 @@ smaller of them has at least ``min_dim_size_to_factor`` elements (optax's rule, 
 ``"last_two"``, the last two axes of every leaf of rank >= 2, whatever their sizes
 (tensor2tensor's and CAME's rule); or a callable ``(path, shape) -> (a, b) | None`` of the
 leaf's key path and shape, for example to keep a stack of scanned layers from being averaged
-across layers. Leaves of rank < 2 or with a zero-size axis are never factored.
+across layers, or :func:`optim_zoo.pytorch_last_two`, the axes PyTorch code's ``"last_two"``
+factors, on Flax's kernel layouts. Leaves of rank < 2 or with a zero-size axis are never
+factored.
 """
 
 from __future__ import annotations
@@ -100,6 +102,46 @@ def factored_dims(
     if factoring == LARGEST_TWO and shape[axes[0]] < min_dim_size_to_factor:
         return None
     return axes
+
+
+def pytorch_last_two(path: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A ``factoring`` rule: the axes PyTorch code factors, on a Flax-layout leaf.
+
+    The official CAME and Hugging Face's Adafactor factor the last two axes of a tensor as
+    PyTorch stores it: ``(out, in)`` for a linear layer, the kernel's spatial axes for a
+    convolution (``(out, in, *spatial)``: H and W of an OIHW kernel). Flax stores kernels as
+    ``(in, out)`` and ``(*spatial, in, out)`` (HWIO), where ``"last_two"`` factors ``(in, out)``
+    instead. This rule reads a leaf of rank >= 3 as a Flax convolution kernel and returns the
+    axes of PyTorch's last two, as ``(a, b)`` with ``b`` PyTorch's last (so ``v_row`` holds
+    PyTorch's ``exp_avg_sq_row``, laid out the Flax way): ``(1, 0)`` for a matrix, ``(1, 0)``
+    for a 1-D convolution ``(W, I, O)``, ``(0, 1)`` for HWIO, ``(r - 4, r - 3)`` for rank
+    ``r >= 4``. Like ``"last_two"``, it factors every leaf of rank >= 2 whatever its sizes.
+    A leaf of rank >= 3 that is not a convolution kernel (a stack of scanned layers, a
+    ``DenseGeneral`` kernel) needs a rule of its own, for example by its path.
+
+    Args:
+      path: the leaf's key path (not used: the rule depends on the shape alone).
+      shape: the leaf's shape.
+
+    Returns:
+      ``(a, b)``, or None for a leaf of rank < 2.
+
+    Example:
+      >>> import optim_zoo
+      >>> optim_zoo.pytorch_last_two((), (3, 3, 16, 32))  # HWIO: PyTorch's H and W
+      (0, 1)
+      >>> optim_zoo.pytorch_last_two((), (16, 32))  # Dense (in, out): PyTorch's (out, in)
+      (1, 0)
+      >>> tx = optim_zoo.came(1e-4, factoring=optim_zoo.pytorch_last_two)
+    """
+    del path
+    rank = len(shape)
+    if rank < 2:
+        return None
+    # PyTorch's axis p of (out, in, *spatial) is Flax's axis p - 2 of (*spatial, in, out),
+    # except out (p = 0: Flax's last) and in (p = 1: Flax's second to last).
+    flax_axis = {0: rank - 1, 1: rank - 2}
+    return flax_axis.get(rank - 2, rank - 4), flax_axis.get(rank - 1, rank - 3)
 
 
 def _rule_axes(rule: FactoringRule, path: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:

@@ -177,3 +177,91 @@ def test_last_two_is_tensor2tensor_on_a_cnn():
     for i, (got, expected) in enumerate(zip(first_step, t2t[0], strict=True)):
         assert np.allclose(got, expected, rtol=1e-10, atol=1e-12) == (i != first_kernel)
     assert not np.allclose(ours_largest[first_kernel], t2t[-1][first_kernel], rtol=1e-3)
+
+
+# --- PyTorch's layout on Flax's kernels ---------------------------------------------------------
+# PyTorch stores a linear layer's weight as (out, in) and a convolution's as (out, in, *spatial);
+# Flax stores the same kernels as (in, out) and (*spatial, in, out). Axis i of the Flax kernel is
+# axis _torch_axes(rank)[i] of the PyTorch one, and the transposition _torch_axes(rank) takes the
+# PyTorch array to the Flax one.
+def _torch_axes(rank):
+    return (*range(2, rank), 1, 0)
+
+
+def _flax_layers():
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    return {
+        "dense": nnx.Linear(6, 5, rngs=rngs),
+        "conv1d": nnx.Conv(6, 5, kernel_size=(3,), rngs=rngs),
+        "conv2d": nnx.Conv(6, 5, kernel_size=(3, 4), rngs=rngs),
+        "conv3d": nnx.Conv(6, 5, kernel_size=(2, 3, 4), rngs=rngs),
+    }
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv1d", "conv2d", "conv3d"])
+def test_pytorch_last_two_names_pytorchs_last_two_axes_on_flax_kernels(layer):
+    shape = _flax_layers()[layer].kernel.shape
+    rank = len(shape)
+    a, b = optim_zoo.factored_dims(shape, factoring=optim_zoo.pytorch_last_two)
+    # The same axes, in the same roles, as PyTorch's last two: a its second to last, b its last.
+    assert (_torch_axes(rank)[a], _torch_axes(rank)[b]) == (rank - 2, rank - 1)
+    if layer != "dense":  # "last_two" factors (in, out) there instead.
+        assert optim_zoo.factored_dims(shape, factoring="last_two") == (rank - 2, rank - 1)
+        assert {a, b} != {rank - 2, rank - 1}
+    assert optim_zoo.pytorch_last_two((), (5,)) is None
+
+
+def _pytorch_and_flax_problem():
+    """Kernels and biases in PyTorch's layout and the same arrays in Flax's, with a gradient
+    (an elementwise quadratic) that is the same function of either layout."""
+    rng = np.random.default_rng(0)
+    torch_shapes = [(5, 6), (5,), (5, 6, 3), (5, 6, 3, 4), (5, 6, 2, 3, 4)]
+    torch_leaves = [rng.standard_normal(s) for s in torch_shapes]
+    curvature = [rng.uniform(0.1, 3.0, s) for s in torch_shapes]
+    target = [rng.standard_normal(s) for s in torch_shapes]
+
+    def to_flax(x):
+        return np.transpose(x, _torch_axes(x.ndim)) if x.ndim >= 2 else x
+
+    def grad_fn(leaves, t, layout=lambda x: x):
+        pairs = zip(leaves, curvature, target, strict=True)
+        return [2 * layout(c) * (p - layout(y)) for p, c, y in pairs]
+
+    return torch_leaves, to_flax, grad_fn
+
+
+@pytest.mark.parametrize("optimizer", ["came", "adafactor"])
+def test_pytorch_last_two_on_flax_layouts_is_the_pytorch_code_on_its_own(optimizer):
+    """The official CAME, and the last-two rule Hugging Face's Adafactor shares with the
+    transcription of tensor2tensor, run on PyTorch-layout tensors; optim_zoo runs on the same
+    tensors in Flax's layout with `pytorch_last_two`: the same trajectory, transposed."""
+    num_steps = 5
+    with jax.enable_x64(True):
+        torch_leaves, to_flax, grad_fn = _pytorch_and_flax_problem()
+        if optimizer == "came":
+            official = reference.Came(0.01)
+            ours, flax_default = (
+                optim_zoo.came(0.01, factoring=optim_zoo.pytorch_last_two),
+                optim_zoo.came(0.01),
+            )
+        else:
+            official = reference.Adafactor(min_dim_size_to_factor=0, last_two=True)
+            ours, flax_default = (
+                optim_zoo.adafactor(factoring=optim_zoo.pytorch_last_two),
+                optim_zoo.adafactor(factoring="last_two"),
+            )
+        expected = reference.run(official, torch_leaves, grad_fn, num_steps)[-1]
+        flax_leaves = [to_flax(x) for x in torch_leaves]
+
+        def flax_grad_fn(leaves, t):
+            return grad_fn(leaves, t, layout=to_flax)
+
+        got = _package_run(ours, flax_leaves, flax_grad_fn, num_steps)
+        got_last_two = _package_run(flax_default, flax_leaves, flax_grad_fn, num_steps)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, to_flax(e), rtol=1e-10, atol=1e-12)
+    # "last_two" on Flax's layout: the matrix and the bias alike, every convolution otherwise.
+    for i, (g, e) in enumerate(zip(got_last_two, expected, strict=True)):
+        assert np.allclose(g, to_flax(e), rtol=1e-10, atol=1e-12) == (i < 2), i

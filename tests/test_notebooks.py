@@ -8,10 +8,13 @@ cell that does nothing where optim_zoo is already importable.
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -27,7 +30,15 @@ NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
 # of one task under both learning-rate schedules, about a minute).
 CELL_TIMEOUT_S = 600
 KERNEL_NAME = "optim-zoo-tests"
-COLAB_URL = "https://colab.research.google.com/github/optim-zoo/optim_zoo/blob/main/notebooks/"
+# The project's address is written in pyproject.toml's [project.urls] only; the notebooks, which
+# cannot read it in Colab, must name the same.
+REPOSITORY = tomllib.loads((NOTEBOOK_DIR.parent / "pyproject.toml").read_text())["project"]["urls"][
+    "Repository"
+]
+COLAB_URL = (
+    REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/")
+    + "/blob/main/notebooks/"
+)
 
 
 def test_the_three_notebooks_are_there():
@@ -97,8 +108,51 @@ def test_notebook_is_committed_executed_with_a_colab_badge(name):
     cells = _code_cells(notebook)
     install = cells[0].source
     assert "import optim_zoo" in install and "except ImportError:" in install, install
+    assert f'REPOSITORY = "{REPOSITORY}"' in install, install
     # Executed top to bottom in one pass, without errors, with its plots in the file.
     assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1))
     outputs = [output for cell in cells for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("image/png" in output.get("data", {}) for output in outputs)
+
+
+def _run_install_cell(name, folder):
+    """The install cell of `name` run where optim_zoo is not importable, in `folder`; returns
+    the line its %pip magic was given, as IPython would expand it."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    source = _code_cells(nbformat.read(NOTEBOOK_DIR / name, as_version=4))[0].source
+    code = TransformerManager().transform_cell(source)
+    installed = []
+
+    def import_(module, *args, **kwargs):
+        if module == "optim_zoo" and not installed:
+            raise ImportError("No module named 'optim_zoo'")
+        return builtins.__import__(module, *args, **kwargs)
+
+    namespace = {"__builtins__": {**vars(builtins), "__import__": import_}}
+
+    class Shell:
+        def run_line_magic(self, magic, line):
+            assert magic == "pip", magic
+            installed.append(line.format(**namespace))
+
+    namespace["get_ipython"] = Shell
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, name, "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert len(installed) == 1, installed
+    return installed[0]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_install_cell_takes_an_uploaded_wheel_or_else_the_repository(name, tmp_path):
+    # Nothing uploaded: the repository of pyproject.toml.
+    assert f'"optim_zoo[bench] @ git+{REPOSITORY}"' in _run_install_cell(name, tmp_path)
+    # A wheel uploaded to the session's folder, before the repository is public.
+    wheel = tmp_path / "optim_zoo-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    assert f'"optim_zoo[bench] @ {wheel.resolve().as_uri()}"' in _run_install_cell(name, tmp_path)

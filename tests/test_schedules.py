@@ -1,4 +1,4 @@
-"""The schedules: Apollo's warmup with a schedule, and the README's recipe for the official one."""
+"""The schedules: Apollo's warmup with a schedule, and docs/optimizers.md's official recipe."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -43,6 +43,10 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "device": str(jax.devices()[0].device_kind),
+        # XLA:CPU compiles for the processor's vector units, and a reduction's float32 sum can
+        # end in another bit with another width (docs/evidence.md): say which the run had.
+        "cpu": _cpu_name(),
+        "cpu_vector_isa": _vector_isa(),
     }
 
 
@@ -54,6 +58,27 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _vector_isa() -> str | None:
+    """The widest x86 vector instruction set the processor reports (None where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    for isa, flag in (
+        ("AVX-512", "avx512f"),
+        ("AVX2", "avx2"),
+        ("AVX", "avx"),
+        ("SSE4.2", "sse4_2"),
+    ):
+        if flag in flags:
+            return isa
+    return None
 
 
 def _gpu_description() -> str:

@@ -34,7 +34,7 @@ recorded as skipped, with the reason).
 backend's choice, off on a GPU).
 ``--bf16-state`` adds every optimizer with its state in bfloat16, ``--eight-bit-state`` with
 8-bit state (``dtype_momentum=jnp.int8``, ``dtype_second_moment=jnp.uint8``, stochastic
-rounding; docs/state_precision.md); ``--only`` keeps the rows
+rounding; docs/eight_bit_state.md); ``--only`` keeps the rows
 whose algorithm, library or variant matches, as in `step_time.py`.
 """
 
