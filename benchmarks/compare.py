@@ -37,7 +37,7 @@ import optax
 from tqdm import tqdm
 
 from benchmarks.common import report
-from benchmarks.common.contenders import CONTENDERS, Contender
+from benchmarks.common.contenders import CONTENDERS, Contender, eight_bit_state
 from benchmarks.common.digits import (
     Dataset,
     cross_entropy,
@@ -285,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(title, flush=True)
 
+    # Beside the default table, each optim_zoo optimizer with 8-bit state (stochastic rounding);
+    # the quick run, the first one only.
+    eight_bit = [eight_bit_state(c) for c in contenders if c.name.startswith("optim_zoo.")]
+    eight_bit = eight_bit[:1] if args.quick else eight_bit
     rows, timers = zip(
         *(
             run_contender(
@@ -296,16 +300,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 timing_steps=timing_steps,
                 progress=not args.no_progress,
             )
-            for contender in contenders
+            for contender in (*contenders, *eight_bit)
         ),
         strict=True,
     )
     for row, ms_per_step in zip(rows, best_ms_per_step(timers, timing_repeats), strict=True):
         row["ms_per_step"] = ms_per_step
+    rows, eight_bit_rows = rows[: len(contenders)], rows[len(contenders) :]
     total_seconds = time.perf_counter() - started
 
     table = format_table(rows, param_bytes)
     print(table)
+    eight_bit_table = format_table(eight_bit_rows, param_bytes) if eight_bit_rows else ""
+    if eight_bit_rows:
+        print("\n8-bit state (dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8):")
+        print(eight_bit_table)
     print(f"total time {total_seconds:.1f} s; parameters take {param_bytes:,} bytes")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_seconds": total_seconds,
         "table": table,
         "results": list(rows),
+        "eight_bit_table": eight_bit_table,
+        "eight_bit_results": list(eight_bit_rows),
     }
     (args.out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out_dir / 'compare.json'} and {args.out_dir / 'compare.png'}")

@@ -4,6 +4,7 @@ Each optimizer is an `optax.chain` of a primitive transform (exported here, comp
 own) and building blocks. `docs/architecture.md` maps the modules.
 """
 
+from optim_zoo._codes import CodedState
 from optim_zoo._fusion import compiler_steering
 from optim_zoo.adaptive_inertia import ScaleByAdaptiveInertiaState, scale_by_adaptive_inertia
 from optim_zoo.alias import (
@@ -55,6 +56,7 @@ __all__ = [
     "ScaleByNesterovMomentState",
     "ScaleByRectifiedDiagHessianState",
     "FactoredSecondMoment",
+    "CodedState",
     # Building blocks the optimizers chain.
     "clip_by_block_rms",
     "clip_by_global_norm",

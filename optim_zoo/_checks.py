@@ -223,10 +223,26 @@ def static_int(name: str, value: Any) -> int:
     return int(number)
 
 
+# The state dtypes that mean 8-bit codes (optim_zoo._codes): the argument that takes each, and
+# why the other one is refused there.
+CODE_DTYPES = {
+    "dtype_momentum": (
+        jnp.dtype(jnp.int8),
+        "momenta take both signs: jnp.int8 stores them as signed 8-bit codes",
+    ),
+    "dtype_second_moment": (
+        jnp.dtype(jnp.uint8),
+        "second moments are never negative: jnp.uint8 stores them as unsigned 8-bit codes, "
+        "every bit for the magnitude",
+    ),
+}
+
+
 def check_dtype(name: str, value: Any) -> jnp.dtype | None:
     """None, or `value` as a floating-point dtype a step can compute with
-    (:func:`_dtypes.computes_with`: not an 8-bit float); raises `ValueError` naming `name`
-    otherwise.
+    (:func:`_dtypes.computes_with`: not an 8-bit float), or, for the two storage arguments of
+    :data:`CODE_DTYPES`, its 8-bit code dtype (int8 for ``dtype_momentum``, uint8 for
+    ``dtype_second_moment``); raises `ValueError` naming `name` otherwise.
 
     A jax array stands for its dtype: `optax.inject_hyperparams` takes a callable such as
     `jnp.bfloat16` for a schedule and passes its value, `jnp.bfloat16(count)`, instead. Optax
@@ -242,9 +258,16 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
             dtype = jnp.dtype(value)
         except TypeError:
             dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    if name in CODE_DTYPES and dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+        code, why = CODE_DTYPES[name]
+        if dtype != code:
+            raise ValueError(
+                f"{name} must be None, a floating-point dtype or jnp.{code.name} (8-bit codes), "
+                f"got {value!r}: {why}."
+            )
+    elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be None or a floating-point dtype, got {value!r}.")
-    if not _dtypes.computes_with(dtype):
+    elif not _dtypes.computes_with(dtype):
         raise ValueError(
             f"{name} must be None or a floating-point dtype that JAX promotes with float32 (the "
             f"least a step computes in), got {value!r}: {dtype.name} has no implicit promotion "
@@ -264,9 +287,9 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
 def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
     """None, or `value` as float32, bfloat16 or float64; raises `ValueError` otherwise."""
     dtype = check_dtype("dtype_second_moment", value)
-    if dtype is not None and dtype not in _dtypes.SECOND_MOMENT_DTYPES:
+    if dtype is not None and dtype not in (*_dtypes.SECOND_MOMENT_DTYPES, jnp.dtype(jnp.uint8)):
         raise ValueError(
-            "dtype_second_moment must be None, float32, bfloat16 or float64, got "
+            "dtype_second_moment must be None, float32, bfloat16, float64 or uint8, got "
             f"{value!r}: {dtype.name} cannot hold the squares of ordinary gradients "
             "(bfloat16 keeps float32's range in half the bytes)."
         )

@@ -184,12 +184,19 @@ class LeafRounding:
         dtype = jnp.dtype(dtype)
         if not self._step.stochastic or not is_narrower(dtype, x.dtype):
             return x.astype(dtype)
-        tag = _mix_int((self._tag * 31 + field) % 2**32)
-        stream = _mix(self._step.step_bits() ^ jnp.uint32(tag))
-        bits = _element_bits(stream, x.shape)
+        bits = self.bits(field, x.shape)
         if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
             return _stochastic_bfloat16(x, bits)
         return _stochastic(x, dtype, bits)
+
+    def bits(self, field: int, shape: tuple[int, ...]) -> jax.Array | None:
+        """32 uniform random bits per element of `shape` from field `field`'s stream, or None
+        when rounding to nearest (8-bit codes draw from here as :meth:`store` does)."""
+        if not self._step.stochastic:
+            return None
+        tag = _mix_int((self._tag * 31 + field) % 2**32)
+        stream = _mix(self._step.step_bits() ^ jnp.uint32(tag))
+        return _element_bits(stream, shape)
 
 
 def _mix_int(x: int) -> int:

@@ -335,6 +335,8 @@ def widened_for_reductions(
     over the same values in `dtype`, for some shapes (a 384 x 1024 bfloat16 leaf among them).
     """
     dtype = jnp.dtype(dtype)
+    if not isinstance(x, jax.Array):  # 8-bit codes: decoded in the loop that reads them
+        return [x.astype(dtype)] * count
     if x.dtype == dtype:
         return [x] * count
     if not _on():

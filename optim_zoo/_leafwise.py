@@ -13,7 +13,9 @@ driver owns, for every primitive alike:
   the new state;
 * storage (:meth:`Leaf.store`, the one hook every stored value passes through): a field's
   storage dtype and its rounding, to nearest or stochastically, with a random stream of its own
-  that follows from the field's place in the declaration;
+  that follows from the field's place in the declaration, or 8-bit codes with a scale per block
+  (:mod:`optim_zoo._codes`: int8 for ``dtype_momentum``, uint8 for ``dtype_second_moment``),
+  decoded by :meth:`Leaf.old` for the arithmetic and encoded by :meth:`Leaf.store`;
 * the compiler-steering switch (:func:`optim_zoo._fusion.steered`).
 """
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree, second_moment
+from optim_zoo import _checks, _codes, _dtypes, _fusion, _shards, _tree, second_moment
 
 # Field kinds: where a field's storage dtype and initial value come from.
 MOMENTUM = "momentum"  # like the params; dtype_momentum, else the parameter's dtype; zeros
@@ -118,19 +120,27 @@ class Leaf:
         of this field; it is overwritten only once they exist (``_fusion.written_after``).
         """
         old, stream = self._old[name], self._step.streams[name]
-        store = self._rounding.store
         if isinstance(old, second_moment.LeafMoment):
-            stored = value.stored_as(old, store, stream)
+            stored = value.stored_as(old, self._put, stream)
         else:
-            stored = store(value, old.dtype, stream)
+            stored = self._put(value, old, stream)
         if after:
-            stored = _fusion.written_after(stored, *self._reads(after))
+            stored = _written_after(stored, self._reads(after))
         self._new[name] = stored
         return stored.astype(self.dtype)
 
+    def _put(self, x: jax.Array, old: Any, stream: int) -> Any:
+        """`x` stored as `old` is: in its dtype, or as 8-bit codes (``_codes.encode``, the
+        random bits of stochastic rounding from the same stream)."""
+        if isinstance(old, _codes.CodedState):
+            x = x.astype(jnp.promote_types(x.dtype, old.dtype))
+            bits = self._rounding.bits(stream, x.shape)
+            return _codes.encode(x, old.signed, old.scales.dtype, bits)
+        return self._rounding.store(x, old.dtype, stream)
+
     def write_after(self, name: str, *reads: Any) -> None:
         """Field `name`, stored already, is overwritten only after `reads` (see :meth:`store`)."""
-        self._new[name] = _fusion.written_after(self._new[name], *self._reads(reads))
+        self._new[name] = _written_after(self._new[name], self._reads(reads))
 
     def _reads(self, reads: Sequence[Any]) -> list[jax.Array]:
         arrays = []
@@ -141,11 +151,19 @@ class Leaf:
                 arrays.extend(self._new[read].broadcastable())
             else:
                 arrays.append(self._new[read])
-        return arrays
+        # 8-bit codes: their reading is ordered by their codes, shaped like the leaf.
+        return [x.codes if isinstance(x, _codes.CodedState) else x for x in arrays]
 
     def state(self, name: str) -> Any:
         """Field `name` for the new state: as stored this step, else as it was."""
         return self._new.get(name, self._old[name])
+
+
+def _written_after(stored: Any, reads: list[jax.Array]) -> Any:
+    """``_fusion.written_after`` for a stored value: of its codes when it is 8-bit codes."""
+    if isinstance(stored, _codes.CodedState):
+        return stored._replace(codes=_fusion.written_after(stored.codes, *reads))
+    return _fusion.written_after(stored, *reads)
 
 
 def _dtype(x: Any) -> jnp.dtype | None:
@@ -212,10 +230,11 @@ def transform(
     def init_field(field: Field, params: Any) -> Any:
         if field.kind == MOMENTUM:
             return _tree.first_moment_zeros(params, options.dtype_momentum)
-        if field.kind == STATISTIC:
-            return _tree.second_moment_zeros(params, options.dtype_second_moment)
-        if field.kind == PRODUCT:
+        if field.kind == STATISTIC:  # a statistic may take both signs (Apollo's B)
+            return _tree.second_moment_zeros(params, options.dtype_second_moment, signed=True)
+        if field.kind == PRODUCT:  # never 8-bit codes (Adai's product of inertias)
             dtype = options.dtype_second_moment
+            dtype = None if _codes.is_code_dtype(dtype) else dtype
             return jax.tree.map(
                 lambda p: jnp.ones_like(p, _dtypes.compute_dtype(p.dtype, dtype)), params
             )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _dtypes
+from optim_zoo import _codes, _dtypes
 
 
 def is_params_placeholder(params: Any) -> bool:
@@ -263,17 +263,54 @@ def unzip(rows: list[tuple], num_columns: int) -> tuple[tuple, ...]:
 
 
 def first_moment_zeros(params: Any, dtype_momentum: jnp.dtype | None) -> Any:
-    """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype."""
-    return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _dtypes.momentum_dtype(p.dtype, dtype_momentum)), params
+    """Zeros like `params`, in `dtype_momentum` or, when it is None, each parameter's dtype;
+    int8: signed 8-bit codes where a leaf is large enough (:mod:`optim_zoo._codes`)."""
+    return _state_like(
+        params,
+        lambda p: _codes.state_zeros(
+            p, _dtypes.momentum_dtype(p.dtype, dtype_momentum), True, p.dtype
+        ),
     )
 
 
-def second_moment_zeros(params: Any, dtype_second_moment: jnp.dtype | None) -> Any:
-    """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32."""
-    return jax.tree.map(
-        lambda p: jnp.zeros_like(p, _dtypes.stats_dtype(p.dtype, dtype_second_moment)), params
+def second_moment_zeros(
+    params: Any, dtype_second_moment: jnp.dtype | None, signed: bool = False
+) -> Any:
+    """Zeros like `params`, in `dtype_second_moment` or, when it is None, at least float32;
+    uint8: 8-bit codes where a leaf is large enough, signed for a statistic that takes both
+    signs (`signed`), else at least float32."""
+    return _state_like(
+        params,
+        lambda p: _codes.state_zeros(
+            p,
+            _dtypes.stats_dtype(p.dtype, dtype_second_moment),
+            signed,
+            _dtypes.stats_dtype(p.dtype),
+        ),
     )
+
+
+def _state_like(params: Any, fn: Any) -> Any:
+    """``jax.tree.map(fn, params)``, where a Flax wrapper's 8-bit codes are two wrappers.
+
+    An NNX variable or Linen box around an array stays around its state array, with its
+    metadata (sharding names too), as ``jax.tree.map`` leaves it; around a
+    :class:`_codes.CodedState` it would hold a pair Flax takes apart, so each of the codes and
+    the scales gets a wrapper of its own instead (both have the parameter's rank).
+    """
+
+    def leaf(x: Any) -> Any:
+        if not _is_flax_wrapper(x):
+            return fn(x)
+        arrays, treedef = jax.tree.flatten(x)
+        if len(arrays) != 1:
+            return jax.tree.map(fn, x)
+        state = fn(arrays[0])
+        if isinstance(state, _codes.CodedState):
+            return _codes.CodedState(*(treedef.unflatten([a]) for a in state))
+        return treedef.unflatten([state])
+
+    return jax.tree.map(leaf, params, is_leaf=_is_flax_wrapper)
 
 
 def resolve_mask(mask: Any, params: Any) -> Any:

@@ -65,6 +65,22 @@ def adan(
     ``optax.inject_hyperparams`` turns a Python int into an int32 array, so there a seed of
     2**31 or more goes in ``static_args`` or as ``np.uint32(seed)``; any integer array works.
 
+    8-bit state: ``dtype_momentum=jnp.int8`` and ``dtype_second_moment=jnp.uint8`` (every
+    optimizer of the package takes them) store each leaf's field as a
+    :class:`optim_zoo.CodedState`: one 8-bit code per element, with the parameter's shape, and
+    one scale per 64 consecutive elements of its last axis, the block's largest finite
+    magnitude. The code is companded, :math:`x = s\,\mathrm{sign}(k) (k / Q)^2` with
+    :math:`Q = 127` signed (momenta) or 254 unsigned (second moments), so each block's largest
+    value is exact and smaller ones keep a resolution proportional to their square root. The
+    arithmetic decodes them and runs in float32; rounding to the codes is to nearest, or
+    stochastic (unbiased) with ``state_rounding="stochastic"``, from the same streams as
+    above. A positive second moment is never stored as zero (below the first code it is
+    stored as the first code, so the step there is smaller, never ``m / eps``); a NaN or an
+    infinity decodes to NaN, and its neighbours keep their values. Leaves under 4096 elements,
+    or with a last axis under 64, keep the default dtypes; factored statistics and Adai's
+    product of inertias stay float32. Adan's state goes from 16 to about 4.5 bytes per
+    float32 parameter (``docs/eight_bit_state.md`` has the measurements).
+
     Args:
       learning_rate: a float >= 0 or an optax schedule.
       b1: decay of the gradient EMA (official convention; paper's :math:`1 - \beta_1`).
@@ -81,9 +97,11 @@ def adan(
         (the infinite element itself becomes NaN, so the step is not finite).
       dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
         the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the squared moment ``n`` is stored in; None means
         float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
         float32 whatever the storage.
+        ``jnp.uint8``: 8-bit codes with a scale per block (see :func:`optim_zoo.adan`).
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -214,6 +232,7 @@ def adafactor(
       momentum: None or in [0, 1): EMA of the scaled step.
       dtype_momentum: dtype the momentum is stored in: float32 by default, as in optax; None
         means the parameter's, as tensor2tensor keeps it. Updates keep the gradient dtype.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
       eps: added to the squared gradient.
       factored: whether to factor second moments at all.
@@ -225,6 +244,7 @@ def adafactor(
       dtype_second_moment: dtype the factored (and unfactored) statistics are stored in; None
         means float32, or the parameter's dtype when it is wider. The arithmetic runs in at
         least float32 whatever the storage.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -338,9 +358,11 @@ def apollo(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       dtype_momentum: dtype the gradient EMA ``m`` and the direction are stored in; None
         means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the Hessian estimate is stored in; None means
         float32, or the parameter's dtype when it is wider. The arithmetic runs in at least
         float32 whatever the storage.
+        ``jnp.uint8``: 8-bit codes, signed as ``B`` takes both signs (:func:`optim_zoo.adan`).
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -441,9 +463,11 @@ def adai(
       weight_decay_mask: a tree of booleans like the params, or a callable returning one.
       dampening: the official AdaiV2 dampening, in [0, 1]; 1 is Adai.
       dtype_momentum: dtype the momentum ``m`` is stored in; None means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype ``v`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic, and the product of past inertias, stay in at
         least float32 whatever the storage.
+        ``jnp.uint8``: 8-bit codes with a scale per block (see :func:`optim_zoo.adan`).
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -609,8 +633,10 @@ def came(
         last two axes are PyTorch's layout's; on Flax's convolution kernels (HWIO),
         :func:`optim_zoo.pytorch_last_two` factors the axes it factors.
       dtype_momentum: dtype the momentum is stored in; None means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider. The arithmetic runs in at least float32.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -731,8 +757,10 @@ def factored_adan(
         callable ``(path, shape) -> (a, b) | None`` (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
         the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).
@@ -823,8 +851,10 @@ def factored_adai(
       factoring: which axes to factor: ``"largest_two"`` (default), ``"last_two"`` or a
         callable ``(path, shape) -> (a, b) | None`` (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the factored statistics are stored in; None means float32, or
         the parameter's dtype when it is wider.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how state stored narrower than the arithmetic (bfloat16 state, say) is
         rounded: ``"nearest"`` (default) or ``"stochastic"`` (see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the rounding's seed, an integer in [0, 2**32).

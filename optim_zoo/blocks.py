@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
+from optim_zoo import _checks, _codes, _dtypes, _fusion, _shards, _tree
 
 # Leaves at least this large are clipped one after another (see clip_by_block_rms).
 _SEQUENTIAL_CLIP_MIN_SIZE = 2**16
@@ -235,8 +235,13 @@ def momentum_of_steps(
     momentum would turn bfloat16 updates into float32 ones). On real pairs, so that a float32
     accumulator keeps both parts of a complex step. With ``state_rounding="stochastic"`` a
     narrower accumulator is stored with stochastic rounding (``_dtypes.StateRounding``).
+    ``jnp.int8``: 8-bit codes (:mod:`optim_zoo._codes`), :func:`_coded_momentum_of_steps`.
     """
     _checks.check_state_rounding(state_rounding, state_rounding_seed)
+    if _codes.is_code_dtype(dtype_momentum):
+        return _tree.on_real_arrays(
+            _coded_momentum_of_steps(decay, state_rounding, state_rounding_seed), "adafactor"
+        )
     ema = optax.ema(decay, debias=False, accumulator_dtype=dtype_momentum)
 
     def update_fn(updates, state, params=None):
@@ -260,6 +265,41 @@ def momentum_of_steps(
         return optax.tree.cast_like(new_updates, updates), new_state
 
     return _tree.on_real_arrays(optax.GradientTransformation(ema.init, update_fn), "adafactor")
+
+
+def _coded_momentum_of_steps(
+    decay: jax.typing.ArrayLike, state_rounding: str, state_rounding_seed: int
+) -> optax.GradientTransformation:
+    """:func:`momentum_of_steps` with the accumulator as 8-bit codes where a leaf is large
+    enough (the parameter's dtype elsewhere): ``optax.ema``'s state and arithmetic, in at least
+    float32, the accumulator decoded when read and encoded when stored."""
+
+    def init_fn(params):
+        return optax.EmaState(jnp.zeros([], jnp.int32), _tree.first_moment_zeros(params, jnp.int8))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        rounding = _dtypes.StateRounding(
+            state_rounding, state_rounding_seed, count, _dtypes.salt("adafactor_momentum")
+        )
+        leaves, treedef = jax.tree.flatten(updates)
+        olds = _tree.leaves_like(updates, state.ema, "adafactor")
+        new_updates, stored = [], []
+        for path, u, old in zip(_tree.leaf_keys(updates), leaves, olds, strict=True):
+            _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
+            dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
+            new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
+            leaf_rounding = rounding.for_leaf(path)
+            if isinstance(old, _codes.CodedState):
+                bits = leaf_rounding.bits(0, new.shape)
+                stored.append(_codes.encode(new, True, old.scales.dtype, bits))
+            else:
+                stored.append(leaf_rounding.store(new, old.dtype, 0))
+            new_updates.append(new.astype(u.dtype))
+        return treedef.unflatten(new_updates), optax.EmaState(count, treedef.unflatten(stored))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def state_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:

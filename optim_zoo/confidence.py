@@ -63,8 +63,10 @@ def scale_by_confidence(
         ``"largest_two"`` or a callable ``(path, shape) -> (a, b) | None``
         (:mod:`optim_zoo.second_moment`); ``min_dim_size_to_factor`` is 0.
       dtype_momentum: dtype ``m`` is stored in; None means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the instability statistics are stored in; None means float32,
         or the parameter's dtype when it is wider.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how state stored narrower than the arithmetic is rounded:
         ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in

@@ -78,9 +78,11 @@ def scale_by_rectified_diag_hessian(
       weight_decay_mask: a tree of booleans like the params (or a callable returning one):
         True where decay applies. None means everywhere.
       dtype_momentum: dtype ``m`` and the direction are stored in; None means the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype the Hessian estimate ``B`` is stored in; None means float32,
         or the parameter's dtype when it is wider. The arithmetic runs in at least float32
         whatever the storage.
+        ``jnp.uint8``: 8-bit codes, signed as ``B`` takes both signs (:func:`optim_zoo.adan`).
       state_rounding: how state stored narrower than the arithmetic is rounded:
         ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in

@@ -82,6 +82,7 @@ def scale_by_factored_rms(
         ``decay_offset`` are not used), as CAME keeps its second moment.
       dtype_second_moment: dtype the statistics are stored in; None means float32, or the
         parameter's dtype when it is wider.
+        ``jnp.uint8``: 8-bit codes for full statistics; factored ones, small, keep float32.
       state_rounding: how statistics stored narrower than the arithmetic are rounded:
         ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see :func:`optim_zoo.adan`).
       state_rounding_seed: with ``"stochastic"``, the seed of the rounding, an integer in

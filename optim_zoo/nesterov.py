@@ -89,8 +89,10 @@ def scale_by_nesterov_moment(
         (:mod:`optim_zoo.second_moment`).
       dtype_momentum: dtype ``m``, ``v`` and the previous gradient are stored in; None means
         the parameter's.
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
       dtype_second_moment: dtype ``n`` is stored in; None means float32, or the parameter's
         dtype when it is wider. The arithmetic runs in at least float32 whatever the storage.
+        ``jnp.uint8``: 8-bit codes with a scale per block (see :func:`optim_zoo.adan`).
       state_rounding: how state stored narrower than the arithmetic is rounded:
         ``"nearest"`` (default) or ``"stochastic"`` (unbiased; see
         :func:`optim_zoo.adan`). No effect on state as wide as the arithmetic.

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim_zoo import _checks, _dtypes, _fusion, _shards, _tree
+from optim_zoo import _checks, _codes, _dtypes, _fusion, _shards, _tree
 
 LARGEST_TWO = "largest_two"
 LAST_TWO = "last_two"
@@ -287,18 +287,18 @@ class LeafMoment(NamedTuple):
     def stored_as(
         self, old: LeafMoment, store: Callable[..., jax.Array] | None = None, field: int = 0
     ) -> LeafMoment:
-        """The statistics in the dtypes of `old`, the stored ones.
+        """The statistics as `old`, the stored ones, store them (a dtype, or 8-bit codes).
 
-        Cast with ``store(x, dtype, field)`` when given (a ``_dtypes.LeafRounding.store``; the
-        row, column and full statistics are its fields `field`, `field` + 1 and `field` + 2),
-        else with ``astype``.
+        Stored with ``store(x, old_x, field)`` when given (``Leaf.store``'s; the row, column and
+        full statistics are its fields `field`, `field` + 1 and `field` + 2), else cast with
+        ``astype`` to each one's dtype.
         """
         stored = []
         for i, (x, o) in enumerate(zip(self[:3], old[:3], strict=True)):
             if x is None:
                 stored.append(None)
             else:
-                stored.append(x.astype(o.dtype) if store is None else store(x, o.dtype, field + i))
+                stored.append(x.astype(o.dtype) if store is None else store(x, o, field + i))
         return LeafMoment(*stored, self.axes)
 
     def broadcastable(self) -> list[jax.Array]:
@@ -419,8 +419,10 @@ def init(
         if axes is None:
             v_row.append(None)
             v_col.append(None)
-            v.append(None if factored_only else jnp.zeros_like(p, dtype=dtype))
+            v.append(None if factored_only else _tree.second_moment_zeros(p, dtype_second_moment))
         else:
+            if _codes.is_code_dtype(dtype):  # factored statistics are small: never codes
+                dtype = _dtypes.stats_dtype(p.dtype)
             small_axis, large_axis = axes
             v_row.append(_zeros_without_axis(p, large_axis, dtype))
             v_col.append(_zeros_without_axis(p, small_axis, dtype))

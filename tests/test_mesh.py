@@ -11,3 +11,7 @@ from fixtures.mesh import run_pytest_on_host_devices
 
 def test_sharded_optimizers_on_a_2x4_mesh():
     run_pytest_on_host_devices("mesh_jax.py")
+
+
+def test_8bit_state_on_a_2x4_mesh():
+    run_pytest_on_host_devices("mesh_8bit.py")

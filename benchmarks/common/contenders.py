@@ -121,6 +121,19 @@ def bf16_state(contender: Contender, name: str, *, stochastic: bool = False) -> 
     return Contender(name, contender.factory, {**contender.kwargs, **dtypes})
 
 
+EIGHT_BIT_SUFFIX = " [8-bit state]"
+
+
+def eight_bit_state(contender: Contender, name: str | None = None) -> Contender:
+    """`contender` with 8-bit state (``dtype_momentum=jnp.int8``, ``dtype_second_moment=
+    jnp.uint8``) and stochastic rounding; Adafactor without momentum has no momentum dtype."""
+    dtypes: dict[str, Any] = {"dtype_second_moment": jnp.dtype(jnp.uint8)}
+    if contender.factory is not optim_zoo.adafactor or contender.kwargs.get("momentum"):
+        dtypes["dtype_momentum"] = jnp.dtype(jnp.int8)
+    kwargs = {**contender.kwargs, **dtypes, "state_rounding": "stochastic"}
+    return Contender(name or contender.name + EIGHT_BIT_SUFFIX, contender.factory, kwargs)
+
+
 # --- What the step-time benchmark times --------------------------------------------------------
 
 # The optim_zoo optimizers the step-time benchmark also times with bfloat16 state.
@@ -145,6 +158,7 @@ ADAI_HP = {"lr": 0.1, "beta0": 0.1, "beta2": 0.99, "eps": 1e-3, "weight_decay": 
 CAME_HP = {"lr": 2e-4, "betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16), "weight_decay": 1e-2}
 BF16_STATE = "bf16 state"
 BF16_STATE_SR = "bf16 state, stochastic rounding"
+EIGHT_BIT_STATE = "8-bit state, stochastic rounding"
 NO_DECAY = "no decay"
 L2_DECAY, DECOUPLED_DECAY, STABLE_DECAY = "L2 decay", "decoupled decay", "stable decay"
 # The weight decay each decay variant runs (`traffic.DECAY_READS`).

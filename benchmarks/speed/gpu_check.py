@@ -32,13 +32,16 @@ recorded as skipped, with the reason).
 
 ``--steering`` picks the settings (``both``, the default; ``on``, ``off`` or ``default``: the
 backend's choice, off on a GPU).
-``--bf16-state`` adds every optimizer with its state in bfloat16; ``--only`` keeps the rows
+``--bf16-state`` adds every optimizer with its state in bfloat16, ``--eight-bit-state`` with
+8-bit state (``dtype_momentum=jnp.int8``, ``dtype_second_moment=jnp.uint8``, stochastic
+rounding; docs/eight_bit_state.md); ``--only`` keeps the rows
 whose algorithm, library or variant matches, as in `step_time.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -57,7 +60,13 @@ import jax
 import numpy as np
 
 from benchmarks.common import report
-from benchmarks.common.contenders import BF16_STATE, Implementation, implementations
+from benchmarks.common.contenders import (
+    BF16_STATE,
+    EIGHT_BIT_STATE,
+    Implementation,
+    eight_bit_state,
+    implementations,
+)
 from benchmarks.common.environment import (
     COMPILER_OPTIONS,
     RESULTS_DIR,
@@ -90,6 +99,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", nargs="*", default=None, help="algorithm or library names")
     parser.add_argument("--bf16-state", action="store_true", help="add the bf16-state rows")
+    parser.add_argument(
+        "--eight-bit-state", action="store_true", help="add the 8-bit-state rows (see above)"
+    )
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch's AdamW")
     parser.add_argument("--pairs", type=int, default=None, help="rounds per row (default 100)")
     parser.add_argument(
@@ -120,7 +132,23 @@ def _selected(args: argparse.Namespace) -> list[Implementation]:
         rows = [c for c in rows if c.matches(wanted)]
         if not rows:
             raise SystemExit(f"no row matches {args.only}")
+    if args.eight_bit_state:  # after each plain optim_zoo row, the same with 8-bit state
+        rows = [
+            variant
+            for c in rows
+            for variant in (
+                (c, _eight_bit_row(c)) if c.library == "optim_zoo" and not c.variant else (c,)
+            )
+        ]
     return rows
+
+
+def _eight_bit_row(row: Implementation) -> Implementation:
+    """`row` with 8-bit state and stochastic rounding (`contenders.eight_bit_state`)."""
+    contender = eight_bit_state(row.contender, row.contender.name)
+    return dataclasses.replace(
+        row, make=contender.build, variant=EIGHT_BIT_STATE, contender=contender
+    )
 
 
 def _torch_adamw() -> Implementation | None:

@@ -1,0 +1,85 @@
+"""8-bit optimizer state on a (2, 4) mesh of 8 host CPU devices, with JAX's own sharding.
+
+Run by `tests/test_mesh.py` in a subprocess (see `tests/on_devices/mesh_jax.py`). For auto and
+explicit mesh axes: each coded field's codes have its parameter's sharding and its scales the
+parameter's spec (the blocked last axis is shorter, not gone), after `init` and after jitted
+updates with stochastic rounding; and (auto axes) the sharded run equals the single-device run
+to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optim_zoo
+from fixtures.mesh import NUM_HOST_DEVICES
+
+if jax.device_count() != NUM_HOST_DEVICES:
+    pytest.skip(f"needs {NUM_HOST_DEVICES} devices", allow_module_level=True)
+
+# Each scale covers 64 elements of the last axis: 256 / 4 devices = 64 per shard, one block.
+SHAPES = {"b": (8192,), "w": (64, 256)}
+SPECS = {"b": P("model"), "w": P("data", "model")}
+
+
+def _make(params_on, axis_type):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+    return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in params_on.items()}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_coded_state_shards_like_its_parameter(axis_type):
+    rng = np.random.default_rng(0)
+    values = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    tx = optim_zoo.adan(
+        1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8, state_rounding="stochastic"
+    )
+
+    def step(params, state):
+        updates, state = tx.update(jax.tree.map(lambda p: 0.5 * p + 0.1, params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    def run(params):
+        state = tx.init(params)
+        for _ in range(2):
+            params, state = jax.jit(step)(params, state)
+        return params, state
+
+    params = _make(values, axis_type)
+    mesh = params["w"].sharding.mesh
+
+    def check(state):
+        coded = 0
+        for field in ("m", "v", "n", "prev_grad"):
+            for k, x in getattr(state[0], field).items():
+                assert isinstance(x, optim_zoo.CodedState), (field, k)
+                assert x.codes.sharding.is_equivalent_to(params[k].sharding, len(SHAPES[k]))
+                expected = NamedSharding(mesh, SPECS[k])
+                assert x.scales.sharding.is_equivalent_to(expected, len(SHAPES[k])), (field, k)
+                coded += 1
+        assert coded == 8
+
+    with jax.set_mesh(mesh):
+        check(tx.init(params))
+        sharded_params, sharded_state = run(params)
+        check(sharded_state)
+    if axis_type == AxisType.Explicit:
+        return  # the layout; the values are compared once, with auto axes
+    single_params, single_state = run(jax.tree.map(jnp.asarray, values))
+    # The same codes up to the last bit of the float32 arithmetic (XLA fuses per shard).
+    sharded_params, sharded_state = jax.device_get((sharded_params, sharded_state))
+    decoded = jax.tree.map(
+        lambda x: np.asarray(x.astype(jnp.float32)) if isinstance(x, optim_zoo.CodedState) else x,
+        (single_state, sharded_state),
+        is_leaf=lambda x: isinstance(x, optim_zoo.CodedState),
+    )
+    for a, b in zip(jax.tree.leaves(decoded[0]), jax.tree.leaves(decoded[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for k in SHAPES:
+        np.testing.assert_allclose(sharded_params[k], single_params[k], rtol=1e-5, atol=1e-6)
