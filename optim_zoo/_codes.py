@@ -8,8 +8,8 @@ shape but its last axis ``ceil(n / BLOCK_SIZE)`` long. Both shard like the param
 
 Encoding a block ``x``: the scale is its largest finite magnitude ``s``; each element's
 position ``y = x / s`` in [-1, 1] is companded, ``z = sign(y) sqrt(|y|)`` (the code
-:data:`CODE`, chosen by the ablation in ``benchmarks/claims/codes.py``), and ``z`` is put on the
-grid ``k / Q``, ``Q = 127`` for signed codes (momenta, which take both signs) and ``Q = 254``
+:data:`CODE`, chosen by the ablation in ``benchmarks/claims/eight_bit.py``), and ``z`` is put
+on the grid ``k / Q``, ``Q = 127`` for signed codes (momenta, which take both signs) and ``Q = 254``
 for unsigned ones (second moments, never negative). Decoding is ``s * sign(k) (k / Q)**2``.
 So:
 
