@@ -12,6 +12,7 @@ from the network: MathJax is served from the site itself (see `MATHJAX` below).
 
 from __future__ import annotations
 
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -126,6 +127,17 @@ class LocalImagesOnly(SphinxTransform):
                 image.replace_self(nodes.inline(text=image.get("alt", "") or uri))
 
 
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+    """Signatures name an alias in a union (``jax.typing.ArrayLike | None``) as the source does:
+    Sphinx writes the placeholder it resolved `autodoc_type_aliases` with there."""
+
+    def spelled(text: str | None) -> str | None:
+        return text and re.sub(r"TypeAliasForwardRef\('([^']*)'\)", r"\1", text)
+
+    return spelled(signature), spelled(return_annotation)
+
+
 def setup(app):
     app.add_transform(LocalImagesOnly)
+    app.connect("autodoc-process-signature", _alias_names)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
