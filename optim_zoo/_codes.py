@@ -44,8 +44,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optim_zoo import _fusion
-
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # Elements per scale, along the last axis: chosen by the ablation (see the module doc).
 BLOCK_SIZE = 64
@@ -167,12 +165,10 @@ def encode(
     """`x` (a leaf in the arithmetic's dtype) as codes; rounded to nearest when `bits` is None,
     else stochastically with `bits` (32 uniform random bits per element, `x`'s shape)."""
     n = x.shape[-1]
-    # The scales' reduction reads `x`; the codes' loop computes its own copy (steering: `x`,
-    # computed once and read by both, would be written out as large as the leaf).
-    scales = jnp.max(_finite_magnitude(_in_blocks(x)), axis=-1).astype(scale_dtype)
-    blocks = _in_blocks(_fusion.own_copy(x))
+    blocks = _in_blocks(x)
     finite = jnp.isfinite(blocks)
-    magnitude = _finite_magnitude(blocks)
+    magnitude = jnp.where(finite, jnp.abs(blocks), 0)
+    scales = jnp.max(magnitude, axis=-1).astype(scale_dtype)
     scale = scales.astype(x.dtype)[..., None]
     uniform = None
     if bits is not None:
@@ -186,10 +182,6 @@ def encode(
         codes = _grid_codes(blocks, magnitude, scale, signed, uniform)
     codes = jnp.where(finite, codes, jnp.asarray(_reserved(signed), codes.dtype))
     return CodedState(_from_blocks(codes, n), scales)
-
-
-def _finite_magnitude(blocks: jax.Array) -> jax.Array:
-    return jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0)
 
 
 def _grid_codes(
@@ -261,7 +253,7 @@ def error_bound(x: jax.Array, signed: bool) -> jax.Array:
     block's scale and ``y = x / s``, ``s (sqrt(|y|) / Q + 1 / (4 Q**2))`` for the sqrt code
     (a positive second moment below the first grid point, ``s / Q**2``, is off by less)."""
     blocks = _in_blocks(x)
-    s = jnp.max(_finite_magnitude(blocks), axis=-1, keepdims=True)
+    s = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1, keepdims=True)
     y = jnp.abs(blocks) / jnp.where(s == 0, 1, s)
     top = _top(signed)
     return _from_blocks(s * (jnp.sqrt(y) / top + 1 / (4 * top**2)), x.shape[-1])
