@@ -50,26 +50,22 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor()
 
 
 def _vector_isa() -> str | None:
     """The widest x86 vector instruction set the processor reports (None where unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-        [],
-    )
+    flags = (_cpuinfo("flags") or "").split()
     for isa, flag in (
         ("AVX-512", "avx512f"),
         ("AVX2", "avx2"),
