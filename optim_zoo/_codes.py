@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optim_zoo import _fusion
+
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # Elements per scale, along the last axis: chosen by the ablation (see the module doc).
 BLOCK_SIZE = 64
@@ -150,9 +152,16 @@ def _in_blocks(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], _blocks(n), BLOCK_SIZE)
 
 
-def _from_blocks(x: jax.Array, n: int) -> jax.Array:
-    x = x.reshape(*x.shape[:-2], x.shape[-2] * BLOCK_SIZE)
-    return x[..., :n] if x.shape[-1] != n else x
+def _per_element(per_block: jax.Array, n: int) -> jax.Array:
+    """A value per block (..., ceil(n / BLOCK_SIZE)) repeated for each of its elements: (..., n)."""
+    shape = (*per_block.shape, BLOCK_SIZE)
+    repeated = jnp.broadcast_to(per_block[..., None], shape).reshape(*shape[:-2], -1)
+    return repeated[..., :n] if repeated.shape[-1] != n else repeated
+
+
+def _block_scales(x: jax.Array, scale_dtype: jnp.dtype) -> jax.Array:
+    """Each block's largest finite magnitude, in `scale_dtype` (0 for a block with none)."""
+    return _fusion.finite_block_max(_in_blocks(jnp.abs(x))).astype(scale_dtype)
 
 
 _FLOAT8 = jnp.float8_e4m3fn
@@ -163,33 +172,31 @@ def encode(
     x: jax.Array, signed: bool, scale_dtype: jnp.dtype, bits: jax.Array | None = None
 ) -> CodedState:
     """`x` (a leaf in the arithmetic's dtype) as codes; rounded to nearest when `bits` is None,
-    else stochastically with `bits` (32 uniform random bits per element, `x`'s shape)."""
+    else stochastically with `bits` (32 uniform random bits per element, `x`'s shape).
+
+    The scales are a reduction over blocks; the codes are computed elementwise in `x`'s own
+    shape, each element reading its block's factor, so that they may overwrite the old codes.
+    """
     n = x.shape[-1]
-    blocks = _in_blocks(x)
-    finite = jnp.isfinite(blocks)
-    magnitude = jnp.where(finite, jnp.abs(blocks), 0)
-    scales = jnp.max(magnitude, axis=-1).astype(scale_dtype)
-    scale = scales.astype(x.dtype)[..., None]
+    scales = _block_scales(x, scale_dtype)
+    finite = jnp.isfinite(x)
     uniform = None
     if bits is not None:
-        uniform = (_in_blocks(bits) >> 8).astype(x.dtype) * 2.0**-24  # [0, 1) in 24 exact bits
+        uniform = (bits >> 8).astype(x.dtype) * 2.0**-24  # [0, 1) in 24 exact bits
     if CODE == "float8":
-        y = jnp.where(finite, blocks, 0) / jnp.where(scale == 0, 1, scale)
+        scale = _per_element(scales.astype(x.dtype), n)
+        y = jnp.where(finite, x, 0) / jnp.where(scale == 0, 1, scale)
         codes = _float8_codes(y if signed else jnp.maximum(y, 0), bits, signed)
         if not signed:  # as the grid codes: a positive second moment is never zero
             codes = jnp.where((y > 0) & (codes == 0), jnp.ones_like(codes), codes)
     else:
-        codes = _grid_codes(blocks, magnitude, scale, signed, uniform)
+        codes = _grid_codes(x, scales.astype(x.dtype), signed, uniform)
     codes = jnp.where(finite, codes, jnp.asarray(_reserved(signed), codes.dtype))
-    return CodedState(_from_blocks(codes, n), scales)
+    return CodedState(codes, scales)
 
 
 def _grid_codes(
-    blocks: jax.Array,
-    magnitude: jax.Array,
-    scale: jax.Array,
-    signed: bool,
-    uniform: jax.Array | None,
+    x: jax.Array, scales: jax.Array, signed: bool, uniform: jax.Array | None
 ) -> jax.Array:
     """The codes ``sign(x) k`` of the grid points ``k`` of each magnitude, in magnitude space.
 
@@ -200,10 +207,9 @@ def _grid_codes(
     """
     top = _top(signed)
     power = 2 if CODE == "sqrt" else 1
-    if not signed:
-        magnitude = jnp.where(blocks > 0, magnitude, 0)  # a second moment is never negative
-    per_block = jnp.where(scale == 0, 0, top**power / jnp.where(scale == 0, 1, scale))
-    a = magnitude * per_block  # in [0, top**power], up to rounding
+    per_block = jnp.where(scales == 0, 0, top**power / jnp.where(scales == 0, 1, scales))
+    magnitude = jnp.abs(x) if signed else jnp.where(x > 0, x, 0)  # a second moment: never < 0
+    a = magnitude * _per_element(per_block, x.shape[-1])  # in [0, top**power], up to rounding
     z = jnp.sqrt(a) if power == 2 else a
     if uniform is None:
         k = jnp.round(z)
@@ -216,7 +222,7 @@ def _grid_codes(
     if not signed:  # a positive second moment is never zero: it divides the step
         k = jnp.where((a > 0) & (k == 0), 1, k)
         return k.astype(jnp.uint8)
-    return jnp.where(blocks < 0, -k, k).astype(jnp.int8)
+    return jnp.where(x < 0, -k, k).astype(jnp.int8)
 
 
 def _float8_codes(y: jax.Array, bits: jax.Array | None, signed: bool) -> jax.Array:
@@ -224,7 +230,7 @@ def _float8_codes(y: jax.Array, bits: jax.Array | None, signed: bool) -> jax.Arr
     from optim_zoo import _dtypes  # the stochastic cast between two float dtypes
 
     z = y * _FLOAT8_MAX
-    f8 = z.astype(_FLOAT8) if bits is None else _dtypes._stochastic(z, _FLOAT8, _in_blocks(bits))
+    f8 = z.astype(_FLOAT8) if bits is None else _dtypes._stochastic(z, _FLOAT8, bits)
     f8 = jnp.where(f8 == 0, jnp.zeros_like(f8), f8)  # -0 has the reserved code's bits
     return jax.lax.bitcast_convert_type(f8, jnp.int8 if signed else jnp.uint8)
 
@@ -234,26 +240,22 @@ def decode(state: CodedState) -> jax.Array:
     codes, scales = state
     signed = codes.dtype == jnp.int8
     dtype = scales.dtype
-    n = codes.shape[-1]
-    blocks = _in_blocks(codes)
     if CODE == "float8":
-        f8 = jax.lax.bitcast_convert_type(blocks, _FLOAT8)
+        f8 = jax.lax.bitcast_convert_type(codes, _FLOAT8)
         y = f8.astype(dtype) / _FLOAT8_MAX
     else:
-        k = blocks.astype(dtype)
+        k = codes.astype(dtype)
         top = _top(signed)
         y = k * jnp.abs(k) / top**2 if CODE == "sqrt" else k / top
-    values = y * scales[..., None]
-    values = jnp.where(blocks == _reserved(signed), jnp.nan, values)
-    return _from_blocks(values, n)
+    values = y * _per_element(scales, codes.shape[-1])
+    return jnp.where(codes == _reserved(signed), jnp.nan, values)
 
 
 def error_bound(x: jax.Array, signed: bool) -> jax.Array:
     """The most an element of `x` is off when rounded to nearest, per element: with ``s`` its
     block's scale and ``y = x / s``, ``s (sqrt(|y|) / Q + 1 / (4 Q**2))`` for the sqrt code
     (a positive second moment below the first grid point, ``s / Q**2``, is off by less)."""
-    blocks = _in_blocks(x)
-    s = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1, keepdims=True)
-    y = jnp.abs(blocks) / jnp.where(s == 0, 1, s)
+    s = _per_element(_block_scales(x, x.dtype), x.shape[-1])
+    y = jnp.abs(x) / jnp.where(s == 0, 1, s)
     top = _top(signed)
-    return _from_blocks(s * (jnp.sqrt(y) / top + 1 / (4 * top**2)), x.shape[-1])
+    return s * (jnp.sqrt(y) / top + 1 / (4 * top**2))

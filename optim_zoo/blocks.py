@@ -285,19 +285,25 @@ def _coded_momentum_of_steps(
         )
         leaves, treedef = jax.tree.flatten(updates)
         olds = _tree.leaves_like(updates, state.ema, "adafactor")
-        new_updates, stored = [], []
-        for path, u, old in zip(_tree.leaf_keys(updates), leaves, olds, strict=True):
-            _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
-            dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
-            new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
-            leaf_rounding = rounding.for_leaf(path)
-            if isinstance(old, _codes.CodedState):
-                bits = leaf_rounding.bits(0, new.shape)
-                stored.append(_codes.encode(new, True, old.scales.dtype, bits))
-            else:
-                stored.append(leaf_rounding.store(new, old.dtype, 0))
-            new_updates.append(new.astype(u.dtype))
-        return treedef.unflatten(new_updates), optax.EmaState(count, treedef.unflatten(stored))
+        paths = _tree.leaf_keys(updates)
+
+        def run():
+            new_updates, stored = [], []
+            for path, u, old in zip(paths, leaves, olds, strict=True):
+                _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
+                dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
+                new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
+                leaf_rounding = rounding.for_leaf(path)
+                if isinstance(old, _codes.CodedState):
+                    bits = leaf_rounding.bits(0, new.shape)
+                    stored.append(_codes.encode(new, True, old.scales.dtype, bits))
+                else:
+                    stored.append(leaf_rounding.store(new, old.dtype, 0))
+                new_updates.append(new.astype(u.dtype))
+            return treedef.unflatten(new_updates), treedef.unflatten(stored)
+
+        new_updates, stored = _fusion.steered(run, state.count, state.count)
+        return new_updates, optax.EmaState(count, stored)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

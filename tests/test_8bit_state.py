@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optim_zoo
-from optim_zoo import _codes, _dtypes
+from optim_zoo import _codes, _dtypes, _fusion
 
 EIGHT_BIT = {"dtype_momentum": jnp.int8, "dtype_second_moment": jnp.uint8}
 OPTIMIZERS = {
@@ -101,6 +101,41 @@ def test_nonfinite_values_decode_to_nan_and_keep_their_neighbours():
         finite = np.asarray(values)[~bad]
         bound = np.asarray(_codes.error_bound(jnp.where(bad, 0, values), signed))[~bad]
         assert np.all(np.abs(decoded[~bad] - finite) <= bound * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("signed", [True, False])
+def test_steered_encoding_is_the_plain_one_bit_for_bit(signed, dtype):
+    # Under jit on the CPU the scales come from _fusion.finite_block_max's own reducer; the
+    # codes and scales must be those of the plain spelling, non-finite values and a last axis
+    # that is no multiple of the block included.
+    with jax.enable_x64(dtype == jnp.float64):
+        _check_steered_encoding(signed, dtype)
+
+
+def _check_steered_encoding(signed, dtype):
+    x = _random((5, 200), seed=4).astype(dtype)
+    x = x.at[0, 3].set(jnp.nan).at[0, 70].set(jnp.inf).at[1, 5].set(-jnp.inf)
+    x = x.at[2, :64].set(jnp.nan).at[3, 64:128].set(0.0).at[4, 130].set(-0.0)
+    x = x.at[4, 10].set(jnp.finfo(dtype).smallest_subnormal)
+    x = x if signed else jnp.abs(x)
+    bits = jax.random.bits(jax.random.key(0), x.shape, jnp.uint32)
+    results = {}
+    for steering in (True, False):
+        with optim_zoo.compiler_steering(steering):
+            encode = jax.jit(
+                lambda x, b, count: _fusion.steered(
+                    lambda: _codes.encode(x, signed, x.dtype, b), count, x
+                )
+            )
+            results[steering] = [encode(x, b, jnp.zeros([], jnp.int32)) for b in (None, bits)]
+    for on, off in zip(results[True], results[False], strict=True):
+        np.testing.assert_array_equal(on.codes, off.codes)
+        np.testing.assert_array_equal(on.scales, off.scales)
+    scales = np.asarray(results[True][0].scales)
+    assert scales[2, 0] == 0 and scales[3, 1] == 0  # all NaN; all zeros
+    finite = np.where(np.isfinite(np.asarray(x)), np.abs(np.asarray(x)), 0)
+    np.testing.assert_array_equal(scales[:, 0], finite[:, :64].max(-1))
 
 
 def test_one_huge_element_keeps_the_rest_of_its_block():

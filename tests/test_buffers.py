@@ -121,3 +121,17 @@ def test_ordering_adds_no_kernel(state):
     kernels = re.findall(r"= (\w+)\[([\d,]*)\][^=]* fusion\(", entry)
     # (The stochastic rounding's per-step bits are a uint32 kernel of their own.)
     assert len([s for dtype, s in kernels if s and dtype in ("f32", "bf16")]) == 5, kernels
+
+
+# 8-bit state: a coded field's scales are the largest magnitude of each block of its new value;
+# the reduction computes that value in its own loop (``_fusion.finite_block_max``) in two
+# stages, the first keeping the maximum of each 8 elements: an eighth of a float32 leaf per coded
+# field. Adan codes four fields; before, its step wrote each new value out whole (~6 leaves).
+EIGHT_BIT = {"dtype_momentum": jnp.int8, "dtype_second_moment": jnp.uint8}
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_8bit_adan_keeps_only_the_blocks_maxima(rounding):
+    tx = optim_zoo.adan(1e-3, weight_decay=1e-2, **EIGHT_BIT, state_rounding=rounding)
+    coded_fields, leaves = 4, 2
+    assert temp_bytes(tx, leaves) <= 1.2 * coded_fields * leaves * LEAF_BYTES / 8, rounding
