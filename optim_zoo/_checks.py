@@ -271,7 +271,12 @@ def check_dtype(name: str, value: Any) -> jnp.dtype | None:
         raise ValueError(
             f"{name} must be None or a floating-point dtype that JAX promotes with float32 (the "
             f"least a step computes in), got {value!r}: {dtype.name} has no implicit promotion "
-            "in JAX. Store the state in bfloat16 for half of float32's bytes."
+            "in JAX. Store the state in bfloat16 for half of float32's bytes"
+            + (
+                f", or as 8-bit codes (jnp.{CODE_DTYPES[name][0].name}) for about a quarter."
+                if name in CODE_DTYPES
+                else "."
+            )
         )
     if isinstance(value, jax.Array) and not INJECT_HYPERPARAMS_KEEPS_DTYPES:
         raise ValueError(
@@ -291,7 +296,7 @@ def check_second_moment_dtype(value: Any) -> jnp.dtype | None:
         raise ValueError(
             "dtype_second_moment must be None, float32, bfloat16, float64 or uint8, got "
             f"{value!r}: {dtype.name} cannot hold the squares of ordinary gradients "
-            "(bfloat16 keeps float32's range in half the bytes)."
+            "(bfloat16 keeps float32's range in half the bytes; uint8 stores 8-bit codes)."
         )
     return dtype
 

@@ -280,14 +280,14 @@ def _coded_momentum_of_steps(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        rounding = _dtypes.StateRounding(
-            state_rounding, state_rounding_seed, count, _dtypes.salt("adafactor_momentum")
-        )
         leaves, treedef = jax.tree.flatten(updates)
         olds = _tree.leaves_like(updates, state.ema, "adafactor")
         paths = _tree.leaf_keys(updates)
 
-        def run():
+        def run():  # traced once for each setting of the steering: its own rounding bits
+            rounding = _dtypes.StateRounding(
+                state_rounding, state_rounding_seed, count, _dtypes.salt("adafactor_momentum")
+            )
             new_updates, stored = [], []
             for path, u, old in zip(paths, leaves, olds, strict=True):
                 _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)

@@ -198,10 +198,10 @@ def _is_coded(x):
     return isinstance(x, optim_zoo.CodedState)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_optimizer_trains_with_8bit_state(name):
+def test_every_optimizer_trains_with_8bit_state(name, rounding):
     ref_params, _, loss = _run(OPTIMIZERS[name]())
-    rounding = "stochastic" if name in ("adan", "adai", "came") else "nearest"
     params, state, _ = _run(OPTIMIZERS[name](**EIGHT_BIT, state_rounding=rounding))
     coded = _coded(state)
     assert coded, "no state field was stored as codes"
@@ -350,7 +350,9 @@ def test_orbax_resume_is_bit_for_bit(tmp_path):
         ("dtype_momentum", jnp.uint8, "momenta take both signs"),
         ("dtype_second_moment", jnp.int8, "second moments are never negative"),
         ("dtype_momentum", jnp.int16, "jnp.int8"),
-        ("dtype_second_moment", jnp.float8_e4m3fn, "dtype_second_moment must be"),
+        ("dtype_second_moment", jnp.float8_e4m3fn, r"8-bit codes \(jnp.uint8\)"),
+        ("dtype_momentum", jnp.float8_e5m2, r"8-bit codes \(jnp.int8\)"),
+        ("dtype_second_moment", jnp.float16, "uint8 stores 8-bit codes"),
     ],
 )
 def test_bad_code_dtypes_are_refused_naming_the_argument(argument, value, message):

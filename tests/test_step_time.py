@@ -305,6 +305,13 @@ def test_state_itemsizes_read_the_allocated_state():
     for tx, (momentum, second_moment) in cases:
         sizes = traffic.state_itemsizes(tx.init(params), 4)
         assert (sizes.momentum, sizes.second_moment) == (momentum, second_moment)
+    # 8-bit codes: a byte and a 64th of a float32 scale an element where a leaf is coded (w),
+    # the float32 of the leaves too small to code (b) weighed in.
+    eight_bit = {"dtype_momentum": jnp.int8, "dtype_second_moment": jnp.uint8}
+    coded = ((1 + 4 / 64) * 256 * 128 + 4 * 128) / (256 * 128 + 128)
+    for tx in (optim_zoo.adan(1e-3, **eight_bit), optim_zoo.apollo(1e-2, **eight_bit)):
+        sizes = traffic.state_itemsizes(tx.init(params), 4)
+        assert sizes.momentum == pytest.approx(coded) and sizes.second_moment == sizes.momentum
     # A state without optim_zoo's fields (optax's AdamW) gets the defaults.
     sizes = traffic.state_itemsizes(optax.adamw(1e-3).init(params), 4)
     assert sizes == traffic.StateItemsizes.default(4)

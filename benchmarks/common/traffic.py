@@ -55,11 +55,12 @@ class StateItemsizes:
     `momentum`: first-moment-like state (Adan's m, v and previous gradient; Apollo's m and
     direction; Adai's m). `second_moment`: Adan's n, Adafactor's unfactored statistics,
     Apollo's Hessian estimate, Adai's v. Read from the state a run allocated
-    (`state_itemsizes`), so that a bfloat16 state is counted at 2 bytes.
+    (`state_itemsizes`), so that a bfloat16 state is counted at 2 bytes, and 8-bit codes at
+    their byte and their share of the block's scale (1 + 4 / 64 bytes for float32 scales).
     """
 
-    momentum: int
-    second_moment: int
+    momentum: float
+    second_moment: float
 
     @classmethod
     def default(cls, itemsize: int) -> StateItemsizes:
@@ -80,7 +81,7 @@ class Algorithm:
     def extra_reads(
         self, shape: tuple[int, ...], itemsize: int, state: StateItemsizes | None = None
     ) -> int:
-        return self.reads(shape, itemsize, state or StateItemsizes.default(itemsize))
+        return round(self.reads(shape, itemsize, state or StateItemsizes.default(itemsize)))
 
 
 # Every factored optimizer the step-time benchmark runs uses this threshold, the default.
@@ -189,7 +190,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 # What a weight decay other than the row's own adds to (or takes from) the forced re-reads, by
 # (algorithm, decay): per element of a leaf, from the parameter and state itemsizes. Decoupled
 # decay reads p where the single pass reads it anyway, so it adds nothing anywhere.
-DECAY_READS: dict[tuple[str, str], Callable[[int, StateItemsizes], int]] = {
+DECAY_READS: dict[tuple[str, str], Callable[[int, StateItemsizes], float]] = {
     # L2: the secant sum reads g + wd * p, so pass 1 reads p too.
     ("Apollo", "L2"): lambda itemsize, state: itemsize,
     # Stable: the mean of the new curvature needs B's update (which needs the sums): a pass
@@ -219,19 +220,25 @@ STATE_ROLES: dict[type, dict[str, tuple[str, ...]]] = {
 
 
 def state_itemsizes(state: Any, itemsize: int) -> StateItemsizes:
-    """The itemsize of each state role, read from the dtypes of the allocated state leaves.
+    """The bytes per element of each state role, read from the allocated state leaves.
 
-    Every tree here has one parameter dtype, so each role has one itemsize (the largest, were
-    leaves to differ). A role the state does not hold (a peer's state, or Adafactor's momentum
-    when it is off) keeps the default, which no re-read then touches.
+    Each role's bytes over its elements: its itemsize where every leaf has one dtype, and with
+    8-bit codes (`optim_zoo.CodedState`) the codes and scales of the large leaves weighed with
+    the small leaves left uncoded. A role the state does not hold (a peer's state, or
+    Adafactor's momentum when it is off) keeps the default, which no re-read then touches.
     """
-    found: dict[str, int] = {}
+    nbytes: dict[str, float] = {}
+    elements: dict[str, int] = {}
+    coded = lambda x: isinstance(x, optim_zoo.CodedState)  # noqa: E731
     for primitive in find_states(state, tuple(STATE_ROLES)):
         for role, fields in STATE_ROLES[type(primitive)].items():
             for field in fields:
-                for leaf in jax.tree.leaves(getattr(primitive, field)):
-                    found[role] = max(found.get(role, 0), leaf.dtype.itemsize)
+                for leaf in jax.tree.leaves(getattr(primitive, field), is_leaf=coded):
+                    arrays = leaf if coded(leaf) else (leaf,)
+                    nbytes[role] = nbytes.get(role, 0) + sum(a.nbytes for a in arrays)
+                    elements[role] = elements.get(role, 0) + math.prod(leaf.shape)
     default = StateItemsizes.default(itemsize)
+    found = {role: nbytes[role] / elements[role] for role in nbytes if elements[role]}
     return StateItemsizes(
         momentum=found.get("momentum", default.momentum),
         second_moment=found.get("second_moment", default.second_moment),
@@ -264,5 +271,5 @@ def traffic(
     per_element = DECAY_READS.get((algorithm.name, decay or ""))
     if per_element is not None:
         sizes = state or StateItemsizes.default(itemsize)
-        extra += per_element(itemsize, sizes) * (param_bytes // itemsize)
+        extra += round(per_element(itemsize, sizes) * (param_bytes // itemsize))
     return {"param_bytes": param_bytes, "bytes_single": single, "bytes_min": single + extra}
