@@ -4,7 +4,8 @@ Run by `tests/test_mesh.py` in a subprocess (see `tests/on_devices/mesh_jax.py`)
 explicit mesh axes: each coded field's codes have its parameter's sharding and its scales the
 parameter's spec (the blocked last axis is shorter, not gone), after `init` and after jitted
 updates with stochastic rounding; and (auto axes) the sharded run equals the single-device run
-to float32 rounding.
+to float32 rounding. And a Flax NNX model whose kernel is coded: `nnx.Optimizer` holds the codes
+and the scales with the kernel's sharding, trained under `nnx.jit`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -87,3 +89,52 @@ def test_coded_state_shards_like_its_parameter(axis_type):
         assert apart.max() <= 1 and apart.mean() < 1e-3, (apart.max(), apart.mean())
     for k in SHAPES:  # the step reads the state as stored: a code apart moves a parameter a bit
         np.testing.assert_allclose(sharded_params[k], single_params[k], rtol=1e-5, atol=1e-5)
+
+
+class _Model(nnx.Module):
+    """One 64 x 256 kernel sharded (data, model), large enough for codes, and a small bias."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+        self.kernel = nnx.Param(init(rngs.params(), (64, 256)))
+        self.bias = nnx.Param(jnp.zeros((256,)))
+
+    def __call__(self, x):
+        return x @ self.kernel[...] + self.bias[...]
+
+
+@pytest.mark.parametrize("name", ["adan", "came"])
+def test_nnx_optimizer_holds_sharded_codes(name):
+    # nnx.Optimizer maps each state leaf's sharding from its parameter: a coded field's codes
+    # keep the kernel's, and its scales the kernel's spec; the bias is too small to code.
+    make = {"adan": optim_zoo.adan, "came": optim_zoo.came}[name]
+    tx = make(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+
+    with jax.set_mesh(mesh):
+        model = _Model(nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        x = jnp.sin(jnp.arange(8 * 64.0).reshape(8, 64))
+        for t in range(3):
+            train_step(model, optimizer, x, jnp.cos(x[:, :1] * (t + 1)) * jnp.ones((8, 256)))
+        state = nnx.to_pure_dict(nnx.state(optimizer))
+    # NNX holds a CodedState's codes and scales as two variables, each mapped from the kernel.
+    kernel = [
+        x
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        if "kernel" in jax.tree_util.keystr(path) and x.ndim == 2
+    ]
+    codes = [x for x in kernel if x.dtype in (jnp.int8, jnp.uint8)]
+    scales = [x for x in kernel if x.shape == (64, 256 // 64)]
+    # Adan: m, v, n and the previous gradient of the kernel; CAME: its momentum (its factored
+    # statistics are vectors, and the bias is too small to code).
+    assert len(codes) == len(scales) == (4 if name == "adan" else 1), (len(codes), len(scales))
+    for x in (*codes, *scales):
+        assert isinstance(x.sharding, NamedSharding)
+        assert tuple(x.sharding.spec) == ("data", "model"), x.sharding.spec
+    assert np.all(np.isfinite(np.asarray(model.kernel[...])))
