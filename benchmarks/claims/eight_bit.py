@@ -10,18 +10,20 @@ Three parts, on the beyond study's tasks and protocol (`benchmarks/claims/beyond
    a dynamic exponent per element) and block size (32, 64, 128, 256), against the committed
    float32 runs. The candidates are the codec's private switches (``optim_zoo._codes.CODE``,
    ``BLOCK_SIZE``), set before each run is traced.
-3. ``quality``: each of the six optimizers with 8-bit state and stochastic rounding, at the
-   rate and seeds of the committed bfloat16 study (`results/beyond_rounding*`), against its
-   float32 and its bfloat16 + stochastic rounding runs there, by the study's rule
-   (`beyond.compare_finals`: level unless the means differ by more than the larger seed std).
+3. ``quality``: each of the six optimizers with 8-bit state and stochastic rounding (or, with
+   ``--rounding nearest``, rounded to nearest), at the rate and seeds of the committed bfloat16
+   study (`results/beyond_rounding*`), against its float32 and its bfloat16 + stochastic
+   rounding runs there, by the study's rule (`beyond.compare_finals`: level unless the means
+   differ by more than the larger seed std).
 
     python benchmarks/claims/eight_bit.py --parts bytes
     python benchmarks/claims/eight_bit.py --parts ablation --tasks digits_mlp
     python benchmarks/claims/eight_bit.py --parts ablation --tasks digits_cnn --blocks 32,128
     python benchmarks/claims/eight_bit.py --parts quality --tasks digits_mlp,digits_cnn
+    python benchmarks/claims/eight_bit.py --parts quality --tasks digits_mlp --rounding nearest
     python benchmarks/claims/eight_bit.py --quick     # every code path at tiny sizes
 
-Results go to ``results/eight_bit/<part>[_<tasks>].json`` and ``.md`` (``--out-dir``
+Results go to ``results/eight_bit/<part>[_nearest][_<tasks>].json`` and ``.md`` (``--out-dir``
 elsewhere).
 """
 
@@ -54,7 +56,7 @@ from optim_zoo import _codes
 
 OUT_DIR = RESULTS_DIR / "eight_bit"
 EIGHT_BIT = {"dtype_momentum": jnp.int8, "dtype_second_moment": jnp.uint8}
-SUFFIX = " [8-bit state, stochastic rounding]"
+SUFFIX = {"stochastic": " [8-bit state, stochastic rounding]", "nearest": " [8-bit state]"}
 # The committed bfloat16 study's results: float32 and bfloat16 + stochastic rounding runs.
 COMMITTED = ("beyond_rounding", "beyond_rounding_came", "beyond_rounding_char_transformer")
 CODES = ("linear", "sqrt", "float8")
@@ -75,9 +77,12 @@ BYTES_OPTIMIZERS = {
 }
 
 
-def eight_bit_method(method: Method, name: str | None = None) -> Method:
-    """`method` with 8-bit state and stochastic rounding (`contenders.eight_bit_state`)."""
-    variant = contenders.eight_bit_state(method.contender, name or method.contender.name + SUFFIX)
+def eight_bit_method(
+    method: Method, name: str | None = None, rounding: str = "stochastic"
+) -> Method:
+    """`method` with 8-bit state and `rounding` (`contenders.eight_bit_state`)."""
+    name = name or method.contender.name + SUFFIX[rounding]
+    variant = contenders.eight_bit_state(method.contender, name, rounding)
     return Method(variant, method.center_lr)
 
 
@@ -323,7 +328,9 @@ def fidelity_markdown(result: dict[str, Any]) -> str:
 # --- Part 3: quality ------------------------------------------------------------------------
 
 
-def part_quality(tasks: list[str], methods: list[str], mode: str, progress: bool) -> dict:
+def part_quality(
+    tasks: list[str], methods: list[str], mode: str, progress: bool, rounding: str = "stochastic"
+) -> dict:
     committed = committed_runs()
     result = {}
     for name in tasks:
@@ -338,7 +345,8 @@ def part_quality(tasks: list[str], methods: list[str], mode: str, progress: bool
             else:
                 float32 = beyond.run_fixed_rate(runner, method, lr, progress)
                 bf16 = float32
-            eight = beyond.run_fixed_rate(runner, eight_bit_method(method), lr, progress)
+            eight_bit = eight_bit_method(method, rounding=rounding)
+            eight = beyond.run_fixed_rate(runner, eight_bit, lr, progress)
             rows[method.name] = {
                 "lr": lr,
                 "eight_bit": eight,
@@ -353,16 +361,17 @@ def part_quality(tasks: list[str], methods: list[str], mode: str, progress: bool
                 "vs_bf16_sr": beyond._compare_all(eight, bf16, description),
             }
         result[name] = {**description, "rows": rows}
-    return {"tasks": result}
+    return {"rounding": rounding, "tasks": result}
 
 
 def quality_markdown(result: dict[str, Any]) -> str:
     lines = []
+    eight_bit = "8-bit, nearest" if result.get("rounding") == "nearest" else "8-bit + SR"
     for name, task in result["tasks"].items():
         lines += [
             f"### {name}: {task['title']}",
             "",
-            "| optimizer | lr | metric | float32 | bf16 + SR | 8-bit + SR | vs float32 "
+            f"| optimizer | lr | metric | float32 | bf16 + SR | {eight_bit} | vs float32 "
             "| vs bf16 + SR | state bytes f32 → 8-bit |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -391,6 +400,7 @@ def main() -> None:
     parser.add_argument(
         "--blocks", default=",".join(map(str, BLOCK_SIZES)), help="the ablation's block sizes"
     )
+    parser.add_argument("--rounding", default="stochastic", choices=("stochastic", "nearest"))
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
@@ -410,7 +420,7 @@ def main() -> None:
             result, markdown = part_fidelity(mode), fidelity_markdown
         elif part == "quality":
             methods = args.methods.split(",")
-            result = part_quality(tasks, methods, mode, args.progress)
+            result = part_quality(tasks, methods, mode, args.progress, args.rounding)
             markdown = quality_markdown
         else:
             raise SystemExit(f"unknown part {part!r}; choose from {PARTS}")
@@ -424,6 +434,8 @@ def main() -> None:
             "runtime_seconds": time.perf_counter() - started,
         }
         stem = part if part in ("bytes", "fidelity") else f"{part}_{'_'.join(tasks)}"
+        if part == "quality" and args.rounding == "nearest":
+            stem = f"{part}_nearest_{'_'.join(tasks)}"
         (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out_dir / f"{stem}.md").write_text(
             f"# 8-bit state: {part}\n\n`{result['command']}` ({mode} mode, "

@@ -124,13 +124,16 @@ def bf16_state(contender: Contender, name: str, *, stochastic: bool = False) -> 
 EIGHT_BIT_SUFFIX = " [8-bit state]"
 
 
-def eight_bit_state(contender: Contender, name: str | None = None) -> Contender:
+def eight_bit_state(
+    contender: Contender, name: str | None = None, rounding: str = "stochastic"
+) -> Contender:
     """`contender` with 8-bit state (``dtype_momentum=jnp.int8``, ``dtype_second_moment=
-    jnp.uint8``) and stochastic rounding; Adafactor without momentum has no momentum dtype."""
+    jnp.uint8``) and `rounding` (stochastic by default); Adafactor without momentum has no
+    momentum dtype."""
     dtypes: dict[str, Any] = {"dtype_second_moment": jnp.dtype(jnp.uint8)}
     if contender.factory is not optim_zoo.adafactor or contender.kwargs.get("momentum"):
         dtypes["dtype_momentum"] = jnp.dtype(jnp.int8)
-    kwargs = {**contender.kwargs, **dtypes, "state_rounding": "stochastic"}
+    kwargs = {**contender.kwargs, **dtypes, "state_rounding": rounding}
     return Contender(name or contender.name + EIGHT_BIT_SUFFIX, contender.factory, kwargs)
 
 
