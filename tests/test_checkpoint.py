@@ -104,10 +104,38 @@ def _nnx_step(model, optimizer, x, y):
 
 @pytest.mark.parametrize("name", OPTIMIZER_IDS)
 def test_nnx_model_and_optimizer_resume_bitwise(tmp_path, name):
-    tx = make_optimizer(name)
+    _check_nnx_resume(tmp_path, make_optimizer(name), MLP)
+
+
+class Wide(nnx.Module):
+    """8 -> 64 -> 8 behind a 64 x 128 layer: two kernels of 8,192 elements, coded in 8 bits."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l0 = nnx.Linear(8, 64, rngs=rngs)
+        self.l1 = nnx.Linear(64, 128, rngs=rngs)
+        self.l2 = nnx.Linear(128, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(jax.nn.relu(self.l0(x)))))
+
+
+@pytest.mark.parametrize("name", ["adan", "came"])
+def test_nnx_8bit_state_resumes_bitwise(tmp_path, name):
+    make = {"adan": optim_zoo.adan, "came": optim_zoo.came}[name]
+    eight_bit = {"dtype_momentum": jnp.int8, "dtype_second_moment": jnp.uint8}
+    tx = make(1e-2, **eight_bit, state_rounding="stochastic")
+    state = nnx.to_pure_dict(nnx.state(nnx.Optimizer(Wide(nnx.Rngs(0)), tx, wrt=nnx.Param)))
+    codes = [x for x in jax.tree.leaves(state) if x.dtype in (jnp.int8, jnp.uint8)]
+    assert codes, "no state was stored as 8-bit codes"
+    _check_nnx_resume(tmp_path, tx, Wide)
+
+
+def _check_nnx_resume(tmp_path, tx, model_type):
+    """Trained NUM_STEPS steps at once, and SAVE_AFTER steps, saved, restored into an abstract
+    target, then the rest: the same model and optimizer state, bit for bit."""
 
     def create():
-        model = MLP(nnx.Rngs(0))
+        model = model_type(nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     model, optimizer = create()
