@@ -13,7 +13,7 @@ import pytest
 
 import optim_zoo
 from benchmarks.common import contenders, traffic
-from benchmarks.speed import step_time
+from benchmarks.speed import step_report, step_time
 
 OPTIM_ZOO_ALGORITHMS = (
     "Adan",
@@ -159,7 +159,7 @@ def test_each_option_is_timed_against_its_original(quick_run):
         result["config"]["trees"]
     )
     named = {
-        (tree, step_time._name((algorithm, variant))): row
+        (tree, step_report.row_name((algorithm, variant))): row
         for (tree, library, algorithm, variant), row in _rows_by_key(result).items()
         if library == "optim_zoo"
     }
@@ -209,13 +209,13 @@ def test_targets_leave_out_the_new_rows(quick_run):
     published = [
         row
         for row in result["rows"]
-        if not row["variant"] and row["algorithm"] in step_time.PUBLISHED
+        if not row["variant"] and row["algorithm"] in step_report.PUBLISHED
     ]
     assert len(published) < len(result["rows"])
     trees = result["config"]["trees"]
     many = next((t for t in step_time.MANY_LEAVES_TREES if t in trees), None)
     # The same targets as from the published algorithms' default rows alone.
-    assert step_time.check_targets(published, trees[0], many) == result["targets"]
+    assert step_report.check_targets(published, trees[0], many) == result["targets"]
     for check in result["targets"]:
         assert "Factored" not in check["target"]
 
