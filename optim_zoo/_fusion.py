@@ -324,17 +324,19 @@ def finite_block_max(magnitudes: jax.Array) -> jax.Array:
     reduction library, which fuses no select: it writes the magnitudes out as large as the
     leaf, computed in a loop of their own, and reads them back. Reduced instead with a reducer
     of its own (:func:`_larger_finite`, which skips what is not finite and which the library
-    does not take) over windows of 8 elements, then with a plain maximum over the windows'
-    results, the reduction computes the magnitudes in its own loop (windows of 16 or 32 fuse
-    too, but run 3x slower). The maximum is exact, so the value is the same in every bit.
+    does not take) over 8 strided windows of each block (elements ``j, j + b/8, ...``, so that
+    the loop runs over contiguous results), then with a plain maximum over the windows'
+    results, the reduction computes the magnitudes in its own loop. Contiguous windows of 8
+    were 7% slower for Adan's 8-bit step (and windows of 4 slower still; of 16 or 32 they ran
+    3x slower). The maximum is exact, so the value is the same in every bit.
     """
     dtype = magnitudes.dtype
     block = magnitudes.shape[-1]
     if not _on() or block % 8:
         return jnp.max(jnp.where(jnp.isfinite(magnitudes), magnitudes, 0), axis=-1)
-    windows = magnitudes.reshape(*magnitudes.shape[:-1], block // 8, 8)
+    windows = magnitudes.reshape(*magnitudes.shape[:-1], 8, block // 8)
     zero = jnp.zeros((), dtype)
-    largest = jax.lax.reduce(windows, zero, _larger_finite, (windows.ndim - 1,))
+    largest = jax.lax.reduce(windows, zero, _larger_finite, (windows.ndim - 2,))
     return jnp.max(largest, axis=-1)
 
 
