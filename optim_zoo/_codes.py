@@ -143,6 +143,17 @@ def state_zeros(
     return zeros(param, signed, jnp.promote_types(param.dtype, jnp.float32))
 
 
+def stored_like(x: jax.Array, old: Any, rounding: Any, field: int) -> Any:
+    """`x` stored as `old` is: as 8-bit codes when `old` is a :class:`CodedState` (the random
+    bits of stochastic rounding from `rounding`, a ``_dtypes.LeafRounding``, and its stream
+    `field`), else in `old`'s dtype, rounded by `rounding`. Every state that may be coded is
+    stored through here."""
+    if isinstance(old, CodedState):
+        x = x.astype(jnp.promote_types(x.dtype, old.dtype))
+        return encode(x, old.signed, old.scales.dtype, rounding.bits(field, x.shape))
+    return rounding.store(x, old.dtype, field)
+
+
 def _in_blocks(x: jax.Array) -> jax.Array:
     """`x` of shape (..., n) as (..., ceil(n / BLOCK_SIZE), BLOCK_SIZE), zero-padded."""
     n = x.shape[-1]

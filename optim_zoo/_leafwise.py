@@ -130,13 +130,8 @@ class Leaf:
         return stored.astype(self.dtype)
 
     def _put(self, x: jax.Array, old: Any, stream: int) -> Any:
-        """`x` stored as `old` is: in its dtype, or as 8-bit codes (``_codes.encode``, the
-        random bits of stochastic rounding from the same stream)."""
-        if isinstance(old, _codes.CodedState):
-            x = x.astype(jnp.promote_types(x.dtype, old.dtype))
-            bits = self._rounding.bits(stream, x.shape)
-            return _codes.encode(x, old.signed, old.scales.dtype, bits)
-        return self._rounding.store(x, old.dtype, stream)
+        """`x` stored as `old` is: in its dtype, or as 8-bit codes (``_codes.stored_like``)."""
+        return _codes.stored_like(x, old, self._rounding, stream)
 
     def write_after(self, name: str, *reads: Any) -> None:
         """Field `name`, stored already, is overwritten only after `reads` (see :meth:`store`)."""

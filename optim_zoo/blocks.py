@@ -293,12 +293,7 @@ def _coded_momentum_of_steps(
                 _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
                 dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
                 new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
-                leaf_rounding = rounding.for_leaf(path)
-                if isinstance(old, _codes.CodedState):
-                    bits = leaf_rounding.bits(0, new.shape)
-                    stored.append(_codes.encode(new, True, old.scales.dtype, bits))
-                else:
-                    stored.append(leaf_rounding.store(new, old.dtype, 0))
+                stored.append(_codes.stored_like(new, old, rounding.for_leaf(path), 0))
                 new_updates.append(new.astype(u.dtype))
             return treedef.unflatten(new_updates), treedef.unflatten(stored)
 
