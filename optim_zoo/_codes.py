@@ -22,6 +22,9 @@ So:
   stored as that point, ``s / Q**2`` (rounded up, whatever the rounding), since a zero would
   divide the step (Adan's ``m / (sqrt(n) + eps)`` would be ``m / eps``); the step there is
   smaller than with the exact value, never larger;
+* a block of tiny values keeps them as any other: for a scale below ``2**-100``, where
+  ``Q**2 / s`` would overflow, the block's magnitudes and its scale are both multiplied by a
+  power of two (exactly) before the division;
 * a NaN or an infinity is stored as the reserved code (-128 signed, 255 unsigned), which
   decodes to NaN: never finite, never hidden, and the scale of its block is that of the
   block's finite elements, so its neighbours keep their values;
@@ -206,6 +209,16 @@ def encode(
     return CodedState(codes, scales)
 
 
+# Below this a block's scale is lifted before dividing Q**2 by it (see _grid_codes).
+_TINY_SCALE = 2.0**-100
+
+
+def _lift(dtype: jnp.dtype) -> float:
+    """A power of two that takes every scale below :data:`_TINY_SCALE` (subnormals included)
+    to where ``Q**2`` over it is finite, and its block's magnitudes to no overflow."""
+    return 2.0 ** (jnp.finfo(dtype).maxexp // 2)
+
+
 def _grid_codes(
     x: jax.Array, scales: jax.Array, signed: bool, uniform: jax.Array | None
 ) -> jax.Array:
@@ -218,9 +231,15 @@ def _grid_codes(
     """
     top = _top(signed)
     power = 2 if CODE == "sqrt" else 1
-    per_block = jnp.where(scales == 0, 0, top**power / jnp.where(scales == 0, 1, scales))
+    n = x.shape[-1]
+    # Q**2 / s overflows for s below about 1e-34 (float32): such a block's magnitudes and
+    # scale are first lifted by a power of two, exactly (elsewhere the factor is 1).
+    lift = jnp.where(scales < _TINY_SCALE, _lift(scales.dtype), 1).astype(scales.dtype)
+    lifted = scales * lift
+    per_block = jnp.where(scales == 0, 0, top**power / jnp.where(scales == 0, 1, lifted))
     magnitude = jnp.abs(x) if signed else jnp.where(x > 0, x, 0)  # a second moment: never < 0
-    a = magnitude * _per_element(per_block, x.shape[-1])  # in [0, top**power], up to rounding
+    magnitude = magnitude * _per_element(lift, n)
+    a = magnitude * _per_element(per_block, n)  # in [0, top**power], up to rounding
     z = jnp.sqrt(a) if power == 2 else a
     if uniform is None:
         k = jnp.round(z)

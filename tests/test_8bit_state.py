@@ -37,17 +37,39 @@ def _random(shape, seed=0, scale=1.0):
     return jnp.asarray(scale * rng.standard_normal(shape) * np.exp(rng.uniform(-6, 0, shape)))
 
 
+@pytest.mark.parametrize(
+    "dtype,magnitude",
+    [(jnp.float32, 1.0), (jnp.float32, 1e-36), (jnp.float64, 1.0), (jnp.float64, 1e-305)],
+    ids=["f32", "f32-tiny", "f64", "f64-tiny"],
+)
 @pytest.mark.parametrize("signed", [True, False])
-def test_round_trip_within_the_bound_of_each_block(signed):
-    x = _random((3, 100))  # 100 = a block of 64 and one of 36
+def test_round_trip_within_the_bound_of_each_block(signed, dtype, magnitude):
+    # Tiny blocks: Q**2 / scale overflows for scales below about 1e-34 (float32) or 1e-304
+    # (float64); their elements must still keep their values within the bound.
+    with jax.enable_x64(dtype == jnp.float64):
+        _check_round_trip(signed, dtype, magnitude)
+
+
+def _check_round_trip(signed, dtype, magnitude):
+    x = _random((3, 100)).astype(dtype)  # 100 = a block of 64 and one of 36
+    x = jnp.sign(x) * jnp.maximum(jnp.abs(x), 0.05) * magnitude  # kept off subnormals
     x = x if signed else jnp.abs(x)
     x = x.at[1, :64].set(0.0)  # an all-zero block
-    state = _codes.encode(x, signed, jnp.float32)
+    state = _codes.encode(x, signed, dtype)
     assert state.codes.shape == x.shape and state.scales.shape == (3, 2)
     assert state.codes.dtype == (jnp.int8 if signed else jnp.uint8)
     decoded = np.asarray(_codes.decode(state))
-    bound = np.asarray(_codes.error_bound(x, signed))
-    assert np.all(np.abs(decoded - np.asarray(x)) <= bound * (1 + 1e-6))
+    # The bound, computed wider than `dtype`: for tiny blocks it is below the normal numbers.
+    wide = np.asarray(x).astype(np.longdouble)
+    scales = np.repeat(np.asarray(state.scales).astype(np.longdouble), 64, axis=-1)[:, :100]
+    top = 127 if signed else 254
+    y = np.abs(wide) / np.where(scales == 0, 1, scales)
+    bound = scales * (np.sqrt(y) / top + 1 / (4 * top**2))
+    if magnitude == 1.0:
+        np.testing.assert_allclose(_codes.error_bound(x, signed), bound, rtol=1e-6)
+    else:
+        assert np.all(np.asarray(state.scales) < top**2 / np.finfo(dtype).max)
+    assert np.all(np.abs(decoded - wide) <= bound * (1 + 1e-6))
     # Each block's largest magnitude is exact, its scale; zeros stay zeros.
     blocks, decoded_blocks = _blocks_of(x), _blocks_of(decoded)
     largest = np.argmax(np.abs(blocks), axis=-1)[..., None]
@@ -56,7 +78,7 @@ def test_round_trip_within_the_bound_of_each_block(signed):
     )
     np.testing.assert_array_equal(decoded[1, :64], 0.0)
     # The bound is not loose: some element is off by more than a quarter of it.
-    assert np.max(np.abs(decoded - np.asarray(x)) / np.maximum(bound, 1e-30)) > 0.25
+    assert np.max(np.abs(decoded - np.asarray(x)) / np.where(bound > 0, bound, 1)) > 0.25
 
 
 @pytest.mark.parametrize("signed", [True, False])
