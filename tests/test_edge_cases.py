@@ -385,6 +385,30 @@ def test_a_bad_gradient_is_never_hidden(name, factory, kwargs, bad_value):
 
 
 @_ALL
+def test_a_nan_in_a_large_leaf_is_never_hidden_under_jit(name, factory, kwargs):
+    """The rule above, jitted, with the NaN the last element of a leaf of 8,192: there XLA:CPU
+    fuses the per-tensor reductions (a maximum among them, which under jit can drop a NaN
+    from 4,096 elements on) and an 8-bit configuration stores the leaf as codes."""
+    tx = factory(**kwargs)
+    params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128).reshape(64, 128), "b": jnp.ones(3)}
+    update = jax.jit(tx.update)
+    clean_state, bad_state = tx.init(params), tx.init(params)
+    for t in range(3):
+        grads = _fixed_grads(params, t)
+        bad_grads = {**grads, "w": grads["w"].at[-1, -1].set(np.nan)} if t == 0 else grads
+        clean, clean_state = update(grads, clean_state, params)
+        bad, bad_state = update(bad_grads, bad_state, params)
+        if t == 0:
+            assert not bool(jnp.isfinite(bad["w"][-1, -1]))
+        bad, clean = ({**u, "w": u["w"].ravel()[:-1]} for u in (bad, clean))
+        for got, want in zip(jax.tree.leaves(bad), jax.tree.leaves(clean), strict=True):
+            finite = jnp.isfinite(got)
+            np.testing.assert_allclose(
+                np.where(finite, got, 0), np.where(finite, want, 0), rtol=1e-5, atol=1e-7
+            )
+
+
+@_ALL
 def test_gradient_tree_unlike_the_state_is_refused(name, factory, kwargs):
     tx = factory(**kwargs)
     params = _params_wb()
