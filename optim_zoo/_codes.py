@@ -4,7 +4,9 @@ A state field asked for in ``jnp.int8`` (``dtype_momentum``) or ``jnp.uint8``
 (``dtype_second_moment``) is stored, leaf by leaf, as a :class:`CodedState`: one 8-bit code per
 element, with the leaf's own shape, and one scale per block of :data:`BLOCK_SIZE` consecutive
 elements along the leaf's last axis (the last block of a row may be shorter), with the leaf's
-shape but its last axis ``ceil(n / BLOCK_SIZE)`` long. Both shard like the parameter.
+shape but its last axis ``ceil(n / BLOCK_SIZE)`` long. Both shard like the parameter; where the
+last axis is split into shards that are not whole blocks, the scales hold that axis whole and
+the blocks' maxima are computed from the values gathered along it.
 
 Encoding a block ``x``: the scale is its largest finite magnitude ``s``; each element's
 position ``y = x / s`` in [-1, 1] is companded, ``z = sign(y) sqrt(|y|)`` (the code
@@ -119,8 +121,9 @@ def zeros(param: Any, signed: bool, scale_dtype: jnp.dtype) -> CodedState:
     """A zero :class:`CodedState` for `param`, both arrays sharded like it.
 
     The codes are ``zeros_like(param)``; the scales take the parameter's sharding spec (the
-    last axis is shorter, not gone): from ``jax.eval_shape`` where the sharding is part of the
-    type, from a concrete parameter's ``NamedSharding`` otherwise (as the factored statistics).
+    last axis is shorter, not gone; whole where its shards are not whole blocks): from
+    ``jax.eval_shape`` where the sharding is part of the type, from a concrete parameter's
+    ``NamedSharding`` otherwise (as the factored statistics).
     """
     codes = jnp.zeros_like(param, jnp.int8 if signed else jnp.uint8)
     shape = (*param.shape[:-1], _blocks(param.shape[-1]))
@@ -130,6 +133,9 @@ def zeros(param: Any, signed: bool, scale_dtype: jnp.dtype) -> CodedState:
     sharding = getattr(param, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return CodedState(codes, jnp.zeros(shape, scale_dtype))
+    whole = _whole_last_axis_spec(param.shape, sharding)
+    if whole is not None:
+        sharding = jax.sharding.NamedSharding(sharding.mesh, whole)
     return CodedState(codes, jnp.zeros(shape, scale_dtype, device=sharding))
 
 
@@ -157,8 +163,39 @@ def stored_like(x: jax.Array, old: Any, rounding: Any, field: int) -> Any:
     return rounding.store(x, old.dtype, field)
 
 
+def _whole_last_axis_spec(
+    shape: tuple[int, ...], sharding: Any
+) -> jax.sharding.PartitionSpec | None:
+    """`sharding`'s spec with the last axis whole, where it splits that axis into pieces that
+    are not whole blocks (a block would straddle devices); None where blocks stay whole."""
+    spec = getattr(sharding, "spec", None)
+    if not shape or spec is None or len(spec) < len(shape) or spec[len(shape) - 1] is None:
+        return None
+    last = spec[len(shape) - 1]
+    pieces = math.prod(sharding.mesh.shape[a] for a in ((last,) if isinstance(last, str) else last))
+    if shape[-1] % (pieces * BLOCK_SIZE) == 0:
+        return None
+    return jax.sharding.PartitionSpec(*spec[: len(shape) - 1], None, *spec[len(shape) :])
+
+
+def _typed_split(x: jax.Array) -> tuple[Any, Any] | None:
+    """`x`'s spec, and that spec with the last axis whole, where the sharding in `x`'s type
+    (explicit mesh axes) splits the last axis into pieces that are not whole blocks; else
+    None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    whole = _whole_last_axis_spec(x.shape, sharding)
+    return None if whole is None else (sharding.spec, whole)
+
+
 def _in_blocks(x: jax.Array) -> jax.Array:
-    """`x` of shape (..., n) as (..., ceil(n / BLOCK_SIZE), BLOCK_SIZE), zero-padded."""
+    """`x` of shape (..., n) as (..., ceil(n / BLOCK_SIZE), BLOCK_SIZE), zero-padded.
+
+    Where `x`'s type splits the last axis into pieces that are not whole blocks, `x` is first
+    gathered whole along that axis (``jax.sharding.reshard``): its blocks straddle devices.
+    """
+    split = _typed_split(x)
+    if split is not None:
+        x = jax.sharding.reshard(x, split[1])
     n = x.shape[-1]
     pad = _blocks(n) * BLOCK_SIZE - n
     if pad:
@@ -166,11 +203,15 @@ def _in_blocks(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], _blocks(n), BLOCK_SIZE)
 
 
-def _per_element(per_block: jax.Array, n: int) -> jax.Array:
-    """A value per block (..., ceil(n / BLOCK_SIZE)) repeated for each of its elements: (..., n)."""
+def _per_element(per_block: jax.Array, like: jax.Array) -> jax.Array:
+    """A value per block (..., ceil(n / BLOCK_SIZE)) repeated for each of its elements: (..., n),
+    sharded as `like` (of that shape) is."""
+    n = like.shape[-1]
     shape = (*per_block.shape, BLOCK_SIZE)
     repeated = jnp.broadcast_to(per_block[..., None], shape).reshape(*shape[:-2], -1)
-    return repeated[..., :n] if repeated.shape[-1] != n else repeated
+    repeated = repeated[..., :n] if repeated.shape[-1] != n else repeated
+    split = _typed_split(like)
+    return repeated if split is None else jax.sharding.reshard(repeated, split[0])
 
 
 def _block_scales(x: jax.Array, scale_dtype: jnp.dtype) -> jax.Array:
@@ -191,14 +232,13 @@ def encode(
     The scales are a reduction over blocks; the codes are computed elementwise in `x`'s own
     shape, each element reading its block's factor, so that they may overwrite the old codes.
     """
-    n = x.shape[-1]
     scales = _block_scales(x, scale_dtype)
     finite = jnp.isfinite(x)
     uniform = None
     if bits is not None:
         uniform = (bits >> 8).astype(x.dtype) * 2.0**-24  # [0, 1) in 24 exact bits
     if CODE == "float8":
-        scale = _per_element(scales.astype(x.dtype), n)
+        scale = _per_element(scales.astype(x.dtype), x)
         y = jnp.where(finite, x, 0) / jnp.where(scale == 0, 1, scale)
         codes = _float8_codes(y if signed else jnp.maximum(y, 0), bits, signed)
         if not signed:  # as the grid codes: a positive second moment is never zero
@@ -231,15 +271,14 @@ def _grid_codes(
     """
     top = _top(signed)
     power = 2 if CODE == "sqrt" else 1
-    n = x.shape[-1]
     # Q**2 / s overflows for s below about 1e-34 (float32): such a block's magnitudes and
     # scale are first lifted by a power of two, exactly (elsewhere the factor is 1).
     lift = jnp.where(scales < _TINY_SCALE, _lift(scales.dtype), 1).astype(scales.dtype)
     lifted = scales * lift
     per_block = jnp.where(scales == 0, 0, top**power / jnp.where(scales == 0, 1, lifted))
     magnitude = jnp.abs(x) if signed else jnp.where(x > 0, x, 0)  # a second moment: never < 0
-    magnitude = magnitude * _per_element(lift, n)
-    a = magnitude * _per_element(per_block, n)  # in [0, top**power], up to rounding
+    magnitude = magnitude * _per_element(lift, x)
+    a = magnitude * _per_element(per_block, x)  # in [0, top**power], up to rounding
     z = jnp.sqrt(a) if power == 2 else a
     if uniform is None:
         k = jnp.round(z)
@@ -277,7 +316,7 @@ def decode(state: CodedState) -> jax.Array:
         k = codes.astype(dtype)
         top = _top(signed)
         y = k * jnp.abs(k) / top**2 if CODE == "sqrt" else k / top
-    values = y * _per_element(scales, codes.shape[-1])
+    values = y * _per_element(scales, codes)
     return jnp.where(codes == _reserved(signed), jnp.nan, values)
 
 
@@ -285,7 +324,7 @@ def error_bound(x: jax.Array, signed: bool) -> jax.Array:
     """The most an element of `x` is off when rounded to nearest, per element: with ``s`` its
     block's scale and ``y = x / s``, ``s (sqrt(|y|) / Q + 1 / (4 Q**2))`` for the sqrt code
     (a positive second moment below the first grid point, ``s / Q**2``, is off by less)."""
-    s = _per_element(_block_scales(x, x.dtype), x.shape[-1])
+    s = _per_element(_block_scales(x, x.dtype), x)
     y = jnp.abs(x) / jnp.where(s == 0, 1, s)
     top = _top(signed)
     return s * (jnp.sqrt(y) / top + 1 / (4 * top**2))

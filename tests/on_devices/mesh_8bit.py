@@ -91,6 +91,71 @@ def test_coded_state_shards_like_its_parameter(axis_type):
         np.testing.assert_allclose(sharded_params[k], single_params[k], rtol=1e-5, atol=1e-5)
 
 
+# Shards that are not whole blocks: 200 / 4 = 50 elements of a row on each "model" device, and
+# 256 / 8 = 32 on each of the 8 devices; the first axis split alone keeps whole blocks.
+STRADDLING = {"a": ((64, 200), P(None, "model")), "c": ((64, 256), P(None, ("data", "model")))}
+ROWS_ONLY = {"r": ((4096, 72), P(("data", "model"), None))}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize("name", ["adan", "came"])
+def test_blocks_that_straddle_devices(name, axis_type):
+    # A block may not fit in one device's shard of the last axis. The codes keep the
+    # parameter's sharding; the scales keep the other axes' and hold the last axis whole (with
+    # auto axes XLA may lay out the updated scales otherwise: checked after init); the run
+    # equals the single-device one, a code apart at most.
+    layout = {**STRADDLING, **ROWS_ONLY}
+    rng = np.random.default_rng(1)
+    values = {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in layout.items()}
+    make = {"adan": optim_zoo.adan, "came": optim_zoo.came}[name]
+    tx = make(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+
+    def run(params):
+        state = tx.init(params)
+        step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: 0.5 * x + 0.1, p), s, p))
+        for _ in range(2):
+            updates, state = step(params, state)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+        params = {
+            k: jax.device_put(values[k], NamedSharding(mesh, spec))
+            for k, (_, spec) in layout.items()
+        }
+        sharded = run(params)
+        checks = [(sharded[1], axis_type == AxisType.Explicit)]  # (state, check its scales)
+        if axis_type == AxisType.Auto:
+            checks.append((tx.init(params), True))
+        for state, check_scales in checks:
+            coded = [x for x in jax.tree.leaves(state, is_leaf=_is_coded) if _is_coded(x)]
+            assert len(coded) == 3 * (4 if name == "adan" else 1)
+            for x in coded:
+                key = next(k for k, (shape, _) in layout.items() if shape == x.codes.shape)
+                spec = layout[key][1]
+                assert x.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), key
+                whole = P(spec[0], None) if key in STRADDLING else spec
+                if check_scales:
+                    assert x.scales.sharding.is_equivalent_to(NamedSharding(mesh, whole), 2), key
+    single = run({k: jnp.asarray(v) for k, v in values.items()})
+    sharded, single = jax.device_get((sharded, single))
+    for a, b in zip(
+        *(jax.tree.leaves(s[1], is_leaf=_is_coded) for s in (single, sharded)), strict=True
+    ):
+        if _is_coded(a):
+            # float32 rounding: XLA computes the new values per shard, in its own order
+            np.testing.assert_allclose(np.asarray(a.scales), np.asarray(b.scales), rtol=1e-4)
+            apart = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32))
+            assert apart.max() <= 1 and apart.mean() < 1e-3, (apart.max(), apart.mean())
+    for k in layout:
+        np.testing.assert_allclose(sharded[0][k], single[0][k], rtol=1e-5, atol=1e-5)
+
+
+def _is_coded(x):
+    return isinstance(x, optim_zoo.CodedState)
+
+
 class _Model(nnx.Module):
     """One 64 x 256 kernel sharded (data, model), large enough for codes, and a small bias."""
 
