@@ -163,19 +163,29 @@ def stored_like(x: jax.Array, old: Any, rounding: Any, field: int) -> Any:
     return rounding.store(x, old.dtype, field)
 
 
-def _whole_last_axis_spec(
-    shape: tuple[int, ...], sharding: Any
-) -> jax.sharding.PartitionSpec | None:
-    """`sharding`'s spec with the last axis whole, where it splits that axis into pieces that
-    are not whole blocks (a block would straddle devices); None where blocks stay whole."""
-    spec = getattr(sharding, "spec", None)
-    if not shape or spec is None or len(spec) < len(shape) or spec[len(shape) - 1] is None:
+def whole_last_axis(shape: tuple[int, ...], names: Any, mesh_shape: Any) -> tuple[Any, ...] | None:
+    """`names` (a partition spec: per axis of `shape` a mesh axis name, a tuple of them, or
+    None) with the last axis whole, where it splits that axis into pieces that are not whole
+    blocks (a block would straddle devices); None where blocks stay whole, or where `names`
+    are not axes of the mesh (`mesh_shape`: each axis name's size)."""
+    names = tuple(names) if names is not None else ()
+    if not shape or len(names) < len(shape) or names[len(shape) - 1] is None:
         return None
-    last = spec[len(shape) - 1]
-    pieces = math.prod(sharding.mesh.shape[a] for a in ((last,) if isinstance(last, str) else last))
-    if shape[-1] % (pieces * BLOCK_SIZE) == 0:
+    last = names[len(shape) - 1]
+    axes = (last,) if isinstance(last, str) else tuple(last)
+    if not all(a in mesh_shape for a in axes):
         return None
-    return jax.sharding.PartitionSpec(*spec[: len(shape) - 1], None, *spec[len(shape) :])
+    if shape[-1] % (math.prod(mesh_shape[a] for a in axes) * BLOCK_SIZE) == 0:
+        return None
+    return (*names[: len(shape) - 1], None, *names[len(shape) :])
+
+
+def _whole_last_axis_spec(shape: tuple[int, ...], sharding: Any) -> Any:
+    """:func:`whole_last_axis` of a ``NamedSharding``'s spec, as a ``PartitionSpec``."""
+    if getattr(sharding, "spec", None) is None:
+        return None
+    whole = whole_last_axis(shape, sharding.spec, sharding.mesh.shape)
+    return None if whole is None else jax.sharding.PartitionSpec(*whole)
 
 
 def _typed_split(x: jax.Array) -> tuple[Any, Any] | None:

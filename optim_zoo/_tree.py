@@ -296,7 +296,9 @@ def _state_like(params: Any, fn: Any) -> Any:
     An NNX variable or Linen box around an array stays around its state array, with its
     metadata (sharding names too), as ``jax.tree.map`` leaves it; around a
     :class:`_codes.CodedState` it would hold a pair Flax takes apart, so each of the codes and
-    the scales gets a wrapper of its own instead (both have the parameter's rank).
+    the scales gets a wrapper of its own instead (both have the parameter's rank). The scales'
+    wrapper names no mesh axis for the last axis where the parameter's shards of it are not
+    whole blocks (:func:`_codes.whole_last_axis`).
     """
 
     def leaf(x: Any) -> Any:
@@ -307,10 +309,44 @@ def _state_like(params: Any, fn: Any) -> Any:
             return jax.tree.map(fn, x)
         state = fn(arrays[0])
         if isinstance(state, _codes.CodedState):
-            return _codes.CodedState(*(treedef.unflatten([a]) for a in state))
+            scales = _with_whole_last_axis(treedef.unflatten([state.scales]), arrays[0])
+            return _codes.CodedState(treedef.unflatten([state.codes]), scales)
         return treedef.unflatten([state])
 
     return jax.tree.map(leaf, params, is_leaf=_is_flax_wrapper)
+
+
+# Where a Flax wrapper keeps the mesh axis names of its array's axes: NNX's metadata (the key
+# differs between Flax versions), or a Linen ``Partitioned`` box's field.
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding", "names")
+
+
+def _with_whole_last_axis(wrapper: Any, param: jax.Array) -> Any:
+    """`wrapper` (around the scales of `param`'s codes) with its last axis named by no mesh
+    axis, where `param`'s sharding names split it into shards that are not whole blocks.
+
+    The mesh is `param`'s (a concrete sharded array) or the one ``jax.set_mesh`` set; names
+    that are not its axes (Linen's logical names) are left as they are.
+    """
+    get_metadata = getattr(wrapper, "get_metadata", None)  # NNX; a Linen box's fields else
+    metadata = get_metadata() if get_metadata is not None else getattr(wrapper, "__dict__", {})
+    mesh = getattr(getattr(param, "sharding", None), "mesh", None)
+    mesh_shape = (
+        dict(mesh.shape) if mesh is not None else dict(jax.sharding.get_abstract_mesh().shape)
+    )
+    for key in _SHARDING_KEYS:
+        names = metadata.get(key)
+        if isinstance(names, (tuple, jax.sharding.PartitionSpec)):
+            whole = _codes.whole_last_axis(param.shape, names, mesh_shape)
+            if whole is None:
+                return wrapper
+            whole = (
+                jax.sharding.PartitionSpec(*whole)
+                if isinstance(names, jax.sharding.PartitionSpec)
+                else whole
+            )
+            return wrapper.replace(**{key: whole})
+    return wrapper
 
 
 def resolve_mask(mask: Any, params: Any) -> Any:

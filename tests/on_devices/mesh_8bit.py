@@ -4,7 +4,8 @@ Run by `tests/test_mesh.py` in a subprocess (see `tests/on_devices/mesh_jax.py`)
 explicit mesh axes: each coded field's codes have its parameter's sharding and its scales the
 parameter's spec (the blocked last axis is shorter, not gone), after `init` and after jitted
 updates with stochastic rounding; and (auto axes) the sharded run equals the single-device run
-to float32 rounding. And a Flax NNX model whose kernel is coded: `nnx.Optimizer` holds the codes
+to float32 rounding. Layouts whose shards of the last axis are not whole blocks, with JAX's
+sharding and in NNX. And a Flax NNX model whose kernel is coded: `nnx.Optimizer` holds the codes
 and the scales with the kernel's sharding, trained under `nnx.jit`.
 """
 
@@ -203,3 +204,43 @@ def test_nnx_optimizer_holds_sharded_codes(name):
         assert isinstance(x.sharding, NamedSharding)
         assert tuple(x.sharding.spec) == ("data", "model"), x.sharding.spec
     assert np.all(np.isfinite(np.asarray(model.kernel[...])))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_nnx_scales_of_blocks_that_straddle_devices(axis_type):
+    # A 64 x 320 kernel split (data, model): 80 elements of a row on each "model" device, so
+    # blocks straddle devices. The scales' variables name no mesh axis for the last axis (NNX
+    # would otherwise split its 5 blocks 4 ways and fail); the codes keep the kernel's names.
+    tx = optim_zoo.adan(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+            self.kernel = nnx.Param(init(rngs.params(), (64, 320)))
+
+        def __call__(self, x):
+            return x @ self.kernel[...]
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    with jax.set_mesh(mesh):
+        model = Model(nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        x = jnp.sin(jnp.arange(8 * 64.0).reshape(8, 64))
+        y = jnp.cos(x[:, :1]) * jnp.ones((8, 320))
+        losses = [float(train_step(model, optimizer, x, y)) for _ in range(5)]
+        state = nnx.to_pure_dict(nnx.state(optimizer))
+    arrays = [x for x in jax.tree.leaves(state) if x.ndim == 2]
+    codes = [x for x in arrays if x.dtype in (jnp.int8, jnp.uint8)]
+    scales = [x for x in arrays if x.shape == (64, 5)]
+    assert len(codes) == len(scales) == 4
+    for x in codes:
+        assert tuple(x.sharding.spec) == ("data", "model"), x.sharding.spec
+    for x in scales:
+        assert tuple(x.sharding.spec)[:2] in (("data", None), ("data",)), x.sharding.spec
+    assert losses[-1] < losses[0] and np.all(np.isfinite(np.asarray(model.kernel[...])))
