@@ -317,6 +317,16 @@ def _float8_codes(y: jax.Array, bits: jax.Array | None, signed: bool) -> jax.Arr
 def decode(state: CodedState) -> jax.Array:
     """The values `state` holds, in its scales' dtype; the reserved code gives NaN."""
     codes, scales = state
+    if scales.shape != (*codes.shape[:-1], _blocks(codes.shape[-1])):
+        raise ValueError(
+            f"8-bit state: codes of shape {codes.shape} come with scales of shape "
+            f"{scales.shape}, where one scale per block of {BLOCK_SIZE} elements of the last "
+            f"axis makes {(*codes.shape[:-1], _blocks(codes.shape[-1]))}. Inside "
+            f"jax.shard_map each shard of a coded leaf's last axis must hold whole blocks "
+            f"({BLOCK_SIZE} elements "
+            "or a multiple), with the scales split like the codes; or compute the update "
+            "under jax.jit with sharded arrays, where any layout works."
+        )
     signed = codes.dtype == jnp.int8
     dtype = scales.dtype
     if CODE == "float8":

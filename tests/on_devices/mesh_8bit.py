@@ -244,3 +244,23 @@ def test_nnx_scales_of_blocks_that_straddle_devices(axis_type):
     for x in scales:
         assert tuple(x.sharding.spec)[:2] in (("data", None), ("data",)), x.sharding.spec
     assert losses[-1] < losses[0] and np.all(np.isfinite(np.asarray(model.kernel[...])))
+
+
+def test_shard_map_needs_whole_blocks_in_each_shard():
+    # Inside shard_map a transform sees each device's shard: 320 / 8 = 40 elements of a row,
+    # with the scales whole. Refused with the reason, not decoded with another block's scales.
+    tx = optim_zoo.adan(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    split = P(None, ("data", "model"))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(np.ones((64, 320), np.float32), NamedSharding(mesh, split))
+        state = tx.init(params)
+        specs = jax.tree.map(lambda x: x.sharding.spec, state)
+        step = jax.shard_map(
+            lambda g, s, p: tx.update(g, s, p),
+            in_specs=(split, specs, split),
+            out_specs=(split, specs),
+            check_vma=False,
+        )
+        with pytest.raises(ValueError, match="must hold whole blocks"):
+            jax.jit(step)(0.1 * params, state, params)
