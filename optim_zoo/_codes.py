@@ -168,7 +168,7 @@ def whole_last_axis(shape: tuple[int, ...], names: Any, mesh_shape: Any) -> tupl
     None) with the last axis whole, where it splits that axis into pieces that are not whole
     blocks (a block would straddle devices); None where blocks stay whole, or where `names`
     are not axes of the mesh (`mesh_shape`: each axis name's size)."""
-    names = tuple(names) if names is not None else ()
+    names = tuple(names)
     if not shape or len(names) < len(shape) or names[len(shape) - 1] is None:
         return None
     last = names[len(shape) - 1]
@@ -322,10 +322,9 @@ def decode(state: CodedState) -> jax.Array:
             f"8-bit state: codes of shape {codes.shape} come with scales of shape "
             f"{scales.shape}, where one scale per block of {BLOCK_SIZE} elements of the last "
             f"axis makes {(*codes.shape[:-1], _blocks(codes.shape[-1]))}. Inside "
-            f"jax.shard_map each shard of a coded leaf's last axis must hold whole blocks "
-            f"({BLOCK_SIZE} elements "
-            "or a multiple), with the scales split like the codes; or compute the update "
-            "under jax.jit with sharded arrays, where any layout works."
+            "jax.shard_map each shard of a coded leaf's last axis must hold whole blocks "
+            f"({BLOCK_SIZE} elements or a multiple), with the scales split like the codes; or "
+            "compute the update under jax.jit with sharded arrays, where any layout works."
         )
     signed = codes.dtype == jnp.int8
     dtype = scales.dtype
