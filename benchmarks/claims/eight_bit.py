@@ -433,9 +433,8 @@ def main() -> None:
             **result,
             "runtime_seconds": time.perf_counter() - started,
         }
-        stem = part if part in ("bytes", "fidelity") else f"{part}_{'_'.join(tasks)}"
-        if part == "quality" and args.rounding == "nearest":
-            stem = f"{part}_nearest_{'_'.join(tasks)}"
+        nearest = "_nearest" if part == "quality" and args.rounding == "nearest" else ""
+        stem = part if part in ("bytes", "fidelity") else f"{part}{nearest}_{'_'.join(tasks)}"
         (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out_dir / f"{stem}.md").write_text(
             f"# 8-bit state: {part}\n\n`{result['command']}` ({mode} mode, "
