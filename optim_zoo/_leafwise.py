@@ -285,7 +285,9 @@ def transform(
                         column, values[field.name], treedef
                     )
                 else:
-                    new_values[field.name] = treedef.unflatten(column)
+                    new_values[field.name] = _tree.unflatten_like(
+                        treedef, column, values[field.name]
+                    )
             scaled = [u.astype(g.dtype) for u, g in zip(out, grads, strict=True)]
             return treedef.unflatten(scaled), to_state(step.count, new_values)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -153,13 +153,53 @@ def _structure_mismatch(name: str, detail: Any) -> ValueError:
 def leaves_like(tree: Any, like: Any, name: str) -> list[Any]:
     """The leaves of `like`, a tree with the structure of `tree` (state fields like the params).
 
-    Raises `ValueError` naming `name` when the structures differ.
+    A :class:`_codes.CodedState` of two Flax wrappers (:func:`_state_like`) is one leaf, of
+    the bare codes and scales, where `tree` has one wrapper. Raises `ValueError` naming `name`
+    when the structures differ.
     """
     treedef = jax.tree.structure(tree)
     try:
-        return treedef.flatten_up_to(like)
+        return treedef.flatten_up_to(_coded_inside_wrappers(like))
     except (ValueError, TypeError) as error:
         raise _structure_mismatch(name, error) from None
+
+
+def unflatten_like(treedef: Any, leaves: Sequence[Any], like: Any) -> Any:
+    """`leaves` (a new state field, one per leaf of the updates of structure `treedef`) laid
+    out as `like`, the field before this step: the inverse of :func:`leaves_like`.
+
+    Where `like` holds 8-bit codes in Flax wrappers, each new :class:`_codes.CodedState` gets
+    the wrappers of the old one back, metadata included; elsewhere this is
+    ``treedef.unflatten(leaves)``.
+    """
+    tree = treedef.unflatten(leaves)
+    if not any(_coded_in_wrappers(x) for x in jax.tree.leaves(like, is_leaf=_is_coded)):
+        return tree
+    return jax.tree.structure(like).unflatten(jax.tree.leaves(tree))
+
+
+def _is_coded(x: Any) -> bool:
+    return isinstance(x, _codes.CodedState)
+
+
+def _coded_in_wrappers(x: Any) -> bool:
+    return _is_coded(x) and _is_flax_wrapper(x.codes)
+
+
+def _coded_inside_wrappers(tree: Any) -> Any:
+    """`tree` with each :class:`_codes.CodedState` of two Flax wrappers turned inside out: the
+    codes' wrapper around a ``CodedState`` of the bare arrays, as the params' tree has it."""
+    if not any(_coded_in_wrappers(x) for x in jax.tree.leaves(tree, is_leaf=_is_coded)):
+        return tree
+
+    def inside_out(x: Any) -> Any:
+        if not _coded_in_wrappers(x):
+            return x
+        (codes,), treedef = jax.tree.flatten(x.codes)
+        (scales,) = jax.tree.leaves(x.scales)
+        return treedef.unflatten([_codes.CodedState(codes, scales)])
+
+    return jax.tree.map(inside_out, tree, is_leaf=_is_coded)
 
 
 def _to_real_pair(x: jax.Array) -> jax.Array:

@@ -295,7 +295,7 @@ def _coded_momentum_of_steps(
                 new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
                 stored.append(_codes.stored_like(new, old, rounding.for_leaf(path), 0))
                 new_updates.append(new.astype(u.dtype))
-            return treedef.unflatten(new_updates), treedef.unflatten(stored)
+            return treedef.unflatten(new_updates), _tree.unflatten_like(treedef, stored, state.ema)
 
         new_updates, stored = _fusion.steered(run, state.count, state.count)
         return new_updates, optax.EmaState(count, stored)

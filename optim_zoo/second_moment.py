@@ -471,6 +471,6 @@ def from_leaf_moments(
     `treedef` is the structure of the updates, for the full layout.
     """
     if not isinstance(like, FactoredSecondMoment):
-        return treedef.unflatten([leaf.full for leaf in leaves])
+        return _tree.unflatten_like(treedef, [leaf.full for leaf in leaves], like)
     columns = _tree.unzip([leaf[:3] for leaf in leaves], 3)
     return FactoredSecondMoment(*(_tree.PerLeaf(column, like.v.keys) for column in columns))
