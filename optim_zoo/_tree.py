@@ -365,28 +365,37 @@ def _with_whole_last_axis(wrapper: Any, param: jax.Array) -> Any:
     """`wrapper` (around the scales of `param`'s codes) with its last axis named by no mesh
     axis, where `param`'s sharding names split it into shards that are not whole blocks.
 
-    The mesh is `param`'s (a concrete sharded array) or the one ``jax.set_mesh`` set; names
-    that are not its axes (Linen's logical names) are left as they are.
+    The mesh is `param`'s (a concrete sharded array), the one ``jax.set_mesh`` set, or the
+    wrapper's own (a Linen box's ``mesh``). Logical names (Linen's ``LogicallyPartitioned``, NNX's
+    ``sharding_rules``) are read through their rules: the wrapper's and those Flax's
+    ``logical_axis_rules`` set; without a mesh, or names no rule maps, it is left as it is.
     """
     get_metadata = getattr(wrapper, "get_metadata", None)  # NNX; a Linen box's fields else
     metadata = get_metadata() if get_metadata is not None else getattr(wrapper, "__dict__", {})
-    mesh = getattr(getattr(param, "sharding", None), "mesh", None)
+    mesh = getattr(getattr(param, "sharding", None), "mesh", None) or metadata.get("mesh")
     mesh_shape = (
         dict(mesh.shape) if mesh is not None else dict(jax.sharding.get_abstract_mesh().shape)
     )
     for key in _SHARDING_KEYS:
         names = metadata.get(key)
         if isinstance(names, (tuple, jax.sharding.PartitionSpec)):
-            whole = _codes.whole_last_axis(param.shape, names, mesh_shape)
-            if whole is None:
+            mesh_names = _mesh_axes(names, metadata.get("rules") or metadata.get("sharding_rules"))
+            if _codes.whole_last_axis(param.shape, mesh_names, mesh_shape) is None:
                 return wrapper
-            whole = (
-                jax.sharding.PartitionSpec(*whole)
-                if isinstance(names, jax.sharding.PartitionSpec)
-                else whole
-            )
+            last = len(param.shape) - 1
+            whole = (*names[:last], None, *names[last + 1 :])
+            if isinstance(names, jax.sharding.PartitionSpec):
+                whole = jax.sharding.PartitionSpec(*whole)
             return wrapper.replace(**{key: whole})
     return wrapper
+
+
+def _mesh_axes(names: Any, rules: Any) -> Any:
+    """Sharding `names` with logical names renamed to mesh axes by `rules` and the rules of
+    Flax's ``logical_axis_rules`` (as ``flax.core.spmd.apply_rules`` reads them)."""
+    from flax.core import spmd  # a Flax wrapper is at hand, so Flax is loaded
+
+    return tuple(spmd.apply_rules(tuple(names), rules))
 
 
 def resolve_mask(mask: Any, params: Any) -> Any:

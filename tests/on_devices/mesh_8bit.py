@@ -5,8 +5,9 @@ explicit mesh axes: each coded field's codes have its parameter's sharding and i
 parameter's spec (the blocked last axis is shorter, not gone), after `init` and after jitted
 updates with stochastic rounding; and (auto axes) the sharded run equals the single-device run
 to float32 rounding. Layouts whose shards of the last axis are not whole blocks, with JAX's
-sharding and in NNX. And a Flax NNX model whose kernel is coded: `nnx.Optimizer` holds the codes
-and the scales with the kernel's sharding, trained under `nnx.jit`.
+sharding, in NNX and with Linen's logical names. And a Flax NNX model whose kernel is coded:
+`nnx.Optimizer` holds the codes and the scales with the kernel's sharding, trained under
+`nnx.jit`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -200,17 +202,26 @@ def test_nnx_optimizer_holds_sharded_codes(name):
     assert np.all(np.isfinite(np.asarray(model.kernel[...])))
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
-def test_nnx_scales_of_blocks_that_straddle_devices(axis_type):
+@pytest.mark.parametrize(
+    "axis_type,logical",
+    [(AxisType.Auto, False), (AxisType.Explicit, False), (AxisType.Auto, True)],
+    ids=["auto", "explicit", "auto-logical"],
+)
+def test_nnx_scales_of_blocks_that_straddle_devices(axis_type, logical):
     # A 64 x 320 kernel split (data, model): 80 elements of a row on each "model" device, so
     # blocks straddle devices. The scales' variables name no mesh axis for the last axis (NNX
     # would otherwise split its 5 blocks 4 ways and fail); the codes keep the kernel's names.
+    # The names may also be logical ones, with the variable's sharding rules.
     tx = optim_zoo.adan(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+    names, rules = ("data", "model"), None
+    if logical:
+        names, rules = ("embed", "mlp"), (("embed", "data"), ("mlp", "model"))
 
     class Model(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):
-            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+            initializer = nnx.initializers.lecun_normal()
+            init = nnx.with_partitioning(initializer, names, sharding_rules=rules)
             self.kernel = nnx.Param(init(rngs.params(), (64, 320)))
 
         def __call__(self, x):
@@ -238,6 +249,64 @@ def test_nnx_scales_of_blocks_that_straddle_devices(axis_type):
     for x in scales:
         assert tuple(x.sharding.spec)[:2] in (("data", None), ("data",)), x.sharding.spec
     assert losses[-1] < losses[0] and np.all(np.isfinite(np.asarray(model.kernel[...])))
+
+
+class _LogicalModel(nn.Module):
+    """Two kernels with Linen logical names: "a" 64 x 320 (80 elements of a row on each "model"
+    device: blocks straddle devices) and "w" 64 x 256 (64 on each: whole blocks)."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        names = ("embed", "mlp")
+        a = self.param("a", nn.with_logical_partitioning(init, names), (64, 320))
+        w = self.param("w", nn.with_logical_partitioning(init, names), (64, 256))
+        return jnp.tanh(x @ a).sum(-1) + jnp.tanh(x @ w).sum(-1)
+
+
+def test_linen_logical_names_of_blocks_that_straddle_devices():
+    # Linen's logical recipe: the state traced under the rules and the mesh, its logical specs
+    # mapped to the mesh by the rules, built and trained under jax.jit with those shardings.
+    # The straddling kernel's scales name no axis for the last one (the rules would split its
+    # 5 blocks 4 ways, which jax.jit refuses); the other kernel's keep the kernel's names. The
+    # run equals the single-device one, a code apart at most.
+    model = _LogicalModel()
+    tx = optim_zoo.adan(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+    rules = (("embed", "data"), ("mlp", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    x = jnp.sin(jnp.arange(8 * 64.0).reshape(8, 64))
+
+    def create(key):
+        params = model.init(key, x)["params"]
+        return params, tx.init(params)
+
+    def step(params, state):
+        grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(create, jax.random.key(0))
+        scales = {
+            k: v.scales.names
+            for k, v in abstract[1][0].m.items()  # Adan's momentum
+        }
+        assert scales == {"a": ("embed", None), "w": ("embed", "mlp")}, scales
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        params, state = jax.jit(create, out_shardings=shardings)(jax.random.key(0))
+        bare = nn.unbox(jax.device_get(params))
+        train = jax.jit(step, in_shardings=shardings, out_shardings=shardings)
+        for _ in range(3):
+            params, state = train(params, state)
+    sharded = nn.unbox((params, state))
+    coded = [c for c in jax.tree.leaves(sharded[1], is_leaf=_is_coded) if _is_coded(c)]
+    assert len(coded) == 2 * 4  # m, v, n and the previous gradient of each kernel
+    for c in coded:
+        assert tuple(c.codes.sharding.spec) == ("data", "model"), c.codes.sharding.spec
+    single = (bare, tx.init(bare))
+    for _ in range(3):
+        single = jax.jit(step)(*single)
+    _assert_like_single_device(sharded, single, scales_rtol=1e-4)
 
 
 def test_shard_map_needs_whole_blocks_in_each_shard():
