@@ -13,11 +13,15 @@ Run by `tests/test_multiprocess.py`, never collected by pytest itself. Two layou
   ZeRO-1: the parameters replicated over "data" and the optimizer state split over it
   (`zero1_shardings`, as `tx.init`'s `out_shardings`), against the state laid out like the
   parameters: the bytes of state each process holds, and the step's collectives, go to
-  `<out>/zero1.json`. Last, Adai's update inside `jax.shard_map` with `axis_name` against the
+  `<out>/zero1.json`. Then, Adai's update inside `jax.shard_map` with `axis_name` against the
   jitted one: its collectives, and the difference, go to `<out>/adai_shard_map.json`.
 * ``single``: one process of 8 devices. The reference run on the same (2, 4) mesh; then, once
   the two processes have saved, their checkpoint restored onto a (4, 2) mesh (the state
   resharded by the restore target) and training resumed there.
+
+Last, in both layouts, 8-bit state (`EIGHT_BIT`): kernels large enough for codes, one of them
+split so that blocks of 64 elements straddle devices and the two processes, trained with plain
+`jax.jit` (the shared model's leaves are too small to code).
 
 Process 0 of each layout writes `<out>/<layout>.npz` (whole arrays, gathered, under
 `<optimizer>/<stage>/<leaf path>`) and `<out>/<layout>.json` (the collectives of each compiled
@@ -70,6 +74,11 @@ SAVED = "checkpoint_saved"
 WAIT_FOR_CHECKPOINT = 600.0
 # ZeRO-1 is shown on the optimizer with the most full-size state.
 ZERO1_OPTIMIZER = "adan"
+# 8-bit state, stochastically rounded, on (shape, spec): "a" splits its rows 8 ways, 40 elements
+# on each device, so the block of elements 128 to 191 spans a device of each process; "w" keeps
+# whole blocks (64 elements of a row on each "model" device).
+EIGHT_BIT = {"a": ((64, 320), P(None, ("data", "model"))), "w": ((64, 512), P("data", "model"))}
+EIGHT_BIT_OPTIMIZERS = {"adan": optim_zoo.adan, "came": optim_zoo.came}
 
 
 def main() -> None:
@@ -97,6 +106,7 @@ def main() -> None:
     else:
         assert jax.process_count() == 1, jax.process_count()
         arrays, collectives = _train_then_reshard(cases, args.out)
+    arrays.update(_eight_bit())
     if jax.process_index() == 0:
         flat = {
             f"{name}/{stage}/{leaf}": value
@@ -351,6 +361,40 @@ def _adai_in_shard_map() -> dict:
         "jit_collectives": hlo_collectives(runs["jit"][1]),
         "max_difference": difference,
     }
+
+
+def _eight_bit() -> dict:
+    """{"<optimizer>_8bit": {"final": leaves}}: the parameters and the state after
+    `NUM_STEPS` jitted steps of each `EIGHT_BIT_OPTIMIZERS` with 8-bit state on `EIGHT_BIT`,
+    gathered; the gradient is elementwise in the parameters (as in `_zero1`)."""
+    mesh = _make_mesh(MESH_SHAPE)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    with jax.set_mesh(mesh):
+        values = {
+            k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in EIGHT_BIT.items()
+        }
+        initial = {
+            k: jax.make_array_from_callback(
+                v.shape, NamedSharding(mesh, EIGHT_BIT[k][1]), v.__getitem__
+            )
+            for k, v in values.items()
+        }
+        for name, make in EIGHT_BIT_OPTIMIZERS.items():
+            tx = make(
+                1e-2,
+                dtype_momentum=jnp.int8,
+                dtype_second_moment=jnp.uint8,
+                state_rounding="stochastic",
+            )
+            step = jax.jit(update_step(tx))
+            params, state = initial, tx.init(initial)
+            for _ in range(NUM_STEPS):
+                params, state = step(jax.tree.map(lambda p: 0.5 * p + 0.1, params), state, params)
+            coded = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optim_zoo.CodedState))
+            assert any(isinstance(x, optim_zoo.CodedState) for x in coded), name
+            arrays[f"{name}_8bit"] = {"final": _gathered({"params": params, "state": state})}
+    return arrays
 
 
 def _max_local_difference(actual: dict, expected: dict) -> float:
