@@ -372,7 +372,9 @@ def _with_whole_last_axis(wrapper: Any, param: jax.Array) -> Any:
     """
     get_metadata = getattr(wrapper, "get_metadata", None)  # NNX; a Linen box's fields else
     metadata = get_metadata() if get_metadata is not None else getattr(wrapper, "__dict__", {})
-    mesh = getattr(getattr(param, "sharding", None), "mesh", None) or metadata.get("mesh")
+    mesh = getattr(getattr(param, "sharding", None), "mesh", None)
+    if mesh is None:
+        mesh = metadata.get("mesh")
     mesh_shape = (
         dict(mesh.shape) if mesh is not None else dict(jax.sharding.get_abstract_mesh().shape)
     )
