@@ -24,7 +24,8 @@ where a device says so):
   :func:`measured_after` makes one wait for another, so their buffers can share memory.
 * A maximum or a sum XLA:CPU hands to its reduction library (YNNPACK) fuses no select: a
   finite maximum, ``max(where(isfinite(m), m, 0))``, writes ``m`` out as large as the leaf.
-  :func:`finite_block_max` (the scales of 8-bit codes) reduces with a reducer of its own.
+  :func:`finite_block_max` (the scales of 8-bit codes) reduces with a reducer of its own, and
+  so does :func:`coded_sum` (a sum that reads 8-bit codes, whose decoding selects NaN).
 * State stored narrower than the arithmetic (bfloat16) is widened where it is read, and XLA
   merges every widening of one array into a single value: read by two reductions, or by a
   reduction and a loop, it is written out in float32, twice the stored bytes.
@@ -328,20 +329,48 @@ def finite_block_max(magnitudes: jax.Array) -> jax.Array:
     the loop runs over contiguous results), then with a plain maximum over the windows'
     results, the reduction computes the magnitudes in its own loop. Contiguous windows of 8
     were 7% slower for Adan's 8-bit step (and windows of 4 slower still; of 16 or 32 they ran
-    3x slower). The maximum is exact, so the value is the same in every bit.
-
-    Plain where JAX has more than one device: XLA splits a reduction across the devices where
-    a block straddles their shards, and XLA:CPU's collectives take only the standard reducers
-    (with a reducer of its own, such a step failed to compile).
+    3x slower). The maximum is exact, so the value is the same in every bit. Plain where JAX
+    has more than one device (:func:`_own_reducer_on`): a block may straddle their shards.
     """
     dtype = magnitudes.dtype
     block = magnitudes.shape[-1]
-    if not _on() or block % 8 or jax.device_count() > 1:
+    if not _own_reducer_on() or block % 8:
         return jnp.max(jnp.where(jnp.isfinite(magnitudes), magnitudes, 0), axis=-1)
     windows = magnitudes.reshape(*magnitudes.shape[:-1], 8, block // 8)
     zero = jnp.zeros((), dtype)
     largest = jax.lax.reduce(windows, zero, _larger_finite, (windows.ndim - 2,))
     return jnp.max(largest, axis=-1)
+
+
+def _own_reducer_on() -> bool:
+    """Whether a reduction may take a reducer of its own: with the devices on, and one device
+    (XLA:CPU's collectives, which split a reduction across devices, take only the standard
+    reducers: with one of its own, such a step failed to compile)."""
+    return _on() and jax.device_count() == 1
+
+
+def _added(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A reducer: ``a + b`` (NaN where `b` is), spelled so that the library does not take it."""
+    return jnp.where(b == b, a + b, b)
+
+
+def coded_sum(x: jax.Array) -> jax.Array:
+    """``jnp.sum(x)``, for an `x` computed from 8-bit codes: the decoding inside the sum's loop.
+
+    A plain sum goes to XLA:CPU's reduction library, which fuses no select (the reserved
+    code's NaN, in every decoding): each decoded field is written out as large as the leaf and
+    read back. Reduced instead with a reducer of its own (:func:`_added`) over windows of
+    8 x 64 elements, 8 strided elements into each of 64 partial sums, then with a plain sum
+    over the partial sums, the sum computes `x` in its own loop. The additions run in another
+    order: the same value up to float rounding. With float32 state it made Apollo's step
+    slower (1.22x), so only sums that read codes take it (measured in docs/performance.md).
+    Plain where the devices are off, where JAX has more than one device, and where `x`'s size
+    is not a multiple of 512.
+    """
+    if not _own_reducer_on() or x.size % 512:
+        return jnp.sum(x)
+    windows = x.reshape(-1, 8, 64)
+    return jnp.sum(jax.lax.reduce(windows, jnp.zeros((), x.dtype), _added, (1,)))
 
 
 def apart(x: Any) -> Any:
@@ -356,7 +385,11 @@ def apart(x: Any) -> Any:
 
 
 def widened_for_reductions(
-    x: jax.Array, dtype: jax.typing.DTypeLike, count: int, exact_sum: bool = False
+    x: jax.Array,
+    dtype: jax.typing.DTypeLike,
+    count: int,
+    exact_sum: bool = False,
+    codes_apart: bool = False,
 ) -> list[jax.Array]:
     """`count` copies of `x` in `dtype`, bit for bit, one for each reduction that reads it.
 
@@ -369,13 +402,16 @@ def widened_for_reductions(
     `exact_sum` for a reduction that sums a copy as it is: each copy is then multiplied by its
     own one (an exact product), since over a bare widening XLA:CPU sums in another order than
     over the same values in `dtype`, for some shapes (a 384 x 1024 bfloat16 leaf among them).
+
+    8-bit codes (a ``CodedState``) are decoded where read. The library's reductions fuse no
+    select, the reserved code's NaN, so by default the copies share one decoded array; with
+    `codes_apart`, for reductions that decode in their own loops (:func:`coded_sum`), each
+    copy is its own, as for bfloat16.
     """
     dtype = jnp.dtype(dtype)
-    # 8-bit codes: decoded where read. XLA:CPU's reduction library fuses no select, the NaN of
-    # the reserved code; spelled without one (0 * sqrt(-0.5)), the step was slower (measured).
-    if not isinstance(x, jax.Array):
+    if not isinstance(x, jax.Array) and not codes_apart:  # 8-bit codes: one decoded copy
         return [x.astype(dtype)] * count
-    if x.dtype == dtype:
+    if isinstance(x, jax.Array) and x.dtype == dtype:
         return [x] * count
     if not _on():
         return [x.astype(dtype)] * count

@@ -100,8 +100,15 @@ class Leaf:
 
     def old_for_reductions(self, name: str, count: int) -> list[jax.Array]:
         """Field `name` before this step, in the leaf's dtype, once for each of `count`
-        reductions that read it (``_fusion.widened_for_reductions``)."""
-        return _fusion.widened_for_reductions(self._old[name], self.dtype, count)
+        reductions that read it (``_fusion.widened_for_reductions``), each computing it in its
+        own loop: sums with :meth:`summation`, where 8-bit codes are decoded in the sum's."""
+        return _fusion.widened_for_reductions(self._old[name], self.dtype, count, codes_apart=True)
+
+    def summation(self, *names: str) -> Callable[[jax.Array], jax.Array]:
+        """The sum for a value that reads fields `names`: ``jnp.sum``, or
+        ``_fusion.coded_sum`` where one of them is stored as 8-bit codes."""
+        coded = any(_holds_codes(self._old[name]) for name in names)
+        return _fusion.coded_sum if coded else jnp.sum
 
     def stored(self, name: str) -> Any:
         """Field `name` before this step, as stored."""
@@ -152,6 +159,13 @@ class Leaf:
     def state(self, name: str) -> Any:
         """Field `name` for the new state: as stored this step, else as it was."""
         return self._new.get(name, self._old[name])
+
+
+def _holds_codes(x: Any) -> bool:
+    """Whether a stored field (a second moment's full statistic) is 8-bit codes."""
+    if isinstance(x, second_moment.LeafMoment):
+        x = x.full
+    return isinstance(x, _codes.CodedState)
 
 
 def _written_after(stored: Any, reads: list[jax.Array]) -> Any:

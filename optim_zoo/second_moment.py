@@ -336,11 +336,12 @@ class LeafMoment(NamedTuple):
             jnp.expand_dims(fn(col), small_axis),
         )
 
-    def total(self) -> jax.Array:
-        """The sum of every element of the estimate, without forming it."""
+    def total(self, summation: Callable[[jax.Array], jax.Array] = jnp.sum) -> jax.Array:
+        """The sum of every element of the estimate, without forming it; a full statistic's
+        with `summation` (``Leaf.summation``)."""
         row_part, col_part = self.factors()
         if self.axes is None:
-            return jnp.sum(row_part)
+            return summation(row_part)
         small_axis, large_axis = self.axes
         # Sum over both factored axes of an outer product: the product of the two sums, per batch.
         return jnp.sum(

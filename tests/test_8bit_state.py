@@ -160,6 +160,34 @@ def _check_steered_encoding(signed, dtype):
     np.testing.assert_array_equal(scales[:, 0], finite[:, :64].max(-1))
 
 
+def test_steered_sum_of_codes_is_the_sum_and_keeps_non_finite_values():
+    # Under jit on the CPU a sum that reads codes takes _fusion.coded_sum's own reducer: the
+    # same sum up to float32 rounding (another order of additions), and NaN or an infinity
+    # anywhere in the leaf still decides it.
+    state = _codes.encode(_random((64, 512), seed=5), True, jnp.float32)
+    squares = float(np.sum(np.asarray(_codes.decode(state), np.float64) ** 2))
+    cases = {"finite": state, "nan": state._replace(codes=state.codes.at[63, 511].set(-128))}
+    for name, coded in cases.items():
+        for steering in (True, False):
+            with optim_zoo.compiler_steering(steering):
+                total = jax.jit(
+                    lambda c, count: _fusion.steered(
+                        lambda: _fusion.coded_sum(_codes.decode(c) ** 2), count, c.codes
+                    )
+                )(coded, jnp.zeros([], jnp.int32))
+            if name == "nan":
+                assert np.isnan(total), (steering, total)
+            else:
+                np.testing.assert_allclose(float(total), squares, rtol=1e-5, err_msg=steering)
+    for values, expected in (([jnp.inf, 1.0], np.inf), ([jnp.inf, -jnp.inf], np.nan)):
+        x = jnp.zeros((8, 512)).at[0, 0].set(values[0]).at[7, 511].set(values[1])
+        with optim_zoo.compiler_steering(True):
+            total = jax.jit(
+                lambda x, count: _fusion.steered(lambda: _fusion.coded_sum(x), count, x)
+            )(x, jnp.zeros([], jnp.int32))
+        np.testing.assert_equal(float(total), expected)
+
+
 def test_one_huge_element_keeps_the_rest_of_its_block():
     rest = 1.0 + jnp.arange(31.0) / 31  # in [1, 2)
     for huge in (1e4, 1e12):

@@ -135,3 +135,18 @@ def test_8bit_adan_keeps_only_the_blocks_maxima(rounding):
     tx = optim_zoo.adan(1e-3, weight_decay=1e-2, **EIGHT_BIT, state_rounding=rounding)
     coded_fields, leaves = 4, 2
     assert temp_bytes(tx, leaves) <= 1.2 * coded_fields * leaves * LEAF_BYTES / 8, rounding
+
+
+# Adai's global mean and Apollo's per-tensor sums read 8-bit codes: each sum decodes them in its
+# own loop (``_fusion.coded_sum``; Apollo's reads of a field behind ``apart``). Before, every
+# decoded field a sum read was written out as large as the leaf: Adai 2.3 leaves of temporaries
+# for its two leaves, Apollo 6.0. Apollo still writes one leaf-sized value per leaf.
+@pytest.mark.parametrize(
+    "name,coded_fields,leaf_sized",
+    [("adai", 2, 0), ("adaiw", 2, 0), ("apollo", 3, 1), ("apollo_l2", 3, 1)],
+)
+def test_8bit_sums_decode_in_their_own_loops(name, coded_fields, leaf_sized):
+    tx = NO_TEMPORARY_CASES[name](**EIGHT_BIT)
+    leaves = 2
+    bound = leaves * LEAF_BYTES * (leaf_sized + 1.2 * coded_fields / 8)
+    assert temp_bytes(tx, leaves) <= bound, name
