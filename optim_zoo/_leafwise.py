@@ -101,14 +101,14 @@ class Leaf:
     def old_for_reductions(self, name: str, count: int) -> list[jax.Array]:
         """Field `name` before this step, in the leaf's dtype, once for each of `count`
         reductions that read it (``_fusion.widened_for_reductions``), each computing it in its
-        own loop: sums with :meth:`summation`, where 8-bit codes are decoded in the sum's."""
+        own loop: sums with :meth:`sum`, where 8-bit codes are decoded in the sum's."""
         return _fusion.widened_for_reductions(self._old[name], self.dtype, count, codes_apart=True)
 
-    def summation(self, *names: str) -> Callable[[jax.Array], jax.Array]:
-        """The sum for a value that reads fields `names`: ``jnp.sum``, or
+    def sum(self, x: jax.Array, *names: str) -> jax.Array:
+        """The sum of `x`, a value that reads fields `names`: ``jnp.sum``, or
         ``_fusion.coded_sum`` where one of them is stored as 8-bit codes."""
         coded = any(_holds_codes(self._old[name]) for name in names)
-        return _fusion.coded_sum if coded else jnp.sum
+        return _fusion.coded_sum(x) if coded else jnp.sum(x)
 
     def stored(self, name: str) -> Any:
         """Field `name` before this step, as stored."""

@@ -180,7 +180,7 @@ def scale_by_adaptive_inertia(
         if leaf.decayed:
             means = _fusion.decayed_for_means(leaf.g, leaf.p, weight_decay, leaf.dtype, v.axes)
         v = leaf.store("v", v.accumulate(g, beta2, means=means or _fusion.mean_squares(g, v.axes)))
-        return v, leaf.new("v").for_reduction(leaf.dtype).total(leaf.summation("v"))
+        return v, leaf.new("v").for_reduction(leaf.dtype).total(lambda x: leaf.sum(x, "v"))
 
     def inertia_pass(leaf: _leafwise.Leaf, v: LeafMoment, v_bar: jax.Array) -> jax.Array:
         """Pass 2: each element's inertia beta1 from v_hat / v_bar, then the momentum."""

@@ -153,11 +153,11 @@ def scale_by_rectified_diag_hessian(
         else:
             sigma, e = CONSTANT_REBOUND, eps / CONSTANT_REBOUND
         e_alpha = e / alpha  # belief adds it to the curvature
-        total = leaf.summation("m", "direction", "hessian_diag")
-        norm4 = total(jnp.square(jnp.square(d_norm))) ** 0.25 + e
+        norm4 = leaf.sum(jnp.square(jnp.square(d_norm)), "direction") ** 0.25 + e
         # sum(dg / norm4 * d_hat) and sum(B * d_hat**2), 1 / norm4**2 taken out of both.
-        grad_dot = total(g_for_sum.astype(dtype) * d_grad - m_grad * d_grad)
-        delta = -(alpha * grad_dot + total(b_hess * d_hess * d_hess)) / jnp.square(norm4)
+        grad_dot = leaf.sum(g_for_sum.astype(dtype) * d_grad - m_grad * d_grad, "m", "direction")
+        b_dot = leaf.sum(b_hess * d_hess * d_hess, "hessian_diag", "direction")
+        delta = -(alpha * grad_dot + b_dot) / jnp.square(norm4)
         narrow = leaf.stored("direction").dtype != dtype
         # Stored narrower, m is overwritten once the sums have read the old m.
         after = ((delta, sigma) if belief else (delta,)) if narrow else ()

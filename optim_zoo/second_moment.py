@@ -338,7 +338,7 @@ class LeafMoment(NamedTuple):
 
     def total(self, summation: Callable[[jax.Array], jax.Array] = jnp.sum) -> jax.Array:
         """The sum of every element of the estimate, without forming it; a full statistic's
-        with `summation` (``Leaf.summation``)."""
+        with `summation` (``Leaf.sum``)."""
         row_part, col_part = self.factors()
         if self.axes is None:
             return summation(row_part)
