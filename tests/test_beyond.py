@@ -26,6 +26,7 @@ def _finite(summary):
     return summary["finite"] and all(math.isfinite(v) for v in summary["per_seed"])
 
 
+@pytest.mark.slow
 def test_factored_variants_ran_the_protocol_and_factored_the_matrices(quick):
     _, results = quick
     assert list(results["tasks"]) == list(beyond.QUICK_TASKS)
@@ -52,6 +53,7 @@ def test_factored_variants_ran_the_protocol_and_factored_the_matrices(quick):
                 assert row["state_bytes"] < original[row["original"]]["state_bytes"], name
 
 
+@pytest.mark.slow
 def test_bf16_state_ran_at_the_studys_rates_and_saves_bytes(quick):
     _, results = quick
     for name, task in results["tasks"].items():
@@ -70,6 +72,7 @@ def test_bf16_state_ran_at_the_studys_rates_and_saves_bytes(quick):
                 assert entry["bf16_vs_f32"][metric]["verdict"] in VERDICTS
 
 
+@pytest.mark.slow
 def test_golden_deviations_are_finite_and_the_float64_run_is_the_golden(quick):
     _, results = quick
     golden = results["golden"]
@@ -85,6 +88,7 @@ def test_golden_deviations_are_finite_and_the_float64_run_is_the_golden(quick):
         assert row["steps"][str(golden["steps"][-1])]["bf16_vs_f32"] > 0, row["case"]
 
 
+@pytest.mark.slow
 def test_writes_strict_json_markdown_and_figure(quick):
     out_dir, results = quick
     saved = json.loads((out_dir / "beyond.json").read_text(), parse_constant=pytest.fail)

@@ -16,6 +16,7 @@ def quick_run(tmp_path_factory):
     return out_dir, compare.main(["--quick", "--no-progress", "--out-dir", str(out_dir)])
 
 
+@pytest.mark.slow
 def test_every_optimizer_is_in_the_table(quick_run):
     _, result = quick_run
     names = [row["optimizer"] for row in result["results"]]
@@ -33,6 +34,7 @@ def test_every_optimizer_is_in_the_table(quick_run):
         assert f"| {name} |" in result["table"]
 
 
+@pytest.mark.slow
 def test_every_optimizer_trains(quick_run):
     _, result = quick_run
     for row in result["results"]:
@@ -45,6 +47,7 @@ def test_every_optimizer_trains(quick_run):
         assert row["state_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_writes_plot_and_table(quick_run):
     out_dir, result = quick_run
     png = out_dir / "compare.png"

@@ -6,12 +6,16 @@ the mesh tests run in a fresh interpreter (`fixtures.mesh.run_pytest_on_host_dev
 subprocess's own pytest output is shown when it fails.
 """
 
+import pytest
+
 from fixtures.mesh import run_pytest_on_host_devices
 
 
+@pytest.mark.slow
 def test_sharded_optimizers_on_a_2x4_mesh():
     run_pytest_on_host_devices("mesh_jax.py")
 
 
+@pytest.mark.slow
 def test_8bit_state_on_a_2x4_mesh():
     run_pytest_on_host_devices("mesh_8bit.py")

@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from fixtures import registry
 from fixtures.mesh import (
@@ -105,6 +106,7 @@ def _summary(collectives: list) -> str:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_reshard_like_one_process(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     per_process = host_devices_env(NUM_HOST_DEVICES // NUM_PROCESSES)

@@ -38,6 +38,7 @@ def quick_run(tmp_path_factory):
     return out_dir, step_time.main([*argv, "--pairs", "2"])
 
 
+@pytest.mark.slow
 def test_many_leaves_tree_checks_the_per_leaf_overhead(tmp_path):
     argv = ["--quick", "--no-torch", "--no-plot", "--trees", "10x100", "--out-dir", str(tmp_path)]
     result = step_time.main([*argv, "--only", "adamw", "adai"])
@@ -83,6 +84,7 @@ def _rows_by_key(result):
     }
 
 
+@pytest.mark.slow
 def test_every_optim_zoo_optimizer_and_optax_peer_is_timed(quick_run):
     _, result = quick_run
     for tree in result["config"]["trees"]:
@@ -97,6 +99,7 @@ def test_every_optim_zoo_optimizer_and_optax_peer_is_timed(quick_run):
             assert ("optax", algorithm) in timed
 
 
+@pytest.mark.slow
 def test_factored_and_bf16_state_rows_are_timed(quick_run):
     _, result = quick_run
     rows = _rows_by_key(result)
@@ -108,6 +111,7 @@ def test_factored_and_bf16_state_rows_are_timed(quick_run):
     assert "| Factored AdaiW |" in result["table"]
 
 
+@pytest.mark.slow
 def test_bf16_state_rows_count_their_smaller_state(quick_run):
     _, result = quick_run
     rows = _rows_by_key(result)
@@ -128,6 +132,7 @@ def test_bf16_state_rows_count_their_smaller_state(quick_run):
             assert half["state_itemsizes"]["momentum"] == (4 if algorithm == "Adafactor" else 2)
 
 
+@pytest.mark.slow
 def test_factored_rows_hold_less_state_where_a_leaf_is_factored(quick_run):
     _, result = quick_run
     rows = _rows_by_key(result)
@@ -145,6 +150,7 @@ def test_factored_rows_hold_less_state_where_a_leaf_is_factored(quick_run):
     )
 
 
+@pytest.mark.slow
 def test_each_option_is_timed_against_its_original(quick_run):
     out_dir, result = quick_run
     rows = _rows_by_key(result)
@@ -183,6 +189,7 @@ def test_each_option_is_timed_against_its_original(quick_run):
     assert "step by step" in report
 
 
+@pytest.mark.slow
 def test_rows_are_consistent(quick_run):
     _, result = quick_run
     assert result["bandwidth_gbs"]["used"] > 0
@@ -204,6 +211,7 @@ def test_rows_are_consistent(quick_run):
             assert row["state_per_param"] >= 3
 
 
+@pytest.mark.slow
 def test_targets_leave_out_the_new_rows(quick_run):
     _, result = quick_run
     published = [
@@ -220,6 +228,7 @@ def test_targets_leave_out_the_new_rows(quick_run):
         assert "Factored" not in check["target"]
 
 
+@pytest.mark.slow
 def test_writes_json_and_markdown(quick_run):
     out_dir, result = quick_run
     saved = json.loads((out_dir / "step_time.json").read_text())

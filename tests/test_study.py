@@ -20,6 +20,7 @@ def quick_study(tmp_path_factory):
     return out_dir, study.run_study("quick", out_dir, progress=False)
 
 
+@pytest.mark.slow
 def test_every_task_has_every_optimizer(quick_study):
     _, results = quick_study
     assert list(results["tasks"]) == list(tasks.TASK_BUILDERS)
@@ -38,6 +39,7 @@ def every_task(results):
         yield from run["tasks"].values()
 
 
+@pytest.mark.slow
 def test_every_schedule_runs_the_claims_tasks(quick_study):
     _, results = quick_study
     runs = study.protocols(results)
@@ -53,6 +55,7 @@ def test_every_schedule_runs_the_claims_tasks(quick_study):
             assert list(task["results"]) == names
 
 
+@pytest.mark.slow
 def test_runs_are_complete_and_neural_ones_finite(quick_study):
     _, results = quick_study
     seeds = results["config"]["seeds"]
@@ -82,6 +85,7 @@ def test_runs_are_complete_and_neural_ones_finite(quick_study):
                 assert row["hessian_relative_change"] >= 0
 
 
+@pytest.mark.slow
 def test_every_claim_is_evaluated_under_every_schedule(quick_study):
     _, results = quick_study
     for run in study.protocols(results).values():
@@ -97,6 +101,7 @@ def test_every_claim_is_evaluated_under_every_schedule(quick_study):
     assert matrices and all(m["second_moment_floats"] == m["n_plus_m"] for m in matrices)
 
 
+@pytest.mark.slow
 def test_writes_strict_json_markdown_and_figures(quick_study):
     out_dir, results = quick_study
     # Strict JSON: diverged values are null, never NaN or Infinity.
