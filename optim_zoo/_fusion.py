@@ -412,9 +412,10 @@ def widened_for_reductions(
     copy is its own, as for bfloat16.
     """
     dtype = jnp.dtype(dtype)
-    if not isinstance(x, jax.Array) and not codes_apart:  # 8-bit codes: one decoded copy
+    coded = not isinstance(x, jax.Array)  # 8-bit codes
+    if coded and not codes_apart:  # one decoded copy, shared
         return [x.astype(dtype)] * count
-    if isinstance(x, jax.Array) and x.dtype == dtype:
+    if not coded and x.dtype == dtype:
         return [x] * count
     if not _on():
         return [x.astype(dtype)] * count

@@ -173,7 +173,7 @@ def unflatten_like(treedef: Any, leaves: Sequence[Any], like: Any) -> Any:
     ``treedef.unflatten(leaves)``.
     """
     tree = treedef.unflatten(leaves)
-    if not any(_coded_in_wrappers(x) for x in jax.tree.leaves(like, is_leaf=_is_coded)):
+    if not _holds_coded_wrappers(like):
         return tree
     return jax.tree.structure(like).unflatten(jax.tree.leaves(tree))
 
@@ -186,10 +186,14 @@ def _coded_in_wrappers(x: Any) -> bool:
     return _is_coded(x) and _is_flax_wrapper(x.codes)
 
 
+def _holds_coded_wrappers(tree: Any) -> bool:
+    return any(_coded_in_wrappers(x) for x in jax.tree.leaves(tree, is_leaf=_is_coded))
+
+
 def _coded_inside_wrappers(tree: Any) -> Any:
     """`tree` with each :class:`_codes.CodedState` of two Flax wrappers turned inside out: the
     codes' wrapper around a ``CodedState`` of the bare arrays, as the params' tree has it."""
-    if not any(_coded_in_wrappers(x) for x in jax.tree.leaves(tree, is_leaf=_is_coded)):
+    if not _holds_coded_wrappers(tree):
         return tree
 
     def inside_out(x: Any) -> Any:
