@@ -26,14 +26,7 @@ def make_optimizer(name, eight_bit=False):
         return registry.make("ecosystem", name)
     # Adafactor's momentum is what it codes of a leaf it factors.
     momentum = {"momentum": 0.9} if name == "adafactor" else {}
-    return registry.make("ecosystem", name, **EIGHT_BIT, **momentum)
-
-
-EIGHT_BIT = {
-    "dtype_momentum": jnp.int8,
-    "dtype_second_moment": jnp.uint8,
-    "state_rounding": "stochastic",
-}
+    return registry.make("ecosystem", name, **registry.EIGHT_BIT, **momentum)
 
 
 NUM_STEPS = 4

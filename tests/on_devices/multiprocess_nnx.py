@@ -19,7 +19,7 @@ Run by `tests/test_multiprocess.py`, never collected by pytest itself. Two layou
   the two processes have saved, their checkpoint restored onto a (4, 2) mesh (the state
   resharded by the restore target) and training resumed there.
 
-Last, in both layouts, 8-bit state (`EIGHT_BIT`): kernels large enough for codes, one of them
+Last, in both layouts, 8-bit state (`EIGHT_BIT_LAYOUT`): kernels large enough for codes, one of them
 split so that blocks of 64 elements straddle devices and the two processes, trained with plain
 `jax.jit` (the shared model's leaves are too small to code).
 
@@ -77,7 +77,10 @@ ZERO1_OPTIMIZER = "adan"
 # 8-bit state, stochastically rounded, on (shape, spec): "a" splits its rows 8 ways, 40 elements
 # on each device, so the block of elements 128 to 191 spans a device of each process; "w" keeps
 # whole blocks (64 elements of a row on each "model" device).
-EIGHT_BIT = {"a": ((64, 320), P(None, ("data", "model"))), "w": ((64, 512), P("data", "model"))}
+EIGHT_BIT_LAYOUT = {
+    "a": ((64, 320), P(None, ("data", "model"))),
+    "w": ((64, 512), P("data", "model")),
+}
 EIGHT_BIT_OPTIMIZERS = {"adan": optim_zoo.adan, "came": optim_zoo.came}
 
 
@@ -365,34 +368,31 @@ def _adai_in_shard_map() -> dict:
 
 def _eight_bit() -> dict:
     """{"<optimizer>_8bit": {"final": leaves}}: the parameters and the state after
-    `NUM_STEPS` jitted steps of each `EIGHT_BIT_OPTIMIZERS` with 8-bit state on `EIGHT_BIT`,
+    `NUM_STEPS` jitted steps of each `EIGHT_BIT_OPTIMIZERS` with `registry.EIGHT_BIT` state
+    on `EIGHT_BIT_LAYOUT`,
     gathered; the gradient is elementwise in the parameters (as in `_zero1`)."""
     mesh = _make_mesh(MESH_SHAPE)
     rng = np.random.default_rng(0)
     arrays = {}
     with jax.set_mesh(mesh):
         values = {
-            k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in EIGHT_BIT.items()
+            k: rng.standard_normal(shape).astype(np.float32)
+            for k, (shape, _) in EIGHT_BIT_LAYOUT.items()
         }
         initial = {
             k: jax.make_array_from_callback(
-                v.shape, NamedSharding(mesh, EIGHT_BIT[k][1]), v.__getitem__
+                v.shape, NamedSharding(mesh, EIGHT_BIT_LAYOUT[k][1]), v.__getitem__
             )
             for k, v in values.items()
         }
         for name, make in EIGHT_BIT_OPTIMIZERS.items():
-            tx = make(
-                1e-2,
-                dtype_momentum=jnp.int8,
-                dtype_second_moment=jnp.uint8,
-                state_rounding="stochastic",
-            )
+            tx = make(1e-2, **registry.EIGHT_BIT)
             step = jax.jit(update_step(tx))
             params, state = initial, tx.init(initial)
             for _ in range(NUM_STEPS):
                 params, state = step(jax.tree.map(lambda p: 0.5 * p + 0.1, params), state, params)
-            coded = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optim_zoo.CodedState))
-            assert any(isinstance(x, optim_zoo.CodedState) for x in coded), name
+            leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optim_zoo.CodedState))
+            assert any(isinstance(x, optim_zoo.CodedState) for x in leaves), name
             arrays[f"{name}_8bit"] = {"final": _gathered({"params": params, "state": state})}
     return arrays
 
