@@ -152,15 +152,33 @@ def state_zeros(
     return zeros(param, signed, jnp.promote_types(param.dtype, jnp.float32))
 
 
-def stored_like(x: jax.Array, old: Any, rounding: Any, field: int) -> Any:
+def stored_like(
+    x: jax.Array, old: Any, rounding: Any, field: int, after: jax.Array | None = None
+) -> Any:
     """`x` stored as `old` is: as 8-bit codes when `old` is a :class:`CodedState` (the random
     bits of stochastic rounding from `rounding`, a ``_dtypes.LeafRounding``, and its stream
-    `field`), else in `old`'s dtype, rounded by `rounding`. Every state that may be coded is
-    stored through here."""
+    `field`; the blocks' maxima computed only once the scalar `after` exists, if given), else
+    in `old`'s dtype, rounded by `rounding`. Every state that may be coded is stored through
+    here."""
     if isinstance(old, CodedState):
         x = x.astype(jnp.promote_types(x.dtype, old.dtype))
-        return encode(x, old.signed, old.scales.dtype, rounding.bits(field, x.shape))
+        bits = rounding.bits(field, x.shape)
+        return encode(x, old.signed, old.scales.dtype, bits, after)
     return rounding.store(x, old.dtype, field)
+
+
+def read_after(state: Any, after: jax.Array | None) -> Any:
+    """`state` (a field's old value) with the scales of its 8-bit codes, if any, read only
+    once the scalar `after` exists (``_fusion.written_after``): every loop that decodes it
+    waits. None, or a field not coded: `state` as it is."""
+    if after is None:
+        return state
+    if isinstance(state, CodedState):
+        return state._replace(scales=_fusion.written_after(state.scales, after))
+    full = getattr(state, "full", None)  # a second moment (second_moment.LeafMoment)
+    if isinstance(full, CodedState):
+        return state._replace(full=read_after(full, after))
+    return state
 
 
 def whole_last_axis(shape: tuple[int, ...], names: Any, mesh_shape: Any) -> tuple[Any, ...] | None:
@@ -234,7 +252,11 @@ _FLOAT8_MAX = 448.0
 
 
 def encode(
-    x: jax.Array, signed: bool, scale_dtype: jnp.dtype, bits: jax.Array | None = None
+    x: jax.Array,
+    signed: bool,
+    scale_dtype: jnp.dtype,
+    bits: jax.Array | None = None,
+    after: jax.Array | None = None,
 ) -> CodedState:
     """`x` (a leaf in the arithmetic's dtype) as codes; rounded to nearest when `bits` is None,
     else stochastically with `bits` (32 uniform random bits per element, `x`'s shape).
@@ -242,7 +264,7 @@ def encode(
     The scales are a reduction over blocks; the codes are computed elementwise in `x`'s own
     shape, each element reading its block's factor, so that they may overwrite the old codes.
     """
-    scales = _block_scales(x, scale_dtype)
+    scales = _block_scales(x if after is None else _fusion.written_after(x, after), scale_dtype)
     finite = jnp.isfinite(x)
     uniform = None
     if bits is not None:

@@ -87,7 +87,8 @@ class Leaf:
 
     def __init__(self, step: Step, index: int, path: str, g, p, decayed: bool, old: dict):
         self.index, self.path, self.g, self.p, self.decayed = index, path, g, p, decayed
-        self._step, self._old, self._new = step, old, {}
+        self._step, self._old, self._given, self._new = step, old, old, {}
+        self._after: jax.Array | None = None
         self.dtype = _dtypes.compute_dtype(g.dtype, *(_dtype(x) for x in old.values()))
         self.t = step.count.astype(self.dtype)
         self.earlier_steps = step.old_count
@@ -138,7 +139,7 @@ class Leaf:
 
     def _put(self, x: jax.Array, old: Any, stream: int) -> Any:
         """`x` stored as `old` is: in its dtype, or as 8-bit codes (``_codes.stored_like``)."""
-        return _codes.stored_like(x, old, self._rounding, stream)
+        return _codes.stored_like(x, old, self._rounding, stream, self._after)
 
     def write_after(self, name: str, *reads: Any) -> None:
         """Field `name`, stored already, is overwritten only after `reads` (see :meth:`store`)."""
@@ -156,9 +157,27 @@ class Leaf:
         # 8-bit codes: their reading is ordered by their codes, shaped like the leaf.
         return [x.codes if isinstance(x, _codes.CodedState) else x for x in arrays]
 
+    def take_turn(self, turns: _fusion.InTurns) -> None:
+        """This leaf's 8-bit fields read and their blocks' maxima computed in its turn
+        (``_fusion.InTurns``)."""
+        self._after = turns.after(self.g.size)
+        self._old = {name: _codes.read_after(x, self._after) for name, x in self._old.items()}
+
+    def holds_codes(self) -> bool:
+        """Whether a field of this leaf is stored as 8-bit codes."""
+        return any(_holds_codes(x) for x in self._given.values())
+
+    def stored_reductions(self) -> list[jax.Array]:
+        """What this step stored smaller than the leaf: the scales of 8-bit codes, factored
+        statistics. Reductions compute them, which XLA does not recompute where they are read;
+        the leaf's loops that feed them are done once they exist."""
+        stored = jax.tree.leaves(self._new, is_leaf=lambda x: isinstance(x, _codes.CodedState))
+        arrays = [x.scales if isinstance(x, _codes.CodedState) else x for x in stored]
+        return [x for x in arrays if isinstance(x, jax.Array) and x.size < self.g.size]
+
     def state(self, name: str) -> Any:
         """Field `name` for the new state: as stored this step, else as it was."""
-        return self._new.get(name, self._old[name])
+        return self._new.get(name, self._given[name])
 
 
 def _holds_codes(x: Any) -> bool:
@@ -194,10 +213,13 @@ class Step:
 
     def map(self, fn: Callable[..., Any], *columns: Sequence[Any]) -> list[Any]:
         """``fn(leaf, *row)`` for each leaf and the matching entries of `columns`."""
-        results = []
+        results, turns = [], _fusion.InTurns()
         for leaf, *row in zip(self.leaves, *columns, strict=True):
             with _fusion.at_leaf(leaf.index):
+                leaf.take_turn(turns)
                 results.append(fn(leaf, *row))
+                if leaf.holds_codes():
+                    turns.done(leaf.g.size, leaf.stored_reductions())
         return results
 
 

@@ -232,7 +232,9 @@ def adafactor(
       momentum: None or in [0, 1): EMA of the scaled step.
       dtype_momentum: dtype the momentum is stored in: float32 by default, as in optax; None
         means the parameter's, as tensor2tensor keeps it. Updates keep the gradient dtype.
-        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`).
+        ``jnp.int8``: 8-bit signed codes with a scale per block (see :func:`optim_zoo.adan`);
+        the step is then the momentum as stored (decoded), as in the other optimizers, where
+        optax's ``ema`` steps by its value before the cast.
       weight_decay_rate: None or >= 0: decay added to the step (not scaled by the learning rate).
       eps: added to the squared gradient.
       factored: whether to factor second moments at all.

@@ -272,7 +272,12 @@ def _coded_momentum_of_steps(
 ) -> optax.GradientTransformation:
     """:func:`momentum_of_steps` with the accumulator as 8-bit codes where a leaf is large
     enough (the parameter's dtype elsewhere): ``optax.ema``'s state and arithmetic, in at least
-    float32, the accumulator decoded when read and encoded when stored."""
+    float32, the accumulator decoded when read and encoded when stored.
+
+    Where a leaf is coded, the update is the new accumulator as stored (decoded), as every
+    primitive's step reads its stored state (``_leafwise.Leaf.store``), not ``optax.ema``'s
+    value before the cast: read that way, XLA:CPU copied each leaf's old codes out before
+    overwriting them (the step 1.25x as long, docs/eight_bit_state.md)."""
 
     def init_fn(params):
         return optax.EmaState(jnp.zeros([], jnp.int32), _tree.first_moment_zeros(params, jnp.int8))
@@ -288,12 +293,20 @@ def _coded_momentum_of_steps(
             rounding = _dtypes.StateRounding(
                 state_rounding, state_rounding_seed, count, _dtypes.salt("adafactor_momentum")
             )
-            new_updates, stored = [], []
+            new_updates, stored, turns = [], [], _fusion.InTurns()
             for path, u, old in zip(paths, leaves, olds, strict=True):
                 _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
                 dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
-                new = decay * old.astype(dtype) + (1 - decay) * u.astype(dtype)
-                stored.append(_codes.stored_like(new, old, rounding.for_leaf(path), 0))
+                after = turns.after(u.size)
+                new = decay * _codes.read_after(old, after).astype(dtype) + (1 - decay) * u.astype(
+                    dtype
+                )
+                stored.append(_codes.stored_like(new, old, rounding.for_leaf(path), 0, after))
+                if isinstance(old, _codes.CodedState):
+                    # The update is the momentum as stored: the old codes are then read only
+                    # before the new ones overwrite them (no copy of the old codes).
+                    new = stored[-1].astype(dtype)
+                    turns.done(u.size, [stored[-1].scales])
                 new_updates.append(new.astype(u.dtype))
             return treedef.unflatten(new_updates), _tree.unflatten_like(treedef, stored, state.ema)
 

@@ -292,6 +292,41 @@ def test_which_fields_are_codes():
     assert sorted(adafactor.values()) == ["int8", "uint8"]
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_adafactor_steps_by_its_momentum_as_stored(rounding):
+    # As every primitive's step reads its state as stored (not optax.ema's value before the
+    # cast): read before the cast, XLA:CPU copied the old codes out before overwriting them.
+    tx = optim_zoo.adafactor(1e-2, momentum=0.9, **EIGHT_BIT, state_rounding=rounding)
+    params, loss = _problem()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        updates, state = update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+        (momentum,) = [x for x in state if isinstance(x, optax.EmaState)]
+        coded = momentum.ema["w"]
+        assert _is_coded(coded)
+        np.testing.assert_array_equal(updates["w"], -coded.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_steps_in_turns_change_no_bit(name, monkeypatch):
+    # One leaf a turn (``_fusion.InTurns``), against no turns: the same updates and state.
+    params = {k: _random((64, 128), seed=i) for i, k in enumerate("abc")}
+    grads = jax.tree.map(lambda p: 0.1 * p**3, params)
+    runs = []
+    monkeypatch.setattr(_fusion, "TURN_MIN_LEAF", 64 * 128)
+    for turn in (2**62, 64 * 128):
+        monkeypatch.setattr(_fusion, "TURN_ELEMENTS", turn)
+        tx = OPTIMIZERS[name](**EIGHT_BIT, state_rounding="stochastic")
+        update = jax.jit(tx.update)  # traced anew: the turns are read when a step is traced
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = update(grads, state, params)
+        runs.append((updates, state))
+    chex.assert_trees_all_equal(*runs)
+
+
 def test_stochastic_rounding_is_deterministic_and_depends_on_the_seed():
     make = OPTIMIZERS["adan"]
     runs = [

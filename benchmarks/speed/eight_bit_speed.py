@@ -10,6 +10,12 @@ machine does hits all of them alike; each ratio is the median of the rounds' rat
     python benchmarks/speed/eight_bit_speed.py                    # every optimizer, 30M tree
     python benchmarks/speed/eight_bit_speed.py --only adan --samples 20
     python benchmarks/speed/eight_bit_speed.py --quick            # a tiny tree: the code paths
+    python benchmarks/speed/eight_bit_speed.py --turns --samples 14
+
+``--turns`` times, instead of the float32 arms, the 8-bit arms against themselves without
+steps in turns (``optim_zoo._fusion.TURN_ELEMENTS`` above any tree's size while the step is
+traced): what the turns cost or save (``turns_<tree>_<backend>.md``;
+docs/eight_bit_state.md, "Steps in turns").
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import optim_zoo
 from benchmarks.common.environment import RESULTS_DIR, environment, git_state
 from benchmarks.common.traffic import tree_bytes
 from benchmarks.speed import paired, step_time
+from optim_zoo import _fusion
 
 OPTIMIZERS = {
     "adan": lambda **kw: optim_zoo.adan(1e-3, weight_decay=0.02, **kw),
@@ -47,8 +54,9 @@ ARMS = {
 }
 
 
-def _arm(tx: optax.GradientTransformation, params, grads):
-    """A function that runs one step in place (donated) and waits for it."""
+def _arm(tx: optax.GradientTransformation, params, grads, turns: bool = True):
+    """A function that runs one step in place (donated) and waits for it; traced (with the
+    first step) without steps in turns where `turns` is False."""
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -62,7 +70,42 @@ def _arm(tx: optax.GradientTransformation, params, grads):
         carry[0], carry[1] = step(carry[0], carry[1], grads)
         jax.block_until_ready(carry)
 
+    saved = _fusion.TURN_ELEMENTS
+    _fusion.TURN_ELEMENTS = saved if turns else 2**62
+    try:
+        run()  # traced and compiled now, with the setting
+    finally:
+        _fusion.TURN_ELEMENTS = saved
     return run, state_bytes
+
+
+def _turns_main(names, params, grads, samples: int, out: Path) -> None:
+    """The 8-bit arms with steps in turns against themselves without, paired; printed and
+    written to `out` (markdown)."""
+    lines = [
+        "# 8-bit state: steps in turns against none",
+        "",
+        f"`{' '.join(sys.argv)}` ({jax.default_backend()}): paired, interleaved rounds; ratio = "
+        "median of the rounds' ratios [95% interval].",
+        "",
+    ]
+    for name in names:
+        for arm in ("8-bit nearest", "8-bit stochastic"):
+            runs = {
+                turns: _arm(OPTIMIZERS[name](**ARMS[arm]), params, grads, turns)[0]
+                for turns in (False, True)
+            }
+            reps = paired.calibrate_reps(runs, 0.05)
+            times = paired.interleave(runs, samples=samples, reps=reps)
+            ms = {k: paired.summary(t)["median_ms"] for k, t in times.items()}
+            ratio = paired.format_ratio(paired.compare(times[True], times[False]))
+            lines.append(
+                f"- {name}, {arm}: without turns {ms[False]:.1f} ms, in turns {ms[True]:.1f} "
+                f"ms, in turns / without {ratio}"
+            )
+            print(lines[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -72,6 +115,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--tree", default=None, help="a tree of step_time.TREES")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR / "eight_bit")
+    parser.add_argument("--turns", action="store_true", help="8-bit arms without turns")
     args = parser.parse_args()
     backend = jax.default_backend()
     tree = args.tree or ("tiny" if args.quick else "185M" if backend == "gpu" else "30M")
@@ -79,6 +123,10 @@ def main() -> None:
     params, grads = step_time.make_arrays(shapes, jnp.float32)
     params, grads = jax.device_put(params), jax.device_put(grads)
     names = args.only.split(",") if args.only else list(OPTIMIZERS)
+    if args.turns:
+        out = args.out_dir / f"turns_{tree}_{backend}.md"
+        _turns_main(names, params, grads, args.samples, out)
+        return
     started = time.perf_counter()
     rows = {}
     for name in names:
