@@ -3,7 +3,8 @@
 Three parts, on the beyond study's tasks and protocol (`benchmarks/claims/beyond.py`):
 
 1. ``bytes``: state bytes per parameter of every optimizer, float32 state against 8-bit state,
-   on the 30M tree of the step-time benchmark and on the study's transformer (shapes only).
+   on the 30M tree of the step-time benchmark and on the study's transformer (shapes only),
+   and the temporary bytes of one compiled step with each (XLA's memory analysis).
 2. ``ablation``: the code and the block size. Adan (the most state) with stochastic rounding,
    at the study's chosen rate and its four seeds, on the tasks given, for each code
    (``linear``, ``sqrt`` companded, ``float8``: an e4m3 float relative to the block's scale,
@@ -89,14 +90,33 @@ def eight_bit_method(
 # --- Part 1: bytes --------------------------------------------------------------------------
 
 
+def step_temporaries(tx: optax.GradientTransformation, params: Any) -> int | None:
+    """The temporary bytes XLA allocates for one jitted, donated update + apply_updates step
+    (its memory analysis; None where the backend reports none): what a step needs beyond the
+    parameters, gradients and state."""
+    state = jax.eval_shape(tx.init, params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    analysis = compiled.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
 def bytes_per_parameter(params: Any) -> dict[str, dict[str, float]]:
-    """State bytes per parameter of every optimizer, float32 and 8-bit state, from shapes."""
+    """State bytes per parameter of every optimizer, float32 and 8-bit state, from shapes; and
+    the temporary bytes per parameter of one compiled step with each."""
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     rows = {}
     for name, make in BYTES_OPTIMIZERS.items():
-        f32 = tree_bytes(jax.eval_shape(make().init, params))
-        eight = tree_bytes(jax.eval_shape(make(**EIGHT_BIT).init, params))
-        rows[name] = {"float32": f32 / count, "8-bit": eight / count}
+        row = {}
+        for arm, kwargs in (("float32", {}), ("8-bit", EIGHT_BIT)):
+            row[arm] = tree_bytes(jax.eval_shape(make(**kwargs).init, params)) / count
+            temporaries = step_temporaries(make(**kwargs), params)
+            row[f"{arm} step temporaries"] = None if temporaries is None else temporaries / count
+        rows[name] = row
     return {"parameters": count, "optimizers": rows}
 
 
@@ -120,13 +140,28 @@ def bytes_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"### {tree}: {entry['parameters']:,} parameters",
             "",
-            "| optimizer | float32 state, bytes/param | 8-bit state, bytes/param | ratio |",
-            "|---|---|---|---|",
+            "| optimizer | float32 state, bytes/param | 8-bit state, bytes/param | ratio "
+            "| step temporaries f32 → 8-bit, bytes/param "
+            "| state + temporaries f32 → 8-bit, bytes/param |",
+            "|---|---|---|---|---|---|",
         ]
         for name, row in entry["optimizers"].items():
             f32, eight = row["float32"], row["8-bit"]
-            lines.append(f"| {name} | {f32:.3f} | {eight:.3f} | {eight / f32:.2f} |")
-        lines.append("")
+            temps = row.get("float32 step temporaries"), row.get("8-bit step temporaries")
+            if None in temps:
+                step_cells = "n/a | n/a"
+            else:
+                step_cells = (
+                    f"{temps[0]:.3f} → {temps[1]:.3f} "
+                    f"| {f32 + temps[0]:.3f} → {eight + temps[1]:.3f}"
+                )
+            lines.append(f"| {name} | {f32:.3f} | {eight:.3f} | {eight / f32:.2f} | {step_cells} |")
+        lines += [
+            "",
+            "Step temporaries: XLA's memory analysis of one jitted, donated update + "
+            "apply_updates step on this backend (compiled, not run).",
+            "",
+        ]
     return "\n".join(lines)
 
 
