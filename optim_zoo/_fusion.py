@@ -223,10 +223,10 @@ class InTurns:
     their new scales, say) does. So the temporaries of one turn's loops are gone before the
     next turn's begin, and a step's temporaries stay about those of two turns, whatever the
     number of leaves; within a turn, loops stay free to run at once. Leaves of fewer than
-    :data:`TURN_MIN_LEAF` elements take no part: in turns of single leaves of 64 x 128, 128 x
-    256 and 256 x 512 elements, an 8-bit Adan step took 1.21x, 1.06x and 1.02x as long as
-    without turns; with 256 x 1024, 0.96x. Only on one device, where the scalar is no
-    collective. See docs/eight_bit_state.md, "What it costs".
+    :data:`TURN_MIN_LEAF` elements take no part: with every leaf taking part, an 8-bit Adan
+    step on 200 leaves of 64 x 128, 100 of 128 x 256 and 60 of 256 x 512 took 1.21x, 1.06x
+    and 1.02x as long as without turns; on 40 of 256 x 1024, 0.96x. Only on one device, where
+    the scalar is no collective. See docs/eight_bit_state.md, "What it costs".
     """
 
     def __init__(self) -> None:
