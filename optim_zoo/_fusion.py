@@ -236,10 +236,9 @@ class InTurns:
 
     def after(self, elements: int) -> jax.Array | None:
         """The scalar a leaf of `elements` elements waits for: None in the first turn, for a
-        small leaf, and with the devices off or more than one device."""
-        if elements < TURN_MIN_LEAF or not _own_reducer_on():
-            return None
-        return self._previous
+        small leaf, and with the devices off or more than one device (:meth:`done` then
+        records nothing)."""
+        return None if elements < TURN_MIN_LEAF else self._previous
 
     def done(self, elements: int, arrays: list[jax.Array]) -> None:
         """A leaf of `elements` elements is done once `arrays` exist: results of reductions

@@ -298,9 +298,8 @@ def _coded_momentum_of_steps(
                 _tree.check_leaf_shape("adafactor", path, u.shape, old.shape)
                 dtype = _dtypes.compute_dtype(u.dtype, old.dtype)
                 after = turns.after(u.size)
-                new = decay * _codes.read_after(old, after).astype(dtype) + (1 - decay) * u.astype(
-                    dtype
-                )
+                old_value = _codes.read_after(old, after).astype(dtype)
+                new = decay * old_value + (1 - decay) * u.astype(dtype)
                 stored.append(_codes.stored_like(new, old, rounding.for_leaf(path), 0, after))
                 if isinstance(old, _codes.CodedState):
                     # The update is the momentum as stored: the old codes are then read only

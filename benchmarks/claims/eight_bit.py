@@ -94,13 +94,7 @@ def step_temporaries(tx: optax.GradientTransformation, params: Any) -> int | Non
     """The temporary bytes XLA allocates for one jitted, donated update + apply_updates step
     (its memory analysis; None where the backend reports none): what a step needs beyond the
     parameters, gradients and state."""
-    state = jax.eval_shape(tx.init, params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    compiled, _ = step_time.compile_step(tx, params, jax.eval_shape(tx.init, params), params)
     analysis = compiled.memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
