@@ -25,7 +25,8 @@ where a device says so):
 * A maximum or a sum XLA:CPU hands to its reduction library (YNNPACK) fuses no select: a
   finite maximum, ``max(where(isfinite(m), m, 0))``, writes ``m`` out as large as the leaf.
   :func:`finite_block_max` (the scales of 8-bit codes) reduces with a reducer of its own, and
-  so does :func:`coded_sum` (a sum that reads 8-bit codes, whose decoding selects NaN).
+  so do :func:`coded_sum` and :func:`coded_mean_squares` (sums and means that read 8-bit codes,
+  whose decoding selects NaN).
 * Loops over different leaves are independent, and XLA:CPU schedules them as a whole: every
   leaf's reductions first, say, each with its temporary, which then all live at once (with
   8-bit state, the blocks' maxima of every coded leaf). :class:`InTurns` makes the leaves of
@@ -426,6 +427,40 @@ def coded_sum(x: jax.Array) -> jax.Array:
         return jnp.sum(x)
     windows = x.reshape(-1, 8, 64)
     return jnp.sum(jax.lax.reduce(windows, jnp.zeros((), x.dtype), _added, (1,)))
+
+
+def _coded_mean(x: jax.Array, axis: int) -> jax.Array:
+    """``jnp.mean(x, axis)`` with :func:`_added` over 8 strided windows of the axis, then a
+    plain sum over what they leave (an eighth of `x`); plain where its length is not a multiple
+    of 8."""
+    length = x.shape[axis]
+    if length % 8:
+        return jnp.mean(x, axis=axis)
+    axis %= x.ndim
+    windows = x.reshape(*x.shape[:axis], 8, length // 8, *x.shape[axis + 1 :])
+    partial = jax.lax.reduce(windows, jnp.zeros((), x.dtype), _added, (axis,))
+    return jnp.sum(partial, axis=axis) / length
+
+
+def coded_mean_squares(
+    x: jax.Array, axes: tuple[int, int] | None, y: jax.Array
+) -> tuple[jax.Array, jax.Array] | None:
+    """:func:`mean_squares` of values computed from 8-bit codes, each mean decoding in its loop:
+    ``(mean(x**2, b), mean(y**2, a))`` for `axes` ``(a, b)``, `y` equal to `x` but decoded apart
+    (:func:`widened_for_reductions` with ``codes_apart``).
+
+    The library's reductions fuse no select (the reserved code's NaN), so a decoded value two
+    means read is written out as large as the leaf (CAME: its new momentum, and the instability
+    computed from it). Each mean instead reduces with :func:`_added` over 8 windows of its axis,
+    elements ``j, j + L/8, ...`` of an axis of length ``L`` (as :func:`coded_sum`), and sums the
+    eighth of the leaf they leave plainly. The additions run in another order: the same means up
+    to float rounding. :func:`mean_squares` where the devices are off or JAX has more than one
+    device.
+    """
+    if not _own_reducer_on() or axes is None:
+        return mean_squares(x, axes, y)
+    small_axis, large_axis = axes
+    return _coded_mean(jnp.square(x), large_axis), _coded_mean(jnp.square(y), small_axis)
 
 
 def apart(x: Any) -> Any:

@@ -111,6 +111,18 @@ class Leaf:
         coded = any(_holds_codes(self._old[name]) for name in names)
         return _fusion.coded_sum(x) if coded else jnp.sum(x)
 
+    def mean_squares(
+        self, fn: Callable[[jax.Array], jax.Array], axes: tuple[int, int] | None, name: str
+    ) -> tuple[jax.Array, jax.Array] | None:
+        """A factored statistic's two means of ``fn(x)**2`` over `axes`, `x` field `name` as
+        stored this step (``_fusion.mean_squares``). Stored as 8-bit codes, each mean decodes
+        it in its own loop (``_fusion.coded_mean_squares``)."""
+        stored = self._new[name]
+        if not isinstance(stored, _codes.CodedState):
+            return _fusion.mean_squares(fn(stored.astype(self.dtype)), axes)
+        x, y = _fusion.widened_for_reductions(stored, self.dtype, 2, codes_apart=True)
+        return _fusion.coded_mean_squares(fn(x), axes, fn(y))
+
     def stored(self, name: str) -> Any:
         """Field `name` before this step, as stored."""
         return self._old[name]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_zoo import _checks, _fusion, _leafwise, second_moment
+from optim_zoo import _checks, _leafwise, second_moment
 from optim_zoo._leafwise import MOMENTUM, SECOND_MOMENT, Field
 from optim_zoo.second_moment import FactoredSecondMoment, FactoringRule
 
@@ -118,7 +118,8 @@ def scale_by_confidence(
         if r.is_empty:  # not factored: the momentum itself
             return m
         instability = u - m
-        means = _fusion.mean_squares(instability, r.axes)  # each squares on its own (steering)
+        # Each mean squares the instability in a loop of its own (steering).
+        means = leaf.mean_squares(lambda m: u - m, r.axes, "m")
         r = leaf.store("instability", r.accumulate(instability, b3, eps_confidence, means))
         row_factor, col_factor = r.factors(jax.lax.rsqrt)
         scaled = m * row_factor * col_factor

@@ -188,6 +188,36 @@ def test_steered_sum_of_codes_is_the_sum_and_keeps_non_finite_values():
         np.testing.assert_equal(float(total), expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 512), (3, 72, 130), (130, 256)])
+def test_steered_means_of_codes_are_the_means_and_keep_non_finite_values(shape):
+    # CAME's two means of its instability, under jit on the CPU, take _fusion.coded_mean_squares'
+    # own reducer where an axis is a multiple of 8 (plain means elsewhere): the same means up to
+    # float32 rounding, and a NaN decides its own row's and column's means and no others.
+    state = _codes.encode(_random(shape, seed=6), True, jnp.float32)
+    axes = (len(shape) - 2, len(shape) - 1)
+    nan = state._replace(codes=state.codes.at[(0,) * (len(shape) - 2) + (5, 7)].set(-128))
+
+    def means(coded, count):
+        def run():
+            x, y = _fusion.widened_for_reductions(coded, jnp.float32, 2, codes_apart=True)
+            return _fusion.coded_mean_squares(x - 1, axes, y - 1)
+
+        return _fusion.steered(run, count, coded.codes)
+
+    count = jnp.zeros([], jnp.int32)
+    with optim_zoo.compiler_steering(True):
+        got = jax.jit(means)(state, count)
+        got_nan = jax.jit(means)(nan, count)
+    shifted = (np.asarray(_codes.decode(state), np.float64) - 1) ** 2
+    expected = shifted.mean(axis=axes[1]), shifted.mean(axis=axes[0])
+    for name, a, b in zip(("row", "column"), got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, err_msg=name)
+    row, col = (np.asarray(a) for a in got_nan)
+    lead = (0,) * (len(shape) - 2)
+    assert np.isnan(row[(*lead, 5)]) and np.isnan(col[(*lead, 7)])
+    assert np.isnan(row).sum() == 1 and np.isnan(col).sum() == 1
+
+
 def test_one_huge_element_keeps_the_rest_of_its_block():
     rest = 1.0 + jnp.arange(31.0) / 31  # in [1, 2)
     for huge in (1e4, 1e12):
