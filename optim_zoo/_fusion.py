@@ -358,11 +358,12 @@ def nesterov_for_means(
     if not _on() or axes is None:
         return g, None
     dtype = g.dtype
+    coded = not isinstance(prev_grad, jax.Array)  # 8-bit codes: each mean decodes them
     b2_row, b2_col = own_scalar(b2), own_scalar(-b2)
-    prev_row, prev_col = widened_for_reductions(prev_grad, dtype, 2)
+    prev_row, prev_col = widened_for_reductions(prev_grad, dtype, 2, codes_apart=coded)
     row = g + b2_row * _zeroed_for_reduction(g - prev_row, is_first, 0)
     col = g + b2_col * _zeroed_for_reduction(prev_col - g, is_first, 1)
-    return own_copy(g), mean_squares(row, axes, col)
+    return own_copy(g), (coded_mean_squares if coded else mean_squares)(row, axes, col)
 
 
 def _larger_finite(a: jax.Array, b: jax.Array) -> jax.Array:

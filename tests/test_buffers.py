@@ -179,13 +179,20 @@ def test_8bit_temporaries_do_not_grow_with_the_leaves(name, monkeypatch):
     )
 
 
-# CAME's instability, ``u - m``, reads the new momentum as stored; its row and column means each
-# decode it in their own loop (``_fusion.coded_mean_squares``). Before, the decoded momentum and
-# the instability were written out as large as the leaf: 3.0 leaves of temporaries for two
-# leaves, against 1.0 with float32 state (the clipped update CAME's first stage hands on).
+# A factored statistic's two means that read 8-bit codes each decode them in their own loop
+# (``_fusion.coded_mean_squares``), keeping an eighth of the leaf apiece: CAME's instability
+# ``u - m`` reads its new momentum, factored Adan's Nesterov gradient its previous gradient.
+# Before, the decoded field (and CAME's instability) was written out as large as the leaf: for
+# two leaves, CAME 3.0 leaves of temporaries (1.0 with float32 state, the clipped update its
+# first stage hands on), factored Adan 2.6 (0.01).
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_8bit_came_means_decode_in_their_own_loops(rounding):
-    leaves, coded_fields = 2, 1
-    f32 = temp_bytes(optim_zoo.came(1e-3), leaves)
-    tx = optim_zoo.came(1e-3, **EIGHT_BIT, state_rounding=rounding)
-    assert temp_bytes(tx, leaves) <= f32 + 1.2 * coded_fields * leaves * LEAF_BYTES / 8, rounding
+@pytest.mark.parametrize(
+    "make,coded_fields",
+    [(optim_zoo.came, 1), (optim_zoo.factored_adan, 3)],
+    ids=["came", "factored_adan"],
+)
+def test_8bit_means_decode_in_their_own_loops(make, coded_fields, rounding):
+    leaves, eighths = 2, coded_fields + 2  # the blocks' maxima, and the two means' partial sums
+    f32 = temp_bytes(make(1e-3), leaves)
+    tx = make(1e-3, **EIGHT_BIT, state_rounding=rounding)
+    assert temp_bytes(tx, leaves) <= f32 + 1.2 * eighths * leaves * LEAF_BYTES / 8, rounding
