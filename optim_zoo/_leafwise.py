@@ -216,21 +216,26 @@ def _dtype(x: Any) -> jnp.dtype | None:
 class Step:
     """What one step's leaves share: the counts, the rounding and the field streams."""
 
-    def __init__(self, old_count: jax.Array, options: Storage, salt: int, streams: dict):
+    def __init__(
+        self, old_count: jax.Array, options: Storage, salt: int, streams: dict, in_turns: bool
+    ):
         self.old_count = old_count
         self.count = optax.safe_increment(old_count)
         self.rounding = _dtypes.StateRounding(options.rounding, options.seed, self.count, salt)
         self.streams = streams
+        self.in_turns = in_turns
         self.leaves: list[Leaf] = []
 
     def map(self, fn: Callable[..., Any], *columns: Sequence[Any]) -> list[Any]:
-        """``fn(leaf, *row)`` for each leaf and the matching entries of `columns`."""
-        results, turns = [], _fusion.InTurns()
+        """``fn(leaf, *row)`` for each leaf and the matching entries of `columns`; leaves with
+        8-bit fields in turns (``_fusion.InTurns``) where the primitive takes them."""
+        results, turns = [], _fusion.InTurns() if self.in_turns else None
         for leaf, *row in zip(self.leaves, *columns, strict=True):
             with _fusion.at_leaf(leaf.index):
-                leaf.take_turn(turns)
+                if turns is not None:
+                    leaf.take_turn(turns)
                 results.append(fn(leaf, *row))
-                if leaf.holds_codes():
+                if turns is not None and leaf.holds_codes():
                     turns.done(leaf.g.size, leaf.stored_reductions())
         return results
 
@@ -247,6 +252,7 @@ def transform(
     weight_decay: Any = None,
     weight_decay_mask: Any = None,
     whole_leaves: str | None = None,
+    in_turns: bool = True,
     to_state: Callable[[jax.Array, dict], Any] | None = None,
     from_state: Callable[[Any], dict] | None = None,
 ) -> optax.GradientTransformation:
@@ -258,7 +264,8 @@ def transform(
     statistic for leaves not factored. `weight_decay` and its mask say which leaves read their
     parameter (None: the primitive takes no decay and ignores params; a literal zero: no leaf,
     and no params needed). `whole_leaves` names a per-tensor
-    reduction that refuses leaves split inside ``shard_map``. `to_state` and `from_state` map
+    reduction that refuses leaves split inside ``shard_map``. `in_turns`: whether large leaves
+    with 8-bit fields step in turns (``Step.map``). `to_state` and `from_state` map
     between the fields and a state laid out otherwise (default: ``state_type(count, **fields)``).
     """
     streams, position = {}, 0
@@ -318,7 +325,7 @@ def transform(
         grads, treedef = jax.tree.flatten(updates)
 
         def run() -> tuple[Any, Any]:
-            step = Step(state.count, options, salt, streams)
+            step = Step(state.count, options, salt, streams, in_turns)
             for i, (path, g, p, d) in enumerate(
                 zip(paths, grads, param_leaves, decayed, strict=True)
             ):

@@ -157,22 +157,24 @@ def test_8bit_sums_decode_in_their_own_loops(name, coded_fields, leaf_sized):
 # temporaries (the blocks' maxima; Apollo's and CAME's decoded values) all lived at once, a
 # step's growing with the number of leaves (Adan: 0.58 leaves of temporaries for one leaf,
 # 3.39 for six). In turns (``_fusion.InTurns``, here one leaf a turn), each turn's temporaries
-# are gone before the next one's begin: a few KB of scales a leaf more.
+# are gone before the next one's begin: a few KB of scales a leaf more. CAME takes no turns
+# (they cost it time for no memory on the 30M tree): its temporaries grow by 0.06 leaves a leaf
+# (0.04 in turns).
 EIGHT_BIT_CASES = {
-    "adan": lambda: optim_zoo.adan(1e-3, weight_decay=1e-2, **EIGHT_BIT),
-    "adafactor": lambda: optim_zoo.adafactor(1e-3, momentum=0.9, **EIGHT_BIT),
-    "apollo": lambda: optim_zoo.apollo(1e-3, **EIGHT_BIT),
-    "adai": lambda: optim_zoo.adai(1e-3, **EIGHT_BIT),
-    "came": lambda: optim_zoo.came(1e-3, **EIGHT_BIT),
+    "adan": (lambda: optim_zoo.adan(1e-3, weight_decay=1e-2, **EIGHT_BIT), 0.05),
+    "adafactor": (lambda: optim_zoo.adafactor(1e-3, momentum=0.9, **EIGHT_BIT), 0.05),
+    "apollo": (lambda: optim_zoo.apollo(1e-3, **EIGHT_BIT), 0.05),
+    "adai": (lambda: optim_zoo.adai(1e-3, **EIGHT_BIT), 0.05),
+    "came": (lambda: optim_zoo.came(1e-3, **EIGHT_BIT), 0.07),
 }
 
 
 @pytest.mark.parametrize("name", sorted(EIGHT_BIT_CASES))
 def test_8bit_temporaries_do_not_grow_with_the_leaves(name, monkeypatch):
     monkeypatch.setattr(_fusion, "TURN_ELEMENTS", math.prod(SHAPE))
-    make = EIGHT_BIT_CASES[name]
+    make, per_leaf = EIGHT_BIT_CASES[name]
     two, eight = temp_bytes(make(), 2), temp_bytes(make(), 8)
-    assert eight <= two + LEAF_BYTES * 0.05 * 6, (
+    assert eight <= two + LEAF_BYTES * per_leaf * 6, (
         name,
         two / LEAF_BYTES,
         eight / LEAF_BYTES,
