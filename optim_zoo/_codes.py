@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optim_zoo import _fusion
+from optim_zoo import _fusion, _shards
 
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # Elements per scale, along the last axis: chosen by the ablation (see the module doc).
@@ -129,7 +129,7 @@ def zeros(param: Any, signed: bool, scale_dtype: jnp.dtype) -> CodedState:
     shape = (*param.shape[:-1], _blocks(param.shape[-1]))
     target = jax.eval_shape(lambda p: jnp.max(_in_blocks(p), axis=-1).astype(scale_dtype), param)
     if target.sharding is not None or isinstance(param, jax.core.Tracer):
-        return CodedState(codes, jnp.zeros_like(target))
+        return CodedState(codes, _shards.zeros_placed(target, param))
     sharding = getattr(param, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return CodedState(codes, jnp.zeros(shape, scale_dtype))
@@ -207,12 +207,14 @@ def _whole_last_axis_spec(shape: tuple[int, ...], sharding: Any) -> Any:
 
 
 def _typed_split(x: jax.Array) -> tuple[Any, Any] | None:
-    """`x`'s spec, and that spec with the last axis whole, where the sharding in `x`'s type
-    (explicit mesh axes) splits the last axis into pieces that are not whole blocks; else
-    None."""
+    """`x`'s sharding, and that sharding with the last axis whole, where the sharding in `x`'s
+    type (explicit mesh axes) splits the last axis into pieces that are not whole blocks; else
+    None. Both name the type's mesh, so that no mesh context (``jax.set_mesh``) is needed."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     whole = _whole_last_axis_spec(x.shape, sharding)
-    return None if whole is None else (sharding.spec, whole)
+    if whole is None:
+        return None
+    return sharding, jax.sharding.NamedSharding(sharding.mesh, whole)
 
 
 def _in_blocks(x: jax.Array) -> jax.Array:

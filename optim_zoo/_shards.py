@@ -1,4 +1,5 @@
-"""Sums over whole leaves when a transform sees only this device's shards (inside shard_map).
+"""Sums over whole leaves when a transform sees only this device's shards (inside shard_map),
+and state zeros placed on a parameter's own mesh (:func:`zeros_placed`).
 
 Inside :func:`jax.shard_map` each leaf is a shard, and its type records the mesh axes it varies
 over: a leaf split over an axis holds different values on that axis's devices, a leaf
@@ -15,8 +16,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+
+def zeros_placed(target: jax.ShapeDtypeStruct, param: Any) -> jax.Array:
+    """Zeros of `target`, a state leaf's shape computed from `param` (``jax.eval_shape``), with
+    its sharding.
+
+    With explicit mesh axes the sharding is part of the type, and its mesh is abstract: placed
+    as it is, outside a mesh context (``jax.set_mesh``), JAX refuses it. A concrete `param`
+    sharded on a mesh gives that mesh instead, so that its state is placed as ``optax``'s
+    ``zeros_like`` state is, context or not.
+    """
+    concrete = isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer)
+    sharding = param.sharding if concrete else None
+    if target.sharding is None or not isinstance(sharding, jax.sharding.NamedSharding):
+        return jnp.zeros_like(target)
+    placed = jax.sharding.NamedSharding(sharding.mesh, target.sharding.spec)
+    return jnp.zeros(target.shape, target.dtype, device=placed)
 
 
 def varying_axes(x: jax.Array) -> frozenset[str]:

@@ -371,7 +371,7 @@ def _zeros_without_axis(param: Any, axis: int, dtype: jnp.dtype) -> jax.Array:
     """
     target = jax.eval_shape(lambda p: jnp.mean(p, axis=axis).astype(dtype), param)
     if target.sharding is not None or isinstance(param, jax.core.Tracer):
-        return jnp.zeros_like(target)
+        return _shards.zeros_placed(target, param)
     sharding = getattr(param, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return jnp.zeros_like(target)  # One device, or no per-axis spec to drop an axis from.
