@@ -4,7 +4,9 @@ Three parts, on the beyond study's tasks and protocol (`benchmarks/claims/beyond
 
 1. ``bytes``: state bytes per parameter of every optimizer, float32 state against 8-bit state,
    on the 30M tree of the step-time benchmark and on the study's transformer (shapes only),
-   and the temporary bytes of one compiled step with each (XLA's memory analysis).
+   and the temporary bytes of one compiled step with each (XLA's memory analysis). With more
+   than one device (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), the 30M tree
+   sharded over a mesh of them instead.
 2. ``ablation``: the code and the block size. Adan (the most state) with stochastic rounding,
    at the study's chosen rate and its four seeds, on the tasks given, for each code
    (``linear``, ``sqrt`` companded, ``float8``: an e4m3 float relative to the block's scale,
@@ -18,6 +20,8 @@ Three parts, on the beyond study's tasks and protocol (`benchmarks/claims/beyond
    differ by more than the larger seed std).
 
     python benchmarks/claims/eight_bit.py --parts bytes
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/claims/eight_bit.py \
+        --parts bytes --out-dir benchmarks/results/eight_bit/mesh
     python benchmarks/claims/eight_bit.py --parts ablation --tasks digits_mlp
     python benchmarks/claims/eight_bit.py --parts ablation --tasks digits_cnn --blocks 32,128
     python benchmarks/claims/eight_bit.py --parts quality --tasks digits_mlp,digits_cnn
@@ -99,9 +103,10 @@ def step_temporaries(tx: optax.GradientTransformation, params: Any) -> int | Non
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def bytes_per_parameter(params: Any) -> dict[str, dict[str, float]]:
+def bytes_per_parameter(params: Any, devices: int = 1) -> dict[str, Any]:
     """State bytes per parameter of every optimizer, float32 and 8-bit state, from shapes; and
-    the temporary bytes per parameter of one compiled step with each."""
+    the temporary bytes per parameter of one compiled step with each, summed over `devices`
+    (params sharded over them: XLA's analysis is of one device's program)."""
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     rows = {}
     for name, make in BYTES_OPTIMIZERS.items():
@@ -109,9 +114,30 @@ def bytes_per_parameter(params: Any) -> dict[str, dict[str, float]]:
         for arm, kwargs in (("float32", {}), ("8-bit", EIGHT_BIT)):
             row[arm] = tree_bytes(jax.eval_shape(make(**kwargs).init, params)) / count
             temporaries = step_temporaries(make(**kwargs), params)
-            row[f"{arm} step temporaries"] = None if temporaries is None else temporaries / count
+            per_param = None if temporaries is None else temporaries * devices / count
+            row[f"{arm} step temporaries"] = per_param
         rows[name] = row
-    return {"parameters": count, "optimizers": rows}
+    return {"parameters": count, "devices": devices, "optimizers": rows}
+
+
+def over_devices(shapes: Any) -> Any:
+    """`shapes` sharded over a (2, n / 2) mesh of all n devices: a leaf's first axis over the
+    first mesh axis and its last over the second, each where the mesh axis divides it."""
+    count = jax.device_count()
+    if count % 2:
+        raise SystemExit(f"the mesh takes an even number of devices, not {count}")
+    mesh = jax.make_mesh((2, count // 2), ("data", "model"))
+
+    def sharded(s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        spec: list[str | None] = [None] * len(s.shape)
+        if len(s.shape) >= 2 and s.shape[0] % 2 == 0:
+            spec[0] = "data"
+        if s.shape and s.shape[-1] % (count // 2) == 0:
+            spec[-1] = "model"
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+
+    return jax.tree.map(sharded, shapes)
 
 
 def part_bytes(mode: str) -> dict[str, Any]:
@@ -120,7 +146,12 @@ def part_bytes(mode: str) -> dict[str, Any]:
     shapes = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree, is_leaf=step_time._is_shape
     )
-    trees["30M tree" if mode == "full" else "tiny tree"] = bytes_per_parameter(shapes)
+    name = "30M tree" if mode == "full" else "tiny tree"
+    devices = jax.device_count()
+    if devices > 1:  # the tree sharded over them, and nothing else
+        name = f"{name}, sharded over a 2 x {devices // 2} mesh of {devices} devices"
+        return {"trees": {name: bytes_per_parameter(over_devices(shapes), devices)}}
+    trees[name] = bytes_per_parameter(shapes)
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
     task = tasks_lib.TASK_BUILDERS["char_transformer"](sizes)
     params = jax.eval_shape(task.init_params, jax.random.key(0))
@@ -153,7 +184,8 @@ def bytes_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "Step temporaries: XLA's memory analysis of one jitted, donated update + "
-            "apply_updates step on this backend (compiled, not run).",
+            "apply_updates step on this backend (compiled, not run)"
+            + (f", one device's times {entry['devices']}." if entry.get("devices", 1) > 1 else "."),
             "",
         ]
     return "\n".join(lines)
