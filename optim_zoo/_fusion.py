@@ -386,11 +386,13 @@ def finite_block_max(magnitudes: jax.Array) -> jax.Array:
     results, the reduction computes the magnitudes in its own loop. Contiguous windows of 8
     were 7% slower for Adan's 8-bit step (and windows of 4 slower still; of 16 or 32 they ran
     3x slower). The maximum is exact, so the value is the same in every bit. Plain where JAX
-    has more than one device (:func:`_own_reducer_on`): a block may straddle their shards.
+    has more than one device, unless the magnitudes' type shards them over explicit mesh axes
+    with each block on one device (:func:`_own_reducer_on`; ``_codes._in_blocks`` gathers a
+    block that would straddle two).
     """
     dtype = magnitudes.dtype
     block = magnitudes.shape[-1]
-    if not _own_reducer_on() or block % 8:
+    if not _own_reducer_on(magnitudes, (magnitudes.ndim - 1,)) or block % 8:
         return jnp.max(jnp.where(jnp.isfinite(magnitudes), magnitudes, 0), axis=-1)
     windows = magnitudes.reshape(*magnitudes.shape[:-1], 8, block // 8)
     zero = jnp.zeros((), dtype)
@@ -398,11 +400,24 @@ def finite_block_max(magnitudes: jax.Array) -> jax.Array:
     return jnp.max(largest, axis=-1)
 
 
-def _own_reducer_on() -> bool:
-    """Whether a reduction may take a reducer of its own: with the devices on, and one device
-    (XLA:CPU's collectives, which split a reduction across devices, take only the standard
-    reducers: with one of its own, such a step failed to compile)."""
-    return _on() and jax.device_count() == 1
+def _own_reducer_on(x: jax.Array | None = None, axes: tuple[int, ...] = ()) -> bool:
+    """Whether a reduction (of `x` over `axes`, if given) may take a reducer of its own: with
+    the devices on, and on one device, or where `x`'s type shards it over explicit mesh axes,
+    none of them along `axes`, so that each device reduces its own shard. (XLA:CPU's
+    collectives, which split a reduction across devices, take only the standard reducers: with
+    one of its own, such a step failed to compile. With auto axes the sharding is the
+    compiler's, unknown when the step is traced.)"""
+    if not _on():
+        return False
+    if jax.device_count() == 1:
+        return True
+    sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    if not types or any(t != jax.sharding.AxisType.Explicit for t in types):
+        return False
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return all(spec[axis] is None for axis in axes)
 
 
 def _added(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -120,13 +120,14 @@ def bytes_per_parameter(params: Any, devices: int = 1) -> dict[str, Any]:
     return {"parameters": count, "devices": devices, "optimizers": rows}
 
 
-def over_devices(shapes: Any) -> Any:
-    """`shapes` sharded over a (2, n / 2) mesh of all n devices: a leaf's first axis over the
-    first mesh axis and its last over the second, each where the mesh axis divides it."""
+def over_devices(shapes: Any, axis_type: jax.sharding.AxisType) -> Any:
+    """`shapes` sharded over a (2, n / 2) mesh of all n devices with axes of `axis_type`: a
+    leaf's first axis over the first mesh axis and its last over the second, each where the
+    mesh axis divides it."""
     count = jax.device_count()
     if count % 2:
         raise SystemExit(f"the mesh takes an even number of devices, not {count}")
-    mesh = jax.make_mesh((2, count // 2), ("data", "model"))
+    mesh = jax.make_mesh((2, count // 2), ("data", "model"), axis_types=(axis_type,) * 2)
 
     def sharded(s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         spec: list[str | None] = [None] * len(s.shape)
@@ -149,8 +150,11 @@ def part_bytes(mode: str) -> dict[str, Any]:
     name = "30M tree" if mode == "full" else "tiny tree"
     devices = jax.device_count()
     if devices > 1:  # the tree sharded over them, and nothing else
-        name = f"{name}, sharded over a 2 x {devices // 2} mesh of {devices} devices"
-        return {"trees": {name: bytes_per_parameter(over_devices(shapes), devices)}}
+        for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+            mesh = f"a 2 x {devices // 2} mesh of {devices} devices, {axis_type.name.lower()} axes"
+            sharded = over_devices(shapes, axis_type)
+            trees[f"{name}, sharded over {mesh}"] = bytes_per_parameter(sharded, devices)
+        return {"trees": trees}
     trees[name] = bytes_per_parameter(shapes)
     sizes = tasks_lib.FULL if mode == "full" else tasks_lib.QUICK
     task = tasks_lib.TASK_BUILDERS["char_transformer"](sizes)

@@ -188,6 +188,31 @@ def test_explicit_axes_outside_a_mesh_context(name):
         assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(outside[0])), kwargs
 
 
+def test_explicit_axes_keep_only_the_blocks_maxima():
+    # With explicit mesh axes each device computes its blocks' maxima with the reducer of one
+    # device (_fusion.finite_block_max): an eighth of a shard per coded field. Before, and still
+    # with auto axes (the sharding is the compiler's), the plain maximum wrote every coded
+    # field's new value out whole: 12.3 shards of temporaries for Adan's four leaves, here 0.57.
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    sharding = NamedSharding(mesh, P("data", "model"))
+    leaves, coded_fields, shard_bytes = 4, 4, 128 * 128 * 4
+    params = {
+        f"w{i}": jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=sharding)
+        for i in range(leaves)
+    }
+    tx = optim_zoo.adan(1e-3, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(tx.init, params)
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries <= 1.2 * coded_fields * leaves * shard_bytes / 8, temporaries / shard_bytes
+
+
 class _Model(nnx.Module):
     """One 64 x 256 kernel sharded (data, model), large enough for codes, and a small bias."""
 
