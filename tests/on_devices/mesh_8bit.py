@@ -154,6 +154,38 @@ def test_blocks_that_straddle_devices(name, axis_type):
     _assert_like_single_device(sharded, single, scales_rtol=1e-4)
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize("name", ["apollo", "adai"])
+def test_sums_over_sharded_codes(name, axis_type):
+    # Apollo's per-tensor sums and Adai's global mean read coded fields of leaves split over
+    # the mesh, straddling blocks included: the run equals the single-device one, a code apart
+    # at most.
+    layout = {**STRADDLING, **ROWS_ONLY, "w": ((64, 256), P("data", "model"))}
+    rng = np.random.default_rng(3)
+    values = {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in layout.items()}
+    make = {"apollo": optim_zoo.apollo, "adai": optim_zoo.adai}[name]
+    tx = make(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
+
+    def run(params):
+        state = tx.init(params)
+        step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: 0.5 * x + 0.1, p), s, p))
+        for _ in range(2):
+            updates, state = step(params, state)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+        sharded = run(
+            {
+                k: jax.device_put(values[k], NamedSharding(mesh, spec))
+                for k, (_, spec) in layout.items()
+            }
+        )
+    single = run({k: jnp.asarray(v) for k, v in values.items()})
+    _assert_like_single_device(sharded, single, scales_rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["adan", "came"])
 def test_explicit_axes_outside_a_mesh_context(name):
     # Arrays on a mesh with explicit axes, and no jax.set_mesh: init (eagerly, and under
