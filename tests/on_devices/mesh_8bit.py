@@ -103,6 +103,16 @@ def _assert_like_single_device(sharded, single, scales_rtol):
         np.testing.assert_allclose(sharded[0][k], single[0][k], rtol=1e-5, atol=1e-5)
 
 
+def _two_steps(tx, params):
+    """(params, state) after `tx.init` and two jitted steps on gradients ``0.5 p + 0.1``."""
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: 0.5 * x + 0.1, p), s, p))
+    for _ in range(2):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
 # Shards that are not whole blocks: 200 / 4 = 50 elements of a row on each "model" device, and
 # 256 / 8 = 32 on each of the 8 devices; the first axis split alone keeps whole blocks.
 STRADDLING = {"a": ((64, 200), P(None, "model")), "c": ((64, 256), P(None, ("data", "model")))}
@@ -122,21 +132,13 @@ def test_blocks_that_straddle_devices(name, axis_type):
     make = {"adan": optim_zoo.adan, "came": optim_zoo.came}[name]
     tx = make(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
 
-    def run(params):
-        state = tx.init(params)
-        step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: 0.5 * x + 0.1, p), s, p))
-        for _ in range(2):
-            updates, state = step(params, state)
-            params = optax.apply_updates(params, updates)
-        return params, state
-
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
     with jax.set_mesh(mesh):
         params = {
             k: jax.device_put(values[k], NamedSharding(mesh, spec))
             for k, (_, spec) in layout.items()
         }
-        sharded = run(params)
+        sharded = _two_steps(tx, params)
         checks = [(sharded[1], axis_type == AxisType.Explicit)]  # (state, check its scales)
         if axis_type == AxisType.Auto:
             checks.append((tx.init(params), True))
@@ -150,7 +152,7 @@ def test_blocks_that_straddle_devices(name, axis_type):
                 whole = P(spec[0], None) if key in STRADDLING else spec
                 if check_scales:
                     assert x.scales.sharding.is_equivalent_to(NamedSharding(mesh, whole), 2), key
-    single = run({k: jnp.asarray(v) for k, v in values.items()})
+    single = _two_steps(tx, {k: jnp.asarray(v) for k, v in values.items()})
     _assert_like_single_device(sharded, single, scales_rtol=1e-4)
 
 
@@ -166,23 +168,16 @@ def test_sums_over_sharded_codes(name, axis_type):
     make = {"apollo": optim_zoo.apollo, "adai": optim_zoo.adai}[name]
     tx = make(1e-2, dtype_momentum=jnp.int8, dtype_second_moment=jnp.uint8)
 
-    def run(params):
-        state = tx.init(params)
-        step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: 0.5 * x + 0.1, p), s, p))
-        for _ in range(2):
-            updates, state = step(params, state)
-            params = optax.apply_updates(params, updates)
-        return params, state
-
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
     with jax.set_mesh(mesh):
-        sharded = run(
+        sharded = _two_steps(
+            tx,
             {
                 k: jax.device_put(values[k], NamedSharding(mesh, spec))
                 for k, (_, spec) in layout.items()
-            }
+            },
         )
-    single = run({k: jnp.asarray(v) for k, v in values.items()})
+    single = _two_steps(tx, {k: jnp.asarray(v) for k, v in values.items()})
     _assert_like_single_device(sharded, single, scales_rtol=1e-4)
 
 
